@@ -1,0 +1,1 @@
+//! sluice: a TCP proxy with bounded per-direction buffers.
