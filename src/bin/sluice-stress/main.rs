@@ -1,7 +1,12 @@
-//! sluice-stress: load, slow peers and benchmarks for sluice (placeholder main on the `bench`
-//! branch; the `stress` branch owns the real one, which adds the other subcommands).
+//! sluice-stress: stand-in upstreams and clients, scenarios and a demo that drive a real sluice.
+//!
+//! On the `bench` branch only `bench` is wired; the `stress` branch owns this file and adds
+//! the other subcommands (the lead reconciles the two at merge).
+// Work in progress: the subcommands land in the next commits.
+#![allow(dead_code)]
 
 mod bench;
+mod proxy_process;
 
 use clap::{Parser, Subcommand};
 
