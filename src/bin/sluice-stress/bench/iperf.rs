@@ -22,8 +22,10 @@ pub fn version() -> Option<String> {
 
 impl Server {
     pub fn start() -> Result<Server> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut child = Command::new("iperf3")
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut child = super::subjects::die_with_parent(Command::new("iperf3"))
             .args(["-s", "-B", "127.0.0.1", "-p"])
             .arg(port.to_string())
             .stdin(Stdio::null())
@@ -35,7 +37,10 @@ impl Server {
         let wanted = format!("0100007F:{port:04X}");
         loop {
             let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-            if table.lines().any(|l| l.contains(&wanted) && l.contains(" 0A ")) {
+            if table
+                .lines()
+                .any(|l| l.contains(&wanted) && l.contains(" 0A "))
+            {
                 break;
             }
             if let Some(status) = child.try_wait()? {
@@ -63,7 +68,12 @@ impl Drop for Server {
 /// Run `iperf3 -c` against `target` for `seconds`; Gbit/s received, as iperf3 reports it.
 pub async fn client(target: SocketAddr, seconds: u32) -> Result<f64> {
     let output = tokio::process::Command::new("iperf3")
-        .args(["-c", &target.ip().to_string(), "-p", &target.port().to_string()])
+        .args([
+            "-c",
+            &target.ip().to_string(),
+            "-p",
+            &target.port().to_string(),
+        ])
         .args(["-t", &seconds.to_string(), "-J"])
         .stdin(Stdio::null())
         .output()

@@ -69,8 +69,7 @@ impl Sampler {
 }
 
 async fn fresh(subject: &Subject, upstream: &Upstream) -> Result<(Running, u64)> {
-    let running =
-        tokio::task::block_in_place(|| subject.launch(upstream.addr, Profile::Memory))?;
+    let running = tokio::task::block_in_place(|| subject.launch(upstream.addr, Profile::Memory))?;
     tokio::time::sleep(SETTLE).await;
     let start = running.rss_kib();
     ensure!(start > 0, "could not read the subject's RSS");

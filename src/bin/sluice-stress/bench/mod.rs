@@ -154,8 +154,14 @@ async fn bench(args: BenchArgs) -> Result<()> {
     if subjects.is_empty() {
         bail!("no subject to measure");
     }
-    if !args.quick && std::env::current_exe()?.components().any(|c| c.as_os_str() == "debug") {
-        eprintln!("note: this is a debug build; build with `cargo build --release` for real figures");
+    if !args.quick
+        && std::env::current_exe()?
+            .components()
+            .any(|c| c.as_os_str() == "debug")
+    {
+        eprintln!(
+            "note: this is a debug build; build with `cargo build --release` for real figures"
+        );
     }
     for s in &skipped {
         eprintln!("skipping {}: {}", s.id, s.reason);
@@ -274,17 +280,12 @@ fn failed(result: &mut SubjectResult, what: &str, error: &anyhow::Error) {
 }
 
 /// Start `subject` in front of `upstream`, run `measure` against it, stop it.
-async fn with_subject<F, Fut, T>(
-    subject: &Subject,
-    upstream: SocketAddr,
-    measure: F,
-) -> Result<T>
+async fn with_subject<F, Fut, T>(subject: &Subject, upstream: SocketAddr, measure: F) -> Result<T>
 where
     F: FnOnce(SocketAddr) -> Fut,
     Fut: Future<Output = Result<T>>,
 {
-    let mut running =
-        tokio::task::block_in_place(|| subject.launch(upstream, Profile::Defaults))?;
+    let mut running = tokio::task::block_in_place(|| subject.launch(upstream, Profile::Defaults))?;
     let outcome = measure(running.addr).await;
     tokio::task::block_in_place(|| running.stop());
     outcome
@@ -377,7 +378,10 @@ async fn speed_round(
 
     let rate = async {
         let echo = Upstream::start(Mode::Echo).await?;
-        with_subject(subject, echo.addr, |target| load::connect_rate(target, plan.connect)).await
+        with_subject(subject, echo.addr, |target| {
+            load::connect_rate(target, plan.connect)
+        })
+        .await
     }
     .await;
     record(result, tag, "conn/s", Slot::ConnectRate, rate);

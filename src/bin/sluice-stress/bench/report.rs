@@ -111,7 +111,8 @@ pub struct Report {
 }
 
 fn gbps(s: &Option<Series>) -> String {
-    s.as_ref().map_or("err".into(), |s| format!("{:.1}", s.median))
+    s.as_ref()
+        .map_or("err".into(), |s| format!("{:.1}", s.median))
 }
 
 fn micros(s: &Option<Series>) -> String {
@@ -152,7 +153,11 @@ impl Report {
             } else {
                 "One run, subjects".into()
             },
-            if self.quick { " (--quick: tiny sizes, figures meaningless)" } else { "" },
+            if self.quick {
+                " (--quick: tiny sizes, figures meaningless)"
+            } else {
+                ""
+            },
         );
         out.push_str(
             "| subject | 1 stream Gbit/s | 8 streams Gbit/s | RTT p50 / p99 µs, 1 conn \

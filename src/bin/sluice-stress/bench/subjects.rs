@@ -4,12 +4,16 @@
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use tempfile::TempDir;
+
+use crate::proxy_process::{self, ProxyConfig, ProxyProcess};
 
 /// How long a subject may take to start listening before we give up on it.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -139,33 +143,26 @@ impl Subject {
     }
 
     fn launch_sluice(&self, upstream: SocketAddr, profile: Profile) -> Result<Running> {
-        let dir = TempDir::new("sluice")?;
-        let mut config = String::new();
-        writeln!(config, "[listen]\naddress = \"127.0.0.1:0\"\nmax_connections = 20000")?;
-        writeln!(config, "[upstream]\naddress = \"{upstream}\"")?;
+        // The stress tool's generated config, with the kernel's socket buffers left alone
+        // (as every other subject has them) and the bounds of the profile.
+        let mut config = ProxyConfig::new(upstream);
+        config.socket_buffer = 0;
         if profile == Profile::Memory {
-            writeln!(
-                config,
-                "[buffer]\nclient_to_upstream = \"16KiB\"\nupstream_to_client = \"16KiB\""
-            )?;
+            config.client_to_upstream = MEMORY_BUFFER as u64;
+            config.upstream_to_client = MEMORY_BUFFER as u64;
         }
-        writeln!(config, "[timeouts]\nshutdown_grace = \"1s\"")?;
-        writeln!(config, "[metrics]\naddress = \"127.0.0.1:0\"")?;
-        writeln!(config, "[log]\nlevel = \"info\"")?;
+        let dir = tempdir("sluice")?;
         let path = dir.path().join("sluice.toml");
-        std::fs::write(&path, config)?;
-        let mut child = Command::new(&self.exe)
-            .arg("--config")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("running {}", self.exe.display()))?;
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let running = Running::process(child, Some(dir), 1);
-        let addr = wait_for_line(stderr, "sluice listening address=")?;
-        running.ready(addr)
+        std::fs::write(&path, config.to_toml())?;
+        let mut command = Command::new(&self.exe);
+        command.arg("--config").arg(&path);
+        let proxy = ProxyProcess::spawn(command, "sluice", true, Some(dir))?;
+        Ok(Running {
+            addr: proxy.listen_addr(),
+            process: Process::Sluice(proxy),
+            processes: 1,
+            _dir: None,
+        })
     }
 
     fn launch_copy_bidirectional(&self, upstream: SocketAddr, profile: Profile) -> Result<Running> {
@@ -173,7 +170,7 @@ impl Subject {
             Profile::Defaults => super::relay::TOKIO_DEFAULT_BUFFER,
             Profile::Memory => MEMORY_BUFFER,
         };
-        let mut child = Command::new(&self.exe)
+        let mut child = die_with_parent(Command::new(&self.exe))
             .args(["bench", "--serve-copy-bidirectional"])
             .arg(upstream.to_string())
             .arg("--relay-buffer")
@@ -190,7 +187,7 @@ impl Subject {
     }
 
     fn launch_haproxy(&self, upstream: SocketAddr) -> Result<Running> {
-        let dir = TempDir::new("haproxy")?;
+        let dir = tempdir("haproxy")?;
         let port = free_port()?;
         // No `option splice-*`: the issue compares against HAProxy copying through its own
         // buffers, as sluice does.
@@ -205,7 +202,7 @@ impl Subject {
         std::fs::write(&path, config)?;
         let log = dir.path().join("haproxy.log");
         let log_file = std::fs::File::create(&log)?;
-        let child = Command::new(&self.exe)
+        let child = die_with_parent(Command::new(&self.exe))
             .arg("-db")
             .arg("-f")
             .arg(&path)
@@ -220,7 +217,7 @@ impl Subject {
     }
 
     fn launch_nginx(&self, upstream: SocketAddr) -> Result<Running> {
-        let dir = TempDir::new("nginx")?;
+        let dir = tempdir("nginx")?;
         let port = free_port()?;
         let mut config = String::new();
         if let Some(module) = &self.nginx_module {
@@ -239,7 +236,7 @@ impl Subject {
         let path = dir.path().join("nginx.conf");
         std::fs::write(&path, config)?;
         let log = dir.path().join("error.log");
-        let child = Command::new(&self.exe)
+        let child = die_with_parent(Command::new(&self.exe))
             .arg("-p")
             .arg(dir.path())
             .arg("-c")
@@ -259,7 +256,10 @@ impl Subject {
 }
 
 /// Find every subject this machine can run; the ones it cannot come back as `Skipped`.
-pub fn discover(sluice: Option<&Path>, only: &[SubjectKind]) -> Result<(Vec<Subject>, Vec<Skipped>)> {
+pub fn discover(
+    sluice: Option<&Path>,
+    only: &[SubjectKind],
+) -> Result<(Vec<Subject>, Vec<Skipped>)> {
     let mut found = Vec::new();
     let mut skipped = Vec::new();
     for kind in SubjectKind::ALL {
@@ -365,21 +365,22 @@ fn find_nginx() -> Result<Subject, String> {
         .find_map(|word| word.strip_prefix("nginx/"))
         .unwrap_or("?")
         .to_string();
-    let nginx_module = if text.contains("--with-stream=dynamic") {
-        let candidates = [
-            "/usr/lib/nginx/modules/ngx_stream_module.so",
-            "/usr/lib64/nginx/modules/ngx_stream_module.so",
-            "/usr/share/nginx/modules/ngx_stream_module.so",
-        ];
-        let found = candidates.iter().map(PathBuf::from).find(|p| p.is_file());
-        Some(found.ok_or(
-            "nginx's stream module is not installed (apt install libnginx-mod-stream)",
-        )?)
-    } else if text.contains("--with-stream") {
-        None
-    } else {
-        return Err("nginx was built without the stream module".into());
-    };
+    let nginx_module =
+        if text.contains("--with-stream=dynamic") {
+            let candidates = [
+                "/usr/lib/nginx/modules/ngx_stream_module.so",
+                "/usr/lib64/nginx/modules/ngx_stream_module.so",
+                "/usr/share/nginx/modules/ngx_stream_module.so",
+            ];
+            let found = candidates.iter().map(PathBuf::from).find(|p| p.is_file());
+            Some(found.ok_or(
+                "nginx's stream module is not installed (apt install libnginx-mod-stream)",
+            )?)
+        } else if text.contains("--with-stream") {
+            None
+        } else {
+            return Err("nginx was built without the stream module".into());
+        };
     Ok(Subject {
         kind: SubjectKind::Nginx,
         exe,
@@ -399,18 +400,28 @@ fn which(name: &str) -> Option<PathBuf> {
 /// A started subject: where to connect, and the process (tree) to measure and stop.
 pub struct Running {
     pub addr: SocketAddr,
-    child: Option<Child>,
+    process: Process,
     /// Processes the subject runs once it is ready (nginx: master and workers).
     processes: usize,
     /// Holds the generated config until the subject is stopped.
     _dir: Option<TempDir>,
 }
 
+/// The process behind a subject.
+enum Process {
+    /// A direct connection has none.
+    None,
+    /// sluice, started and watched by the stress tool's `ProxyProcess`.
+    Sluice(ProxyProcess),
+    /// Anything else.
+    Child(Child),
+}
+
 impl Running {
     fn direct(upstream: SocketAddr) -> Running {
         Running {
             addr: upstream,
-            child: None,
+            process: Process::None,
             processes: 0,
             _dir: None,
         }
@@ -419,9 +430,17 @@ impl Running {
     fn process(child: Child, dir: Option<TempDir>, processes: usize) -> Running {
         Running {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            child: Some(child),
+            process: Process::Child(child),
             processes,
             _dir: dir,
+        }
+    }
+
+    fn root_pid(&self) -> Option<u32> {
+        match &self.process {
+            Process::None => None,
+            Process::Sluice(proxy) => Some(proxy.pid()),
+            Process::Child(child) => Some(child.id()),
         }
     }
 
@@ -432,7 +451,11 @@ impl Running {
         while self.pids().len() < self.processes {
             self.check_alive()?;
             if Instant::now() > deadline {
-                bail!("only {} of {} processes started", self.pids().len(), self.processes);
+                bail!(
+                    "only {} of {} processes started",
+                    self.pids().len(),
+                    self.processes
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -459,9 +482,12 @@ impl Running {
     }
 
     fn check_alive(&mut self) -> Result<()> {
-        if let Some(child) = &mut self.child
-            && let Some(status) = child.try_wait()?
-        {
+        let status = match &mut self.process {
+            Process::None => None,
+            Process::Sluice(proxy) => proxy.try_exited(),
+            Process::Child(child) => child.try_wait()?,
+        };
+        if let Some(status) = status {
             bail!("exited early with {status}");
         }
         Ok(())
@@ -469,10 +495,7 @@ impl Running {
 
     /// The subject's process and all its descendants.
     pub fn pids(&self) -> Vec<u32> {
-        match &self.child {
-            Some(child) => process_tree(child.id()),
-            None => Vec::new(),
-        }
+        self.root_pid().map(process_tree).unwrap_or_default()
     }
 
     /// Resident memory of the whole process tree, KiB.
@@ -482,25 +505,30 @@ impl Running {
 
     /// SIGTERM the process (nginx's master takes its workers down), then SIGKILL what is left.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let tree = process_tree(child.id());
-        signal(child.id(), libc::SIGTERM);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                break;
+        let tree = self.pids();
+        match std::mem::replace(&mut self.process, Process::None) {
+            Process::None => return,
+            Process::Sluice(proxy) => {
+                // An error here means it had to be killed; the measurement is done anyway.
+                let _ = proxy.stop(STOP_TIMEOUT);
             }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        for pid in tree {
-            if std::path::Path::new(&format!("/proc/{pid}")).exists() && pid != child.id() {
-                signal(pid, libc::SIGKILL);
+            Process::Child(mut child) => {
+                let _ = proxy_process::signal(child.id(), libc::SIGTERM);
+                let deadline = Instant::now() + STOP_TIMEOUT;
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
             }
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        // Whatever outlived its parent (nginx workers after a SIGKILL of the master).
+        for pid in tree.into_iter().skip(1) {
+            let _ = proxy_process::signal(pid, libc::SIGKILL);
+        }
     }
 }
 
@@ -510,11 +538,19 @@ impl Drop for Running {
     }
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) has no memory-safety preconditions; the pid is one of our children.
+/// Make `command`'s child die with this process (the thread that spawns it lives for the whole
+/// run), so an interrupted bench leaves no proxy behind.
+pub fn die_with_parent(mut command: Command) -> Command {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
-        libc::kill(pid as libc::pid_t, sig);
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
+    command
 }
 
 /// Read lines from a child's output until one contains `marker`; return the address after it.
@@ -529,7 +565,7 @@ fn wait_for_line(output: impl Read + Send + 'static, marker: &'static str) -> Re
             if sent {
                 continue;
             }
-            let clean = strip_ansi(&line);
+            let clean = proxy_process::strip_ansi(&line);
             if let Some(rest) = clean.split(marker).nth(1) {
                 let addr = rest.split_whitespace().next().unwrap_or("").to_string();
                 let _ = tx.send(Ok(addr));
@@ -549,24 +585,6 @@ fn wait_for_line(output: impl Read + Send + 'static, marker: &'static str) -> Re
         Ok(Err(output)) => bail!("exited before printing `{marker}`; its output:\n{output}"),
         Err(_) => bail!("did not print `{marker}` within {START_TIMEOUT:?}"),
     }
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // Skip "ESC [ ... letter".
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A loopback port nobody listens on right now (competitors cannot report a port 0 back).
@@ -594,7 +612,11 @@ pub fn process_tree(root: u32) -> Vec<u32> {
     let mut parents = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
                 continue;
             };
             if let Some(ppid) = parent_of(pid) {
@@ -606,7 +628,12 @@ pub fn process_tree(root: u32) -> Vec<u32> {
     let mut i = 0;
     while i < tree.len() {
         let parent = tree[i];
-        tree.extend(parents.iter().filter(|(_, p)| *p == parent).map(|(c, _)| *c));
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
         i += 1;
     }
     tree.retain(|pid| Path::new(&format!("/proc/{pid}")).exists());
@@ -634,41 +661,9 @@ pub fn rss_kib(pid: u32) -> u64 {
 }
 
 /// A scratch directory for generated configs, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> Result<TempDir> {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "sluice-bench-{}-{what}-{n}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(TempDir(path))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn strips_colours() {
-        assert_eq!(
-            strip_ansi("\u{1b}[32m INFO\u{1b}[0m sluice listening \u{1b}[3maddress\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:5"),
-            " INFO sluice listening address=127.0.0.1:5"
-        );
-    }
+fn tempdir(what: &str) -> Result<TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("sluice-bench-{what}-"))
+        .tempdir()
+        .context("creating a temporary directory")
 }
