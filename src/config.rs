@@ -87,10 +87,10 @@ pub struct Upstream {
 #[serde(deny_unknown_fields)]
 pub struct Buffer {
     /// Most bytes held for one connection on their way from the client to the upstream.
-    #[serde(default = "default_buffer")]
+    #[serde(default = "default_buffer", deserialize_with = "size")]
     pub client_to_upstream: ByteSize,
     /// Most bytes held for one connection on their way from the upstream to the client.
-    #[serde(default = "default_buffer")]
+    #[serde(default = "default_buffer", deserialize_with = "size")]
     pub upstream_to_client: ByteSize,
     /// A paused direction reads again once its queue has fallen to this fraction of the
     /// bound: the hysteresis keeps a slow reader from costing a wake-up per segment.
@@ -103,16 +103,16 @@ pub struct Buffer {
 #[serde(deny_unknown_fields)]
 pub struct SocketOptions {
     /// SO_RCVBUF on client sockets; 0 keeps the kernel's autotuning.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "size")]
     pub client_recv_buffer: ByteSize,
     /// SO_SNDBUF on client sockets; 0 keeps the kernel's autotuning.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "size")]
     pub client_send_buffer: ByteSize,
     /// SO_RCVBUF on upstream sockets; 0 keeps the kernel's autotuning.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "size")]
     pub upstream_recv_buffer: ByteSize,
     /// SO_SNDBUF on upstream sockets; 0 keeps the kernel's autotuning.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "size")]
     pub upstream_send_buffer: ByteSize,
     /// TCP_NODELAY on both sockets: a proxy should not add Nagle's delay to small writes.
     #[serde(default = "default_true")]
@@ -165,6 +165,29 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// A size as "64KiB", "1MiB", "65536" or 65536, with an error that says so.
+fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(i64),
+        Text(String),
+    }
+    let raw = Raw::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("expected a size such as \"64KiB\" or a number of bytes")
+    })?;
+    match raw {
+        Raw::Bytes(n) => u64::try_from(n)
+            .map(ByteSize::b)
+            .map_err(|_| serde::de::Error::custom(format!("{n} is negative: sizes are bytes"))),
+        Raw::Text(t) => t.trim().parse::<ByteSize>().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "`{t}` is not a size: write e.g. \"64KiB\", \"1MiB\" or a number of bytes"
+            ))
+        }),
+    }
 }
 
 fn default_max_connections() -> usize {
