@@ -109,11 +109,12 @@ fn quick_bench_reports_every_subject() {
             positive(subject, figure);
         }
         if subject["id"] == "direct" {
-            assert!(subject["idle"].is_null() && subject["slow_reader"].is_null());
+            assert!(subject["idle_kib_per_conn"].is_null());
+            assert!(subject["slow_reader_kib_per_conn"].is_null());
         } else {
-            positive(subject, "/idle/kib_per_conn");
-            positive(subject, "/slow_reader/kib_per_conn");
-            positive(subject, "/slow_reader/bytes_read");
+            positive(subject, "/idle_kib_per_conn/median");
+            positive(subject, "/slow_reader_kib_per_conn/median");
+            positive(subject, "/slow_reader_runs/0/bytes_read");
         }
     }
     assert!(report["machine"]["cpus"].as_u64().unwrap() >= 1);

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
+use memory::MemoryFigure;
 use report::{Machine, Report, Series, Settings, SubjectResult};
 use subjects::{Profile, Subject, SubjectKind};
 use upstreams::{Mode, Upstream};
@@ -199,38 +200,42 @@ async fn bench(args: BenchArgs) -> Result<()> {
             speed_round(subject, result, &plan, iperf_server.as_ref(), &tag).await;
         }
     }
-    for (subject, result) in subjects.iter().zip(&mut results) {
-        if !subject.kind.has_process() {
-            continue;
-        }
-        let tag = subject.kind.id();
-        match memory::idle(subject, plan.idle_conns, plan.idle_hold).await {
-            Ok(m) => {
-                eprintln!("{tag}: idle {:.2} KiB/conn", m.kib_per_conn);
-                result.idle = Some(m);
+    // Memory: a fresh process per measurement, the same rotation, medians again.
+    for round in 0..plan.repeats {
+        for k in 0..n {
+            let i = (k + round) % n;
+            let (subject, result) = (&subjects[i], &mut results[i]);
+            if !subject.kind.has_process() {
+                continue;
             }
-            Err(e) => failed(result, "idle memory", &e),
+            let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
+            let idle = memory::idle(subject, plan.idle_conns, plan.idle_hold).await;
+            record_memory(result, &tag, "idle KiB/conn", MemoryTest::Idle, idle);
         }
     }
-    for (subject, result) in subjects.iter().zip(&mut results) {
-        if !subject.kind.has_process() {
-            continue;
-        }
-        let tag = subject.kind.id();
-        let measured = memory::slow_readers(
-            subject,
-            plan.slow_readers,
-            SLOW_RCVBUF,
-            SLOW_RATE,
-            plan.slow_duration,
-        )
-        .await;
-        match measured {
-            Ok(m) => {
-                eprintln!("{tag}: slow reader {:.2} KiB/conn", m.kib_per_conn);
-                result.slow_reader = Some(m);
+    for round in 0..plan.repeats {
+        for k in 0..n {
+            let i = (k + round) % n;
+            let (subject, result) = (&subjects[i], &mut results[i]);
+            if !subject.kind.has_process() {
+                continue;
             }
-            Err(e) => failed(result, "slow-reader memory", &e),
+            let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
+            let slow = memory::slow_readers(
+                subject,
+                plan.slow_readers,
+                SLOW_RCVBUF,
+                SLOW_RATE,
+                plan.slow_duration,
+            )
+            .await;
+            record_memory(
+                result,
+                &tag,
+                "slow reader KiB/conn",
+                MemoryTest::SlowReader,
+                slow,
+            );
         }
     }
     drop(iperf_server);
@@ -304,6 +309,38 @@ fn record(result: &mut SubjectResult, tag: &str, what: &str, slot: Slot, value: 
         Ok(v) => {
             eprintln!("{tag}: {what} {v:.2}");
             slot.get(result).get_or_insert_with(Series::default).push(v);
+        }
+        Err(e) => failed(result, what, &e),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum MemoryTest {
+    Idle,
+    SlowReader,
+}
+
+fn record_memory(
+    result: &mut SubjectResult,
+    tag: &str,
+    what: &str,
+    test: MemoryTest,
+    measured: Result<MemoryFigure>,
+) {
+    match measured {
+        Ok(m) => {
+            eprintln!("{tag}: {what} {:.2}", m.kib_per_conn);
+            let (series, runs) = match test {
+                MemoryTest::Idle => (&mut result.idle_kib_per_conn, &mut result.idle_runs),
+                MemoryTest::SlowReader => (
+                    &mut result.slow_reader_kib_per_conn,
+                    &mut result.slow_reader_runs,
+                ),
+            };
+            series
+                .get_or_insert_with(Series::default)
+                .push(m.kib_per_conn);
+            runs.push(m);
         }
         Err(e) => failed(result, what, &e),
     }

@@ -43,8 +43,13 @@ pub struct SubjectResult {
     pub latency_64_p50_us: Option<Series>,
     pub latency_64_p99_us: Option<Series>,
     pub connections_per_sec: Option<Series>,
-    pub idle: Option<MemoryFigure>,
-    pub slow_reader: Option<MemoryFigure>,
+    /// Idle memory per connection, median over fresh processes.
+    pub idle_kib_per_conn: Option<Series>,
+    /// The raw numbers of each idle run.
+    pub idle_runs: Vec<MemoryFigure>,
+    /// Slow-reader memory per connection, median over fresh processes.
+    pub slow_reader_kib_per_conn: Option<Series>,
+    pub slow_reader_runs: Vec<MemoryFigure>,
     pub errors: Vec<String>,
 }
 
@@ -127,9 +132,9 @@ fn rtt(p50: &Option<Series>, p99: &Option<Series>) -> String {
     format!("{} / {}", micros(p50), micros(p99))
 }
 
-fn kib(m: &Option<MemoryFigure>, has_process: bool) -> String {
+fn kib(m: &Option<Series>, has_process: bool) -> String {
     match m {
-        Some(m) => format!("{:.1}", m.kib_per_conn),
+        Some(m) => format!("{:.1}", m.median),
         None if has_process => "err".into(),
         None => "–".into(),
     }
@@ -149,7 +154,7 @@ impl Report {
             m.kernel,
             m.memory_gib,
             if s.repeats > 1 {
-                format!("Speed figures are medians of {} runs, subjects", s.repeats)
+                format!("Medians of {} runs, subjects", s.repeats)
             } else {
                 "One run, subjects".into()
             },
@@ -179,8 +184,8 @@ impl Report {
                 rtt(&r.latency_1_p50_us, &r.latency_1_p99_us),
                 rtt(&r.latency_64_p50_us, &r.latency_64_p99_us),
                 cps,
-                kib(&r.idle, has_process),
-                kib(&r.slow_reader, has_process),
+                kib(&r.idle_kib_per_conn, has_process),
+                kib(&r.slow_reader_kib_per_conn, has_process),
             );
         }
         let _ = writeln!(
