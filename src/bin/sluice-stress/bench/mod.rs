@@ -150,6 +150,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 async fn bench(args: BenchArgs) -> Result<()> {
+    let machine = Machine::here();
     let plan = Plan::new(&args);
     let (subjects, skipped) = subjects::discover(args.sluice.as_deref(), &args.only)?;
     if subjects.is_empty() {
@@ -247,7 +248,10 @@ async fn bench(args: BenchArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" "),
         quick: args.quick,
-        machine: Machine::here(),
+        machine: Machine {
+            load_after: report::load_average(),
+            ..machine
+        },
         settings: Settings {
             repeats: plan.repeats,
             throughput_1_tool,

@@ -60,6 +60,10 @@ pub struct Machine {
     pub cpu_model: String,
     pub kernel: String,
     pub memory_gib: f64,
+    /// 1-minute load average when the run began and when it ended: on a shared machine,
+    /// the first thing to look at when figures disagree between runs.
+    pub load_before: f64,
+    pub load_after: f64,
 }
 
 impl Machine {
@@ -84,8 +88,18 @@ impl Machine {
             cpu_model,
             kernel,
             memory_gib: (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+            load_before: load_average(),
+            load_after: 0.0,
         }
     }
+}
+
+/// The 1-minute load average.
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// How the run was set up, so a reader can reproduce it.
@@ -148,11 +162,14 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "Machine: {} CPUs ({}), Linux {}, {} GiB RAM; loopback. {}{} interleaved.\n",
+            "Machine: {} CPUs ({}), Linux {}, {} GiB RAM; loopback; load average {:.1} at \
+             the start, {:.1} at the end. {}{} interleaved.\n",
             m.cpus,
             m.cpu_model,
             m.kernel,
             m.memory_gib,
+            m.load_before,
+            m.load_after,
             if s.repeats > 1 {
                 format!("Medians of {} runs, subjects", s.repeats)
             } else {
@@ -213,6 +230,18 @@ impl Report {
             s.slow_reader_rate_bytes_per_sec / 1024.0,
             s.slow_reader_seconds
         );
+        if s.repeats > 1 {
+            let runs: Vec<String> = self
+                .subjects
+                .iter()
+                .filter_map(|r| {
+                    let t = r.throughput_1_gbps.as_ref()?;
+                    let v: Vec<String> = t.runs.iter().map(|x| format!("{x:.1}")).collect();
+                    Some(format!("{} {}", r.id, v.join(", ")))
+                })
+                .collect();
+            let _ = writeln!(out, "- 1 stream, every run (Gbit/s): {}.", runs.join("; "));
+        }
         for r in &self.subjects {
             let _ = writeln!(out, "- {}: {}.", r.name, r.config);
         }
