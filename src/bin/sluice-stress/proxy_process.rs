@@ -246,6 +246,7 @@ impl ProxyProcess {
         Ok(proc)
     }
 
+    #[allow(dead_code)] // part of the API the bench subcommand uses
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -269,6 +270,7 @@ impl ProxyProcess {
     }
 
     /// The child's resident set size now.
+    #[allow(dead_code)] // part of the API the bench subcommand uses
     pub fn rss_bytes(&self) -> Result<u64> {
         rss_of(self.pid())
     }
@@ -486,6 +488,7 @@ impl Metrics {
     }
 
     /// Whether any sample of `name` exists.
+    #[allow(dead_code)] // part of the API the bench subcommand uses
     pub fn has(&self, name: &str) -> bool {
         self.samples.iter().any(|(n, _, _)| n == name)
     }
