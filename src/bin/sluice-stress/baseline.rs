@@ -96,7 +96,10 @@ pub async fn run(args: UnboundedArgs) -> Result<()> {
                 let _ = (client.set_nodelay(true), up.set_nodelay(true));
                 let (cr, cw) = client.into_split();
                 let (ur, uw) = up.into_split();
-                tokio::join!(pump(cr, uw, &stats.dirs[0]), pump(ur, cw, &stats.dirs[1]));
+                tokio::join!(
+                    pump(cr, uw, stats.clone(), 0),
+                    pump(ur, cw, stats.clone(), 1)
+                );
             }
             stats.active.fetch_sub(1, Ordering::Relaxed);
         });
@@ -106,39 +109,52 @@ pub async fn run(args: UnboundedArgs) -> Result<()> {
 }
 
 /// Copies `src` to `dst` through an unbounded queue: reading never waits for writing.
-async fn pump(mut src: impl AsyncRead + Unpin, mut dst: impl AsyncWrite + Unpin, dir: &DirStats) {
+async fn pump(
+    mut src: impl AsyncRead + Unpin,
+    mut dst: impl AsyncWrite + Unpin + Send + 'static,
+    stats: Arc<Stats>,
+    dir: usize,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
     // Bytes this pump holds, returned to the global gauge when it ends however it ends.
-    let held = AtomicU64::new(0);
-    let held_ref = &held;
-    let reader = async move {
-        let mut buf = BytesMut::new();
-        loop {
-            if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(READ_SIZE);
+    let held = Arc::new(AtomicU64::new(0));
+    // The writer runs as its own task, as in a typical relay: the reader never waits for it.
+    let writer = {
+        let (stats, held) = (stats.clone(), held.clone());
+        tokio::spawn(async move {
+            let d = &stats.dirs[dir];
+            while let Some(chunk) = rx.recv().await {
+                dst.write_all(&chunk).await?;
+                let n = chunk.len() as u64;
+                held.fetch_sub(n, Ordering::Relaxed);
+                d.queued.fetch_sub(n, Ordering::Relaxed);
+                d.bytes.fetch_add(n, Ordering::Relaxed);
             }
-            let n = src.read_buf(&mut buf).await?;
-            if n == 0 {
-                return std::io::Result::Ok(());
+            dst.shutdown().await
+        })
+    };
+    let d = &stats.dirs[dir];
+    let mut buf = BytesMut::new();
+    loop {
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(READ_SIZE);
+        }
+        match src.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                held.fetch_add(n as u64, Ordering::Relaxed);
+                d.queued.fetch_add(n as u64, Ordering::Relaxed);
+                if tx.send(buf.split().freeze()).is_err() {
+                    // The writer failed (its peer is gone): nothing more to relay.
+                    break;
+                }
             }
-            held_ref.fetch_add(n as u64, Ordering::Relaxed);
-            dir.queued.fetch_add(n as u64, Ordering::Relaxed);
-            let _ = tx.send(buf.split().freeze());
         }
-        // Returning drops `tx`, which lets the writer finish once the queue is empty.
-    };
-    let writer = async {
-        while let Some(chunk) = rx.recv().await {
-            dst.write_all(&chunk).await?;
-            let n = chunk.len() as u64;
-            held.fetch_sub(n, Ordering::Relaxed);
-            dir.queued.fetch_sub(n, Ordering::Relaxed);
-            dir.bytes.fetch_add(n, Ordering::Relaxed);
-        }
-        dst.shutdown().await
-    };
-    let _ = tokio::try_join!(reader, writer);
-    dir.queued
+    }
+    // Dropping `tx` lets the writer finish once the queue is empty.
+    drop(tx);
+    let _ = writer.await;
+    d.queued
         .fetch_sub(held.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 

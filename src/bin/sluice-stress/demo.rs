@@ -43,6 +43,44 @@ pub struct DemoArgs {
     /// Per-connection read speed of the slow readers.
     #[arg(long, default_value = "16KiB/s", value_parser = parse_rate)]
     pub reader_rate: Rate,
+    /// Keep the config's [socket] buffer sizes. By default the demo sets them to 16 KiB:
+    /// with kernel autotuning, megabytes per connection sit in socket buffers before
+    /// sluice's own bound is reached, and a 30-second demo would show no backpressure.
+    #[arg(long)]
+    pub kernel_buffers: bool,
+}
+
+/// SO_RCVBUF/SO_SNDBUF the demo gives sluice's sockets unless --kernel-buffers.
+const DEMO_SOCKET_BUFFER: &str = "16KiB";
+
+/// A copy of `config` with every `[socket]` buffer set to [`DEMO_SOCKET_BUFFER`], in `dir`.
+fn with_small_socket_buffers(config: &std::path::Path, dir: &std::path::Path) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read {}", config.display()))?;
+    let mut table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", config.display()))?;
+    let socket = table
+        .entry("socket")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let socket = socket
+        .as_table_mut()
+        .ok_or_else(|| anyhow::anyhow!("[socket] in {} is not a table", config.display()))?;
+    for key in [
+        "client_recv_buffer",
+        "client_send_buffer",
+        "upstream_recv_buffer",
+        "upstream_send_buffer",
+    ] {
+        socket.insert(
+            key.to_string(),
+            toml::Value::String(DEMO_SOCKET_BUFFER.into()),
+        );
+    }
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, toml::to_string(&table)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
 }
 
 /// `--config`, else `./proxy.toml`, else the source tree's `proxy.toml` (known at compile time).
@@ -104,7 +142,18 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "127.0.0.1:0",
     ]
     .map(String::from);
-    let mut sluice = ProxyProcess::spawn_sluice_with_file(&config, &overrides)
+    let tmp = tempfile::Builder::new().prefix("sluice-demo-").tempdir()?;
+    let (run_config, config_note) = if args.kernel_buffers {
+        (config.clone(), "[socket] buffers as configured".to_string())
+    } else {
+        (
+            with_small_socket_buffers(&config, tmp.path())?,
+            format!(
+                "[socket] buffers set to {DEMO_SOCKET_BUFFER}; --kernel-buffers keeps the file's"
+            ),
+        )
+    };
+    let mut sluice = ProxyProcess::spawn_sluice_with_file(&run_config, &overrides)
         .with_context(|| format!("starting sluice with {}", config.display()))?;
     let first = sluice
         .scrape()
@@ -112,9 +161,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let bounds = DIRECTIONS.map(|d| first.direction("sluice_buffer_limit_bytes", d) as u64);
     let metrics_url = sluice.metrics_url().unwrap_or_default();
     println!(
-        "sluice (pid {}) with {}: listening on {}, upstream {} (echo, {} per connection)",
+        "sluice (pid {}) with {} ({config_note})",
         sluice.pid(),
-        config.display(),
+        config.display()
+    );
+    println!(
+        "listening on {}, upstream {} (built-in echo server, {} per connection)",
         sluice.listen_addr(),
         upstream_addr,
         args.upstream_rate
@@ -247,7 +299,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
 fn status_line(s: &Sample, clients: u64) -> String {
     format!(
-        "{} conns | c→u {}/s u→c {}/s | queued c→u {} u→c {} | paused conns {} | pauses {} | RSS {}",
+        "{} conns | c→u {}/s u→c {}/s | queued c→u {} u→c {} | paused directions {} | pauses {} | RSS {}",
         s.connections_active.max(clients.min(s.connections_active)),
         format_bytes(s.bytes_per_sec_client_to_upstream as u64),
         format_bytes(s.bytes_per_sec_upstream_to_client as u64),

@@ -43,7 +43,7 @@ impl Pattern {
             return;
         }
         let mut p = offset + i as u64 - HEADER_LEN;
-        while i < buf.len() && p % 8 != 0 {
+        while i < buf.len() && !p.is_multiple_of(8) {
             buf[i] = self.body_byte(p);
             i += 1;
             p += 1;

@@ -441,11 +441,14 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
+/// Label pairs of one sample, in exposition order.
+type Labels = Vec<(String, String)>;
+
 /// One scrape of a Prometheus text exposition.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     /// (metric name, labels, value) for every sample line.
-    samples: Vec<(String, Vec<(String, String)>, f64)>,
+    samples: Vec<(String, Labels, f64)>,
 }
 
 impl Metrics {
@@ -494,7 +497,7 @@ impl Metrics {
     }
 }
 
-fn parse_sample(line: &str) -> Option<(String, Vec<(String, String)>, f64)> {
+fn parse_sample(line: &str) -> Option<(String, Labels, f64)> {
     let (name, labels, rest) = match line.find('{') {
         Some(open) if line[..open].find(' ').is_none() => {
             let close = open + line[open..].find('}')?;
@@ -518,7 +521,7 @@ fn parse_sample(line: &str) -> Option<(String, Vec<(String, String)>, f64)> {
     Some((name.to_string(), labels, value))
 }
 
-fn parse_labels(s: &str) -> Option<Vec<(String, String)>> {
+fn parse_labels(s: &str) -> Option<Labels> {
     let mut labels = Vec::new();
     let mut rest = s.trim();
     while !rest.is_empty() {

@@ -637,7 +637,10 @@ pub fn render_svg(report: &Report) -> String {
     ) {
         (Some(a), Some(b)) => Some((
             (a + b) as f64,
-            format!("sluice limit: conns × bounds = {}", format_bytes(a + b)),
+            (
+                "sluice limit".to_string(),
+                format!("conns × bounds = {}", format_bytes(a + b)),
+            ),
         )),
         _ => None,
     };

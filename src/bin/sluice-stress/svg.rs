@@ -28,7 +28,8 @@ pub struct Series {
 pub struct Panel {
     pub title: String,
     pub series: Vec<Series>,
-    pub limit: Option<(f64, String)>,
+    /// (value, legend line 1, legend line 2)
+    pub limit: Option<(f64, (String, String))>,
 }
 
 /// Renders the panels stacked, sharing the time axis range.
@@ -129,13 +130,16 @@ pub fn render(title: &str, subtitle: &str, panels: &[Panel]) -> String {
             );
             let _ = writeln!(
                 svg,
-                r##"<line x1="{legend_x}" y1="{legend_y}" x2="{:.1}" y2="{legend_y}" stroke="#2ca02c" stroke-width="1.5" stroke-dasharray="6 4"/><text x="{:.1}" y="{:.1}">{}</text>"##,
+                r##"<line x1="{legend_x}" y1="{legend_y}" x2="{:.1}" y2="{legend_y}" stroke="#2ca02c" stroke-width="1.5" stroke-dasharray="6 4"/><text x="{:.1}" y="{:.1}">{}</text><text x="{:.1}" y="{:.1}" fill="#555">{}</text>"##,
                 legend_x + 24.0,
                 legend_x + 30.0,
                 legend_y + 4.0,
-                esc(label)
+                esc(&label.0),
+                legend_x + 30.0,
+                legend_y + 19.0,
+                esc(&label.1)
             );
-            legend_y += 22.0;
+            legend_y += 40.0;
         }
         for s in &panel.series {
             if s.points.is_empty() {
@@ -255,7 +259,7 @@ mod tests {
                     points: vec![(0.0, 1e6), (1.0, 2e6)],
                     end_note: Some("end".into()),
                 }],
-                limit: Some((3e6, "bound".into())),
+                limit: Some((3e6, ("bound".into(), "3 MB".into()))),
             }],
         );
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
