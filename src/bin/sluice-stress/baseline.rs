@@ -13,6 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use clap::Args;
+use std::io::{Read, Write};
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -62,8 +64,7 @@ pub async fn run(args: UnboundedArgs) -> Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot bind {}", args.listen))?;
-    let metrics = TcpListener::bind(args.metrics)
-        .await
+    let metrics = std::net::TcpListener::bind(args.metrics)
         .with_context(|| format!("cannot bind {}", args.metrics))?;
     // The same two lines sluice prints, so ProxyProcess learns the ports the same way.
     eprintln!(
@@ -76,8 +77,14 @@ pub async fn run(args: UnboundedArgs) -> Result<()> {
         metrics.local_addr()?
     );
     let stats = Arc::new(Stats::default());
-    tokio::spawn(enforce_cap(args.cap, stats.clone()));
-    tokio::spawn(serve_metrics(metrics, stats.clone()));
+    {
+        let stats = stats.clone();
+        std::thread::spawn(move || enforce_cap(args.cap, stats));
+    }
+    {
+        let stats = stats.clone();
+        std::thread::spawn(move || serve_metrics(metrics, stats));
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let accepted = tokio::select! {
@@ -158,11 +165,11 @@ async fn pump(
         .fetch_sub(held.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
-/// Exits the process when the queue or the RSS reaches `cap`.
-async fn enforce_cap(cap: u64, stats: Arc<Stats>) {
-    let mut tick = tokio::time::interval(CAP_CHECK);
+/// Exits the process when the queue or the RSS reaches `cap`. A plain thread, not a task:
+/// the relay keeps both cores busy, and a starved runtime would check too late.
+fn enforce_cap(cap: u64, stats: Arc<Stats>) {
     loop {
-        tick.tick().await;
+        std::thread::sleep(CAP_CHECK);
         let queued: u64 = stats
             .dirs
             .iter()
@@ -181,30 +188,26 @@ async fn enforce_cap(cap: u64, stats: Arc<Stats>) {
     }
 }
 
-async fn serve_metrics(listener: TcpListener, stats: Arc<Stats>) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            // Read the request head; its content does not matter.
-            let mut req = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
-                match conn.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => req.extend_from_slice(&buf[..n]),
-                }
+/// Serves `/metrics` from a plain thread, so samples arrive on time however busy the relay is.
+fn serve_metrics(listener: std::net::TcpListener, stats: Arc<Stats>) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        // Read the request head; its content does not matter.
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
             }
-            let body = exposition(&stats);
-            let response = format!(
-                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(response.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
+        }
+        let body = exposition(&stats);
+        let response = format!(
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = conn.write_all(response.as_bytes());
     }
 }
 

@@ -79,7 +79,7 @@ pub fn format_bytes(n: u64) -> String {
     }
     if unit == 0 {
         format!("{n} B")
-    } else if value >= 100.0 {
+    } else if value >= 100.0 || value.fract() == 0.0 {
         format!("{value:.0} {}", UNITS[unit])
     } else {
         format!("{value:.1} {}", UNITS[unit])
@@ -157,7 +157,7 @@ mod tests {
         assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("0s").is_err());
         assert_eq!(format_bytes(1536), "1.5 KiB");
-        assert_eq!(Rate(65536).to_string(), "64.0 KiB/s");
+        assert_eq!(Rate(65536).to_string(), "64 KiB/s");
     }
 
     #[tokio::test]

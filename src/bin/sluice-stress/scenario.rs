@@ -255,7 +255,7 @@ pub async fn run(args: ScenarioArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let wl = workload(args.name, args.conns);
-    eprintln!("scenario {:?}: {}", args.name, wl.description);
+    eprintln!("scenario {}: {}", scenario_slug(args.name), wl.description);
 
     let mut runs = Vec::new();
     // Spawned from here (main thread), see proxy_process.
@@ -521,14 +521,15 @@ impl Sampler {
                 let mut prev: Option<(Instant, [f64; 2])> = None;
                 let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    let Ok(rss) = crate::proxy_process::rss_of(pid) else {
-                        // The process is gone (the baseline at its cap); nothing more to see.
-                        break;
-                    };
                     let scraped = match metrics {
                         Some(addr) => crate::proxy_process::http_get(addr, "/metrics")
                             .map(|t| Metrics::parse(&t)),
                         None => Ok(Metrics::default()),
+                    };
+                    // Read right after the scrape, so memory and queue describe the same moment.
+                    let Ok(rss) = crate::proxy_process::rss_of(pid) else {
+                        // The process is gone (the baseline at its cap); nothing more to see.
+                        break;
                     };
                     match scraped {
                         Ok(m) => {

@@ -212,7 +212,7 @@ fn nice_axis(max: f64, ticks: u32) -> (f64, f64) {
 /// The unit for a byte axis whose largest value is `max`.
 fn byte_unit(max: f64) -> (f64, &'static str) {
     const KIB: f64 = 1024.0;
-    if max >= 2.0 * KIB * KIB * KIB {
+    if max >= KIB * KIB * KIB {
         (KIB * KIB * KIB, "GiB")
     } else if max >= 2.0 * KIB * KIB {
         (KIB * KIB, "MiB")
