@@ -68,11 +68,7 @@ pub enum Ending {
     Complete,
     /// A socket failed; `reset` when the peer reset (or vanished) rather than some
     /// other error.
-    Failed {
-        side: Side,
-        reset: bool,
-        error: io::Error,
-    },
+    Failed { side: Side, reset: bool, error: io::Error },
     /// Nothing moved for `idle`.
     IdleTimeout,
     /// One direction finished and the other did not within `half_close`.
@@ -294,8 +290,7 @@ impl Direction {
     fn report(&mut self, m: &DirectionMetrics) {
         let queued = self.queue.len();
         if queued != self.reported_queued {
-            m.queued
-                .increment(queued as f64 - self.reported_queued as f64);
+            m.queued.increment(queued as f64 - self.reported_queued as f64);
             self.reported_queued = queued;
         }
         if self.delivered != self.reported_delivered {
@@ -360,11 +355,7 @@ impl<'a> Relay<'a> {
     /// `shutdown` is cancelled.
     pub async fn run(&mut self, config: &RelayConfig, shutdown: &CancellationToken) -> Ending {
         let far = Duration::from_secs(86400 * 365);
-        let idle = if config.idle.is_zero() {
-            far
-        } else {
-            config.idle
-        };
+        let idle = if config.idle.is_zero() { far } else { config.idle };
         let idle_timer = sleep_until(self.last_moved + idle);
         let half_timer = sleep_until(self.last_moved + far);
         tokio::pin!(idle_timer, half_timer);
@@ -391,9 +382,7 @@ impl<'a> Relay<'a> {
                 Event::HalfClosed => {
                     if !half_closed && !config.half_close.is_zero() {
                         half_closed = true;
-                        half_timer
-                            .as_mut()
-                            .reset(Instant::now() + config.half_close);
+                        half_timer.as_mut().reset(Instant::now() + config.half_close);
                     }
                 }
             }
@@ -405,9 +394,8 @@ impl<'a> Relay<'a> {
         let m = self.metrics;
         let mut moved = false;
         let mut done = [false; 2];
-        for (i, (src, dst)) in [(self.client, self.upstream), (self.upstream, self.client)]
-            .into_iter()
-            .enumerate()
+        for (i, (src, dst)) in
+            [(self.client, self.upstream), (self.upstream, self.client)].into_iter().enumerate()
         {
             let dm = &m.directions[i];
             let step = self.dirs[i].poll(cx, src, dst, dm, m, &mut moved);
