@@ -18,6 +18,8 @@ pub const DEFAULT_BUFFER: u64 = 64 * 1024;
 pub const DEFAULT_RESUME_AT: f64 = 0.5;
 /// Default cap on concurrent client connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default listen backlog: room for clients to wait while sluice is at its limit.
+pub const DEFAULT_BACKLOG: u32 = 1024;
 /// Default time allowed for the upstream handshake.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time without a byte in either direction before both sides are closed.
@@ -62,6 +64,10 @@ pub struct Listen {
     /// kernel backlog, so the limit costs nothing and loses nobody.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Length of the kernel's queue of handshaken clients not yet accepted: where
+    /// clients wait while sluice is at `max_connections` (capped by net.core.somaxconn).
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
     /// Most live connections from one source IP address; 0 means no per-client limit.
     #[serde(default)]
     pub max_connections_per_client: usize,
@@ -193,6 +199,9 @@ fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
 fn default_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
 }
+fn default_backlog() -> u32 {
+    DEFAULT_BACKLOG
+}
 fn default_connect_timeout() -> Duration {
     DEFAULT_CONNECT_TIMEOUT
 }
@@ -229,6 +238,7 @@ impl Default for Listen {
         Listen {
             address: String::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            backlog: DEFAULT_BACKLOG,
             max_connections_per_client: 0,
             allow: Vec::new(),
         }
@@ -373,6 +383,9 @@ impl Config {
                 "listen.address",
                 format!("`{}` is not an ip:port address", self.listen.address),
             ));
+        }
+        if self.listen.backlog == 0 || self.listen.backlog > i32::MAX as u32 {
+            return Err(err("listen.backlog", "must be at least 1".into()));
         }
         if self.listen.max_connections == 0 {
             return Err(err("listen.max_connections", "must be at least 1".into()));

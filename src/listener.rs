@@ -2,6 +2,7 @@
 //! graceful shutdown.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
@@ -88,12 +89,23 @@ impl Server {
         let tracker = TaskTracker::new();
         let force_close = CancellationToken::new();
         let per_client = Arc::new(PerClient::default());
-        let mut limit = Limit::new(config.listen.max_connections);
+        let fd_cap = descriptor_cap();
+        let mut limit = Limit::new(config.listen.max_connections.min(fd_cap));
         let mut errors = AcceptErrors::default();
+        let mut warned_fd_cap = false;
 
         loop {
             let config = self.config();
-            limit.resize(config.listen.max_connections);
+            if config.listen.max_connections > fd_cap && !warned_fd_cap {
+                warned_fd_cap = true;
+                tracing::warn!(
+                    max_connections = config.listen.max_connections,
+                    serving_at_most = fd_cap,
+                    max_fds = crate::process_metrics::max_fds(),
+                    "too few file descriptors for listen.max_connections (two per connection); raise the limit (ulimit -n, LimitNOFILE=) to serve more"
+                );
+            }
+            limit.resize(config.listen.max_connections.min(fd_cap));
             let permit = match limit.permits.clone().try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
@@ -134,25 +146,13 @@ impl Server {
             };
             self.metrics.accepted.increment(1);
             let metrics = self.metrics.clone();
-            let force = force_close.clone();
             let span =
                 tracing::info_span!("conn", client = %peer, upstream = %config.upstream.address);
+            let served = connection::serve(stream, config, metrics.clone(), force_close.clone());
             tracker.spawn(
                 async move {
-                    let _permit = permit;
-                    let _slot = client_slot;
-                    let served = AssertUnwindSafe(connection::serve(stream, config, metrics.clone(), force));
-                    if let Err(panic) = served.catch_unwind().await {
-                        // The guards inside have already returned their gauges while unwinding.
-                        metrics.panics.increment(1);
-                        metrics.closed(CloseReason::Error).increment(1);
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        tracing::error!(panic = %what, "connection task panicked; connection closed");
-                    }
+                    let _held = (permit, client_slot);
+                    supervise(served, &metrics).await
                 }
                 .instrument(span),
             );
@@ -200,6 +200,75 @@ impl Server {
         }
         slot
     }
+}
+
+/// Binds the client listener as `listen` says: SO_REUSEADDR (a restart need not wait
+/// out TIME_WAIT), the client buffer sizes set before listen() so accepted sockets
+/// inherit them from their first segment, and the configured backlog. Call inside a
+/// tokio runtime.
+pub fn bind(config: &Config) -> io::Result<TcpListener> {
+    let addr: SocketAddr = config.listen.address.parse().map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidInput, "listen.address is not ip:port")
+    })?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.set_reuse_address(true)?;
+    Tuning::client(&config.socket).apply_buffers(&SockRef::from(&sock))?;
+    sock.bind(&addr.into())?;
+    sock.listen(config.listen.backlog as i32)?;
+    sock.set_nonblocking(true)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Runs one connection's future; a panic in it is caught, logged and counted as a close
+/// with reason `error`, and the process carries on. The guards inside the future have
+/// returned their gauges while unwinding.
+pub async fn supervise(served: impl Future<Output = CloseReason>, metrics: &Metrics) {
+    if let Err(panic) = AssertUnwindSafe(served).catch_unwind().await {
+        metrics.panics.increment(1);
+        metrics.closed(CloseReason::Error).increment(1);
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %what, "connection task panicked; connection closed");
+    }
+}
+
+/// Descriptors left for connections: two each (client and upstream), after what the
+/// process holds now and a reserve for scrapes and logs.
+fn descriptor_cap() -> usize {
+    /// Kept free for the metrics endpoint, resolver and log files.
+    const RESERVE: u64 = 16;
+    let max = crate::process_metrics::max_fds();
+    let open = crate::process_metrics::open_fds() as u64;
+    (max.saturating_sub(open + RESERVE) / 2).max(1) as usize
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit, as servers that hold one descriptor
+/// per client do. Returns the new soft limit.
+pub fn raise_descriptor_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    lim.rlim_cur
 }
 
 /// An IPv4 client on a dual-stack socket arrives as `::ffff:a.b.c.d`; rules are written

@@ -29,6 +29,8 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     sluice::logging::init(&config.log);
+    let max_fds = sluice::listener::raise_descriptor_limit();
+    tracing::debug!(max_fds, "file descriptor limit");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -50,14 +52,12 @@ fn main() -> ExitCode {
 }
 
 async fn serve(cli: Cli, config: sluice::Config) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(&config.listen.address)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (listen.address)",
-                config.listen.address
-            )
-        })?;
+    let listener = sluice::listener::bind(&config).with_context(|| {
+        format!(
+            "cannot listen on {} (listen.address)",
+            config.listen.address
+        )
+    })?;
     let metrics_listener = TcpListener::bind(&config.metrics.address)
         .await
         .with_context(|| {

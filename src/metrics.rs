@@ -367,13 +367,15 @@ impl Metrics {
 
     /// The whole exposition: the recorder's series plus those computed at scrape time.
     pub fn render(&self) -> String {
-        let mut out = self.handle.render();
+        // Pauses first: a pause is counted before its clock starts, so the counters in
+        // the render that follows never trail the paused gauge.
         let now = self.now();
         let snaps: Vec<_> = self
             .directions
             .iter()
             .map(|d| d.paused.snapshot(now))
             .collect();
+        let mut out = self.handle.render();
         out.push_str(
             "# HELP sluice_paused_connections Connection directions paused now, by direction.\n\
              # TYPE sluice_paused_connections gauge\n",
