@@ -65,9 +65,15 @@ fn backpressure_metrics_track_slow_readers_and_return_to_zero() {
             })
     });
     for d in DIRECTIONS {
+        let dir = [("direction", d)];
         assert_eq!(
-            backed_up.get("sluice_buffer_limit_bytes", &[("direction", d)]),
+            backed_up.get("sluice_buffer_limit_bytes", &dir),
             BOUND as f64
+        );
+        eprintln!(
+            "{d} backed up: {} bytes queued, {} paused",
+            backed_up.get("sluice_queued_bytes", &dir),
+            backed_up.get("sluice_paused_connections", &dir)
         );
     }
 
@@ -97,6 +103,12 @@ fn backpressure_metrics_track_slow_readers_and_return_to_zero() {
     });
     for (d, n) in DIRECTIONS.iter().zip(crossed) {
         let dir = [("direction", *d)];
+        eprintln!(
+            "{d}: {n} bytes crossed, {} pauses, {} drains, {:.3} s paused",
+            after.get("sluice_pauses_total", &dir),
+            after.get("sluice_drains_total", &dir),
+            after.get("sluice_paused_seconds_total", &dir)
+        );
         assert!(n > 0, "no byte crossed {d}");
         assert_eq!(after.get("sluice_bytes_total", &dir), n as f64, "{d}");
         assert_eq!(after.get("sluice_queued_bytes", &dir), 0.0, "{d}");
@@ -302,10 +314,12 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         "sluice_build_info has no instance {target}: {instances:?}"
     );
 
+    // One deadline for all queries: once the first ones have data, the rest have had every
+    // scrape they need too.
+    let deadline = Instant::now() + DEADLINE;
     let mut failures = Vec::new();
     for (title, expr) in dashboard_queries(&dashboard) {
         let query = substitute_variables(&expr);
-        let deadline = Instant::now() + DEADLINE;
         loop {
             match prometheus.query(&query) {
                 Err(error) => {
