@@ -1,1 +1,31 @@
-//! sluice: a TCP proxy with bounded per-direction buffers.
+//! sluice: a TCP proxy whose every connection holds at most a fixed number of bytes in
+//! each direction, so memory stays flat however slow a reader or an upstream is.
+//!
+//! # Layout
+//!
+//! - [`config`]: the configuration file's schema, defaults and validation.
+//! - [`cli`]: the command line, and how it overrides the file.
+//! - [`listener`]: [`Server`], the accept loop, limits, reloads and graceful shutdown.
+//! - [`connection`]: one client: connect upstream, relay, record why it closed.
+//! - [`relay`]: the bounded duplex copy, where pauses and drains happen.
+//! - [`socket`]: socket2 tuning (buffer sizes, nodelay, keepalive, resets).
+//! - [`metrics`]: every metric name and help text, and the `/metrics` endpoint.
+//! - [`process_metrics`]: the `process_*` metrics from /proc.
+//! - [`shutdown`]: signals (SIGTERM/SIGINT to stop, SIGHUP to reload).
+//! - [`logging`]: tracing subscriber set-up.
+//!
+//! Tests and embedders bind a listener themselves and hand it to [`Server::run`].
+
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod listener;
+pub mod logging;
+pub mod metrics;
+pub mod process_metrics;
+pub mod relay;
+pub mod shutdown;
+pub mod socket;
+
+pub use config::Config;
+pub use listener::Server;

@@ -1,0 +1,210 @@
+//! One client: connect to the upstream, run the relay, record why it ended.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use socket2::SockRef;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, split_host_port};
+use crate::metrics::{CloseReason, ConnectErrorKind, Metrics};
+use crate::relay::{Ending, Relay, RelayConfig, Side};
+use crate::socket::{Tuning, effective_buffers, reset_on_close};
+
+/// Keeps `sluice_connections_active` true however the connection's task ends.
+pub struct ActiveGuard<'a>(&'a Metrics);
+
+impl<'a> ActiveGuard<'a> {
+    pub fn new(metrics: &'a Metrics) -> ActiveGuard<'a> {
+        metrics.active.increment(1.0);
+        ActiveGuard(metrics)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active.decrement(1.0);
+    }
+}
+
+/// Serves one accepted client until it is done; `force_close` cuts it short at the
+/// shutdown deadline. Returns why it closed (already counted).
+pub async fn serve(
+    client: TcpStream,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    force_close: CancellationToken,
+) -> CloseReason {
+    let started = Instant::now();
+    let _active = ActiveGuard::new(&metrics);
+    let reason = serve_inner(&client, &config, &metrics, &force_close, started).await;
+    metrics.closed(reason).increment(1);
+    metrics.connection_duration.record(started.elapsed().as_secs_f64());
+    reason
+}
+
+async fn serve_inner(
+    client: &TcpStream,
+    config: &Config,
+    metrics: &Metrics,
+    force_close: &CancellationToken,
+    started: Instant,
+) -> CloseReason {
+    let tuning = Tuning::client(&config.socket);
+    if let Err(e) = tuning.apply(&SockRef::from(client)) {
+        tracing::debug!(error = %e, "client socket options failed; closing");
+        return CloseReason::Error;
+    }
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let (rcv, snd) = effective_buffers(SockRef::from(client));
+        tracing::debug!(recv_buffer = rcv, send_buffer = snd, "client socket");
+    }
+
+    let upstream = tokio::select! {
+        r = connect_upstream(config, metrics) => r,
+        _ = force_close.cancelled() => return CloseReason::Shutdown,
+    };
+    let upstream = match upstream {
+        Ok(u) => u,
+        Err((kind, error)) => {
+            metrics.connect_error(kind).increment(1);
+            tracing::debug!(kind = kind.as_label(), error = %error, "upstream connect failed; closing client");
+            // A clean FIN would look like an empty reply; a reset says the proxy failed.
+            reset_on_close(SockRef::from(client));
+            return CloseReason::UpstreamConnectFailed;
+        }
+    };
+
+    let relay_config = RelayConfig {
+        bounds: config.bounds(),
+        resume_at: config.buffer.resume_at,
+        idle: config.timeouts.idle,
+        half_close: config.timeouts.half_close,
+    };
+    let mut relay = Relay::new(client, &upstream, &relay_config, metrics);
+    let ending = relay.run(&relay_config, force_close).await;
+    let totals = relay.totals();
+    drop(relay);
+
+    let reason = match &ending {
+        Ending::Complete => CloseReason::Complete,
+        Ending::Failed { side: Side::Client, reset: true, .. } => CloseReason::ClientReset,
+        Ending::Failed { side: Side::Upstream, reset: true, .. } => CloseReason::UpstreamReset,
+        Ending::Failed { .. } => CloseReason::Error,
+        Ending::IdleTimeout => CloseReason::IdleTimeout,
+        Ending::HalfCloseTimeout => CloseReason::HalfCloseTimeout,
+        Ending::Shutdown => CloseReason::Shutdown,
+    };
+    // Whoever did not get a clean end of its stream is told with a reset: after a
+    // failure on the other side, or when a forced close discards queued bytes.
+    let discarded = totals.queued.iter().any(|&q| q > 0);
+    match &ending {
+        Ending::Complete => {}
+        Ending::Failed { side: Side::Client, .. } => reset_on_close(SockRef::from(&upstream)),
+        Ending::Failed { side: Side::Upstream, .. } => reset_on_close(SockRef::from(client)),
+        _ if discarded => {
+            reset_on_close(SockRef::from(client));
+            reset_on_close(SockRef::from(&upstream));
+        }
+        _ => {}
+    }
+    let error = match &ending {
+        Ending::Failed { error, .. } => Some(error.to_string()),
+        _ => None,
+    };
+    tracing::debug!(
+        reason = reason.as_label(),
+        bytes_client_to_upstream = totals.bytes[0],
+        bytes_upstream_to_client = totals.bytes[1],
+        pauses_client_to_upstream = totals.pauses[0],
+        pauses_upstream_to_client = totals.pauses[1],
+        duration_ms = started.elapsed().as_millis() as u64,
+        error,
+        "connection closed"
+    );
+    reason
+}
+
+/// Resolves the upstream name now (so DNS changes are followed) and connects to the
+/// first address that answers, all within `connect_timeout`.
+async fn connect_upstream(
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<TcpStream, (ConnectErrorKind, io::Error)> {
+    let started = Instant::now();
+    let timeout = config.upstream.connect_timeout;
+    let result = tokio::time::timeout(timeout, async {
+        let addrs = resolve(&config.upstream.address).await?;
+        let tuning = Tuning::upstream(&config.socket);
+        let mut last = None;
+        for addr in addrs {
+            match connect_one(addr, &tuning).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some((classify(&e), e)),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            let e = io::Error::new(io::ErrorKind::NotFound, "name resolved to no address");
+            (ConnectErrorKind::Resolve, e)
+        }))
+    })
+    .await;
+    let result = result.unwrap_or_else(|_| {
+        let e = io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {}", humantime::format_duration(timeout)),
+        );
+        Err((ConnectErrorKind::Timeout, e))
+    });
+    if result.is_ok() {
+        metrics.connect_duration.record(started.elapsed().as_secs_f64());
+    }
+    result
+}
+
+async fn resolve(address: &str) -> Result<Vec<SocketAddr>, (ConnectErrorKind, io::Error)> {
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    let (host, port) = split_host_port(address).ok_or_else(|| {
+        let e = io::Error::new(io::ErrorKind::InvalidInput, "not a host:port address");
+        (ConnectErrorKind::Resolve, e)
+    })?;
+    match tokio::net::lookup_host((host, port)).await {
+        Ok(addrs) => Ok(addrs.collect()),
+        Err(e) => Err((ConnectErrorKind::Resolve, e)),
+    }
+}
+
+/// Connects to one address with the upstream options set before connect(), as
+/// SO_RCVBUF must be to take effect on the window.
+async fn connect_one(addr: SocketAddr, tuning: &Tuning) -> io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    tuning.apply(&SockRef::from(&socket))?;
+    let stream = socket.connect(addr).await?;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let (rcv, snd) = effective_buffers(SockRef::from(&stream));
+        tracing::debug!(upstream = %addr, recv_buffer = rcv, send_buffer = snd, "upstream connected");
+    }
+    Ok(stream)
+}
+
+/// The `kind` label for a failed connect.
+fn classify(e: &io::Error) -> ConnectErrorKind {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => ConnectErrorKind::Refused,
+        io::ErrorKind::TimedOut => ConnectErrorKind::Timeout,
+        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+            ConnectErrorKind::Unreachable
+        }
+        _ => match e.raw_os_error() {
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EADDRNOTAVAIL) => {
+                ConnectErrorKind::Unreachable
+            }
+            _ => ConnectErrorKind::Other,
+        },
+    }
+}

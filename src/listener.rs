@@ -1,0 +1,287 @@
+//! The accept loop: connection limits, access rules, accept-error backoff, reloads and
+//! graceful shutdown.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use ipnet::IpNet;
+use socket2::SockRef;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::connection;
+use crate::metrics::{CloseReason, Metrics};
+use crate::socket::{Tuning, reset_on_close};
+
+/// Longest wait between accept retries after an error such as EMFILE: short enough that
+/// a freed descriptor is used soon, long enough that a full fd table does not spin a core.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one accept-error log line per this interval; the rest are counted into it.
+const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// A proxy instance: its configuration (replaceable while running) and its metrics.
+pub struct Server {
+    config: watch::Sender<Arc<Config>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0} cannot change on reload; restart sluice to change it")]
+    Fixed(&'static str),
+}
+
+impl Server {
+    /// A server for a validated configuration.
+    pub fn new(config: Config) -> Server {
+        let metrics = Metrics::new(config.bounds());
+        Server { config: watch::Sender::new(Arc::new(config)), metrics }
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// The configuration new connections get now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    /// Puts a validated configuration in force for new connections; live ones keep the
+    /// one they started with. Addresses that are bound cannot change this way.
+    pub fn reload(&self, new: Config) -> Result<(), ReloadError> {
+        let old = self.config();
+        if new.listen.address != old.listen.address {
+            return Err(ReloadError::Fixed("listen.address"));
+        }
+        if new.metrics.address != old.metrics.address {
+            return Err(ReloadError::Fixed("metrics.address"));
+        }
+        self.metrics.set_limits(new.bounds());
+        self.config.send_replace(Arc::new(new));
+        Ok(())
+    }
+
+    /// Accepts and relays clients until `shutdown` fires, then lets live connections
+    /// finish for up to `timeouts.shutdown_grace` and closes the rest.
+    pub async fn run(&self, listener: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
+        let config = self.config();
+        let local = listener.local_addr()?;
+        // Set on the listener so accepted sockets inherit it before their handshake.
+        Tuning::client(&config.socket).apply_buffers(&SockRef::from(&listener))?;
+        tracing::info!(address = %local, upstream = %config.upstream.address, "sluice listening");
+
+        let tracker = TaskTracker::new();
+        let force_close = CancellationToken::new();
+        let per_client = Arc::new(PerClient::default());
+        let mut limit = Limit::new(config.listen.max_connections);
+        let mut errors = AcceptErrors::default();
+
+        loop {
+            let config = self.config();
+            limit.resize(config.listen.max_connections);
+            let permit = match limit.permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    self.metrics.listener_paused.increment(1);
+                    tracing::debug!(max = config.listen.max_connections, "connection limit reached; accepting paused");
+                    tokio::select! {
+                        p = limit.permits.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => break,
+                        },
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            };
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = shutdown.cancelled() => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => {
+                    errors.backoff = Duration::ZERO;
+                    a
+                }
+                Err(e) => {
+                    errors.record(&e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(errors.backoff) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            };
+            let config = self.config();
+            let Some(client_slot) = self.admit(&config, &per_client, &stream, peer) else {
+                continue;
+            };
+            self.metrics.accepted.increment(1);
+            let metrics = self.metrics.clone();
+            let force = force_close.clone();
+            let span = tracing::info_span!("conn", client = %peer, upstream = %config.upstream.address);
+            tracker.spawn(
+                async move {
+                    let _permit = permit;
+                    let _slot = client_slot;
+                    let served = AssertUnwindSafe(connection::serve(stream, config, metrics.clone(), force));
+                    if let Err(panic) = served.catch_unwind().await {
+                        // The guards inside have already returned their gauges while unwinding.
+                        metrics.panics.increment(1);
+                        metrics.closed(CloseReason::Error).increment(1);
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(panic = %what, "connection task panicked; connection closed");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+
+        // New clients are refused from here on: the listening socket is closed.
+        drop(listener);
+        tracker.close();
+        let grace = self.config().timeouts.shutdown_grace;
+        tracing::info!(live = tracker.len(), grace = %humantime::format_duration(grace), "shutdown begun");
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::info!(live = tracker.len(), "shutdown grace over; closing live connections");
+            force_close.cancel();
+            tracker.wait().await;
+        }
+        tracing::info!("shutdown finished");
+        Ok(())
+    }
+
+    /// Applies `listen.allow` and `listen.max_connections_per_client`. A refused client
+    /// is reset at once and counted; an admitted one gets a slot it holds until it closes.
+    fn admit(
+        &self,
+        config: &Config,
+        per_client: &Arc<PerClient>,
+        stream: &TcpStream,
+        peer: SocketAddr,
+    ) -> Option<ClientSlot> {
+        let ip = canonical(peer.ip());
+        let allowed: Vec<IpNet> = config.allow_list().unwrap_or_default();
+        if !allowed.is_empty() && !allowed.iter().any(|net| net.contains(&ip)) {
+            self.metrics.rejected_not_allowed.increment(1);
+            tracing::debug!(client = %peer, "client not in listen.allow; rejected");
+            reset_on_close(SockRef::from(stream));
+            return None;
+        }
+        let slot = per_client.take(ip, config.listen.max_connections_per_client);
+        if slot.is_none() {
+            self.metrics.rejected_per_client.increment(1);
+            tracing::debug!(client = %peer, "listen.max_connections_per_client reached; rejected");
+            reset_on_close(SockRef::from(stream));
+        }
+        slot
+    }
+}
+
+/// An IPv4 client on a dual-stack socket arrives as `::ffff:a.b.c.d`; rules are written
+/// for `a.b.c.d`.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// `listen.max_connections` as semaphore permits, resizable on reload.
+struct Limit {
+    permits: Arc<Semaphore>,
+    size: usize,
+}
+
+impl Limit {
+    fn new(size: usize) -> Limit {
+        Limit { permits: Arc::new(Semaphore::new(size)), size }
+    }
+
+    /// Grows at once; shrinks by taking back free permits as connections end.
+    fn resize(&mut self, size: usize) {
+        if size > self.size {
+            self.permits.add_permits(size - self.size);
+            self.size = size;
+        } else if size < self.size {
+            let taken = self.permits.forget_permits(self.size - size);
+            self.size -= taken;
+        }
+    }
+}
+
+/// Live connections per source address, for `listen.max_connections_per_client`.
+#[derive(Default)]
+struct PerClient {
+    live: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A client's place in [`PerClient`]; given back on drop.
+struct ClientSlot {
+    owner: Arc<PerClient>,
+    ip: IpAddr,
+}
+
+impl PerClient {
+    /// A slot for `ip` unless it already has `max` (0: no limit).
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let n = live.entry(ip).or_insert(0);
+        if max > 0 && *n >= max {
+            if *n == 0 {
+                live.remove(&ip);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { owner: self.clone(), ip })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut live = self.owner.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = live.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                live.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Accept errors: a growing pause between retries and a rate-limited warning.
+#[derive(Default)]
+struct AcceptErrors {
+    backoff: Duration,
+    last_log: Option<Instant>,
+    suppressed: u64,
+}
+
+impl AcceptErrors {
+    fn record(&mut self, e: &io::Error) {
+        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(1), MAX_ACCEPT_BACKOFF);
+        let now = Instant::now();
+        if self.last_log.is_none_or(|t| now.duration_since(t) >= ACCEPT_ERROR_LOG_EVERY) {
+            tracing::warn!(error = %e, suppressed = self.suppressed, retry_in_ms = self.backoff.as_millis() as u64, "accept failed; retrying");
+            self.last_log = Some(now);
+            self.suppressed = 0;
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The `sluice` daemon: parse the command line, load the configuration, set up logging
+//! and metrics, bind, and hand over to [`sluice::Server`].
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use sluice::cli::Cli;
+use sluice::{Server, metrics, shutdown};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for bad configuration or command line, as clap uses for usage errors.
+const EXIT_BAD_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.load_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sluice: error: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    if cli.check_config {
+        print!("{}", config.to_toml());
+        eprintln!("sluice: configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    sluice::logging::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluice: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(cli, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("sluice: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cli: Cli, config: sluice::Config) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(&config.listen.address)
+        .await
+        .with_context(|| format!("cannot listen on {} (listen.address)", config.listen.address))?;
+    let metrics_listener = TcpListener::bind(&config.metrics.address)
+        .await
+        .with_context(|| format!("cannot serve metrics on {} (metrics.address)", config.metrics.address))?;
+
+    let server = Arc::new(Server::new(config));
+    let stop = CancellationToken::new();
+    let mut reloads = shutdown::watch(stop.clone()).context("cannot install signal handlers")?;
+
+    tracing::info!(address = %metrics_listener.local_addr()?, "metrics endpoint listening");
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, server.metrics(), stop.clone()));
+
+    let reloader = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            while reloads.recv().await.is_some() {
+                reload(&cli, &server);
+            }
+        })
+    };
+
+    server.run(listener, stop.clone()).await.context("accept loop failed")?;
+    stop.cancel();
+    reloader.abort();
+    let _ = metrics_task.await;
+    Ok(())
+}
+
+/// Re-reads the configuration on SIGHUP; a bad file leaves the running one in force.
+fn reload(cli: &Cli, server: &Server) {
+    let metrics = server.metrics();
+    let result = cli
+        .load_config()
+        .map_err(|e| e.to_string())
+        .and_then(|c| server.reload(c).map_err(|e| e.to_string()));
+    match result {
+        Ok(()) => {
+            metrics.reloads_success.increment(1);
+            tracing::info!("configuration reloaded; new connections use it");
+        }
+        Err(e) => {
+            metrics.reloads_failure.increment(1);
+            tracing::warn!(error = %e, "configuration reload rejected; the running configuration stays");
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! Every metric sluice exports, its help text, and the `/metrics` endpoint.
+//!
+//! Each proxy instance owns its own Prometheus recorder (no global state), so tests can
+//! run several proxies in one process and read each one's numbers. Handles are created
+//! once here; the relay only touches atomics through them, never a name lookup.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// The two directions of a connection, in label order.
+pub const DIRECTIONS: [&str; 2] = ["client_to_upstream", "upstream_to_client"];
+
+/// Why a client connection ended: the `reason` label of `sluice_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both directions finished with EOF and everything queued was delivered.
+    Complete,
+    /// The client reset the connection (or vanished mid-write).
+    ClientReset,
+    /// The upstream reset the connection.
+    UpstreamReset,
+    /// The upstream could not be reached; the client was closed at once.
+    UpstreamConnectFailed,
+    /// No byte in either direction for `timeouts.idle`.
+    IdleTimeout,
+    /// One direction finished and the other outlived `timeouts.half_close`.
+    HalfCloseTimeout,
+    /// Closed by sluice's own shutdown after `timeouts.shutdown_grace`.
+    Shutdown,
+    /// Anything else: an unexpected I/O error or a panic in the connection's task.
+    Error,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 8] = [
+        CloseReason::Complete,
+        CloseReason::ClientReset,
+        CloseReason::UpstreamReset,
+        CloseReason::UpstreamConnectFailed,
+        CloseReason::IdleTimeout,
+        CloseReason::HalfCloseTimeout,
+        CloseReason::Shutdown,
+        CloseReason::Error,
+    ];
+
+    pub fn as_label(self) -> &'static str {
+        match self {
+            CloseReason::Complete => "complete",
+            CloseReason::ClientReset => "client_reset",
+            CloseReason::UpstreamReset => "upstream_reset",
+            CloseReason::UpstreamConnectFailed => "upstream_connect_failed",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::HalfCloseTimeout => "half_close_timeout",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Error => "error",
+        }
+    }
+}
+
+/// Why an upstream connect failed: the `kind` label of `sluice_upstream_connect_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectErrorKind {
+    Refused,
+    Timeout,
+    Unreachable,
+    Resolve,
+    Other,
+}
+
+impl ConnectErrorKind {
+    pub const ALL: [ConnectErrorKind; 5] = [
+        ConnectErrorKind::Refused,
+        ConnectErrorKind::Timeout,
+        ConnectErrorKind::Unreachable,
+        ConnectErrorKind::Resolve,
+        ConnectErrorKind::Other,
+    ];
+
+    pub fn as_label(self) -> &'static str {
+        match self {
+            ConnectErrorKind::Refused => "refused",
+            ConnectErrorKind::Timeout => "timeout",
+            ConnectErrorKind::Unreachable => "unreachable",
+            ConnectErrorKind::Resolve => "resolve",
+            ConnectErrorKind::Other => "other",
+        }
+    }
+}
+
+/// The handles one direction of every connection updates.
+pub struct DirectionMetrics {
+    /// `sluice_bytes_total{direction}`: bytes written to the destination.
+    pub bytes: Counter,
+    /// `sluice_queued_bytes{direction}`: bytes held in sluice's buffers now.
+    pub queued: Gauge,
+    /// `sluice_pauses_total{direction}`.
+    pub pauses: Counter,
+    /// `sluice_drains_total{direction}`.
+    pub drains: Counter,
+    /// `sluice_buffer_limit_bytes{direction}`: the configured per-connection bound.
+    pub limit: Gauge,
+    /// Paused count and paused time; rendered at each scrape so a pause that never ends
+    /// still shows its time growing.
+    pub paused: PauseClock,
+}
+
+/// All of one proxy's metrics.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    /// Counts time from one origin so pause start times can be summed as plain numbers.
+    epoch: Instant,
+    pub accepted: Counter,
+    pub active: Gauge,
+    closed: Vec<Counter>,
+    pub listener_paused: Counter,
+    connect_errors: Vec<Counter>,
+    pub connect_duration: Histogram,
+    pub connection_duration: Histogram,
+    pub rejected_per_client: Counter,
+    pub rejected_not_allowed: Counter,
+    pub reloads_success: Counter,
+    pub reloads_failure: Counter,
+    pub panics: Counter,
+    pub directions: [DirectionMetrics; 2],
+}
+
+/// Buckets for the upstream handshake: loopback is tens of microseconds, a far upstream
+/// hundreds of milliseconds, a failing one runs into `connect_timeout`.
+const CONNECT_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Buckets for connection lifetimes, from a single request to a long-lived stream.
+const DURATION_BUCKETS: &[f64] =
+    &[0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0];
+
+impl Metrics {
+    /// A fresh recorder with every series registered at zero.
+    pub fn new(bounds: [usize; 2]) -> Arc<Metrics> {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("sluice_upstream_connect_duration_seconds".into()),
+                CONNECT_BUCKETS,
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("sluice_connection_duration_seconds".into()),
+                    DURATION_BUCKETS,
+                )
+            })
+            .expect("bucket lists are constant and non-empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let r: &dyn Recorder = &recorder;
+
+        describe(r, "sluice_connections_accepted_total", Kind::Counter, Unit::Count, "Client connections accepted.");
+        describe(r, "sluice_connections_active", Kind::Gauge, Unit::Count, "Client connections open now.");
+        describe(r, "sluice_connections_closed_total", Kind::Counter, Unit::Count, "Client connections closed, by reason.");
+        describe(r, "sluice_listener_paused_total", Kind::Counter, Unit::Count, "Times accepting stopped because listen.max_connections was reached.");
+        describe(r, "sluice_upstream_connect_errors_total", Kind::Counter, Unit::Count, "Failed upstream connects, by kind.");
+        describe(r, "sluice_upstream_connect_duration_seconds", Kind::Histogram, Unit::Seconds, "Time to connect to the upstream.");
+        describe(r, "sluice_connection_duration_seconds", Kind::Histogram, Unit::Seconds, "Client connection lifetime.");
+        describe(r, "sluice_bytes_total", Kind::Counter, Unit::Bytes, "Bytes relayed, by direction.");
+        describe(r, "sluice_queued_bytes", Kind::Gauge, Unit::Bytes, "Bytes held in sluice's buffers now, all connections, by direction.");
+        describe(r, "sluice_buffer_limit_bytes", Kind::Gauge, Unit::Bytes, "The configured per-connection buffer bound, by direction.");
+        describe(r, "sluice_pauses_total", Kind::Counter, Unit::Count, "Times a buffer filled and reading from its source stopped.");
+        describe(r, "sluice_drains_total", Kind::Counter, Unit::Count, "Times a paused buffer drained to the resume mark and reading resumed.");
+        describe(r, "sluice_connections_rejected_total", Kind::Counter, Unit::Count, "Clients closed at once by an access rule, by reason.");
+        describe(r, "sluice_config_reloads_total", Kind::Counter, Unit::Count, "Configuration reloads (SIGHUP), by result.");
+        describe(r, "sluice_connection_panics_total", Kind::Counter, Unit::Count, "Connection tasks that panicked (a bug; the process carries on).");
+        describe(r, "sluice_build_info", Kind::Gauge, Unit::Count, "Always 1; the version label says which sluice this is.");
+
+        let counter = |name: &'static str, labels: Vec<Label>| {
+            r.register_counter(&Key::from_parts(name, labels), &META)
+        };
+        let gauge = |name: &'static str, labels: Vec<Label>| {
+            r.register_gauge(&Key::from_parts(name, labels), &META)
+        };
+        let histogram = |name: &'static str| r.register_histogram(&Key::from_name(name), &META);
+        let label = |k: &'static str, v: &'static str| vec![Label::new(k, v)];
+
+        let direction = |i: usize| DirectionMetrics {
+            bytes: counter("sluice_bytes_total", label("direction", DIRECTIONS[i])),
+            queued: gauge("sluice_queued_bytes", label("direction", DIRECTIONS[i])),
+            pauses: counter("sluice_pauses_total", label("direction", DIRECTIONS[i])),
+            drains: counter("sluice_drains_total", label("direction", DIRECTIONS[i])),
+            limit: gauge("sluice_buffer_limit_bytes", label("direction", DIRECTIONS[i])),
+            paused: PauseClock::default(),
+        };
+        let m = Metrics {
+            epoch: Instant::now(),
+            accepted: counter("sluice_connections_accepted_total", vec![]),
+            active: gauge("sluice_connections_active", vec![]),
+            closed: CloseReason::ALL
+                .iter()
+                .map(|r| counter("sluice_connections_closed_total", label("reason", r.as_label())))
+                .collect(),
+            listener_paused: counter("sluice_listener_paused_total", vec![]),
+            connect_errors: ConnectErrorKind::ALL
+                .iter()
+                .map(|k| counter("sluice_upstream_connect_errors_total", label("kind", k.as_label())))
+                .collect(),
+            connect_duration: histogram("sluice_upstream_connect_duration_seconds"),
+            connection_duration: histogram("sluice_connection_duration_seconds"),
+            rejected_per_client: counter("sluice_connections_rejected_total", label("reason", "max_per_client")),
+            rejected_not_allowed: counter("sluice_connections_rejected_total", label("reason", "not_allowed")),
+            reloads_success: counter("sluice_config_reloads_total", label("result", "success")),
+            reloads_failure: counter("sluice_config_reloads_total", label("result", "failure")),
+            panics: counter("sluice_connection_panics_total", vec![]),
+            directions: [direction(0), direction(1)],
+            handle,
+        };
+        gauge("sluice_build_info", label("version", env!("CARGO_PKG_VERSION"))).set(1.0);
+        m.set_limits(bounds);
+        // Keep the recorder alive: the handles and the render handle share its storage,
+        // so dropping our reference here is enough; nothing else needs it.
+        drop(recorder);
+        Arc::new(m)
+    }
+
+    /// Publishes the configured bounds (again after a reload).
+    pub fn set_limits(&self, bounds: [usize; 2]) {
+        for (d, b) in self.directions.iter().zip(bounds) {
+            d.limit.set(b as f64);
+        }
+    }
+
+    pub fn closed(&self, reason: CloseReason) -> &Counter {
+        &self.closed[reason as usize]
+    }
+
+    pub fn connect_error(&self, kind: ConnectErrorKind) -> &Counter {
+        &self.connect_errors[kind as usize]
+    }
+
+    /// Seconds since this recorder started: the clock pause times are kept in.
+    pub fn now(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64()
+    }
+
+    /// The whole exposition: the recorder's series plus those computed at scrape time.
+    pub fn render(&self) -> String {
+        let mut out = self.handle.render();
+        let now = self.now();
+        let snaps: Vec<_> = self.directions.iter().map(|d| d.paused.snapshot(now)).collect();
+        out.push_str(
+            "# HELP sluice_paused_connections Connection directions paused now, by direction.\n\
+             # TYPE sluice_paused_connections gauge\n",
+        );
+        for (dir, s) in DIRECTIONS.iter().zip(&snaps) {
+            out.push_str(&format!("sluice_paused_connections{{direction=\"{dir}\"}} {}\n", s.0));
+        }
+        out.push_str(
+            "# HELP sluice_paused_seconds_total Time spent paused, all connections, by direction.\n\
+             # TYPE sluice_paused_seconds_total counter\n",
+        );
+        for (dir, s) in DIRECTIONS.iter().zip(&snaps) {
+            out.push_str(&format!("sluice_paused_seconds_total{{direction=\"{dir}\"}} {}\n", s.1));
+        }
+        crate::process_metrics::render(&mut out);
+        out
+    }
+
+    /// Folds histogram samples into their buckets; run it now and then so memory stays
+    /// flat when nobody scrapes.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+static META: Metadata<'static> = Metadata::new("sluice", metrics::Level::INFO, Some("sluice::metrics"));
+
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+fn describe(r: &dyn Recorder, name: &'static str, kind: Kind, unit: Unit, help: &'static str) {
+    let (name, help) = (metrics::KeyName::from_const_str(name), SharedString::const_str(help));
+    // Units stay out of the names (they already end in _bytes/_seconds).
+    let _ = unit;
+    match kind {
+        Kind::Counter => r.describe_counter(name, None, help),
+        Kind::Gauge => r.describe_gauge(name, None, help),
+        Kind::Histogram => r.describe_histogram(name, None, help),
+    }
+}
+
+/// How many directions are paused and for how long, without a timer per pause.
+///
+/// Each pause adds its start time to `sum_starts`; at any instant the time spent in
+/// pauses still running is `count × now − sum_starts`, so a scrape sees paused time grow
+/// even for a reader that never reads. A mutex, not atomics, so the three numbers move
+/// together; it is taken once per pause and once per drain, never per chunk.
+#[derive(Default)]
+pub struct PauseClock {
+    inner: Mutex<PauseClockInner>,
+}
+
+#[derive(Default)]
+struct PauseClockInner {
+    count: u64,
+    sum_starts: f64,
+    finished: f64,
+    /// Last value shown, so float rounding can never make the counter go backwards.
+    last_total: f64,
+}
+
+impl PauseClock {
+    /// A pause begins at `now` (seconds on the metrics clock).
+    pub fn start(&self, now: f64) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.count += 1;
+        g.sum_starts += now;
+    }
+
+    /// The pause that began at `started` ends at `now`.
+    pub fn stop(&self, started: f64, now: f64) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        debug_assert!(g.count > 0, "a pause stopped that never started");
+        g.count = g.count.saturating_sub(1);
+        g.sum_starts -= started;
+        g.finished += (now - started).max(0.0);
+        if g.count == 0 {
+            // No pause is running: clear the float residue of the running sum.
+            g.sum_starts = 0.0;
+        }
+    }
+
+    /// (paused now, total paused seconds) at `now`.
+    fn snapshot(&self, now: f64) -> (u64, f64) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let running = (g.count as f64 * now - g.sum_starts).max(0.0);
+        let total = (g.finished + running).max(g.last_total);
+        g.last_total = total;
+        (g.count, total)
+    }
+
+    /// Directions paused now.
+    pub fn paused_now(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).count
+    }
+}
+
+/// Serves `GET /metrics` until `shutdown` fires. A plain HTTP/1.1 responder: the only
+/// client is a scraper, and each scrape renders fresh numbers.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let upkeep = {
+        let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => metrics.upkeep(),
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        })
+    };
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.cancelled() => break,
+        };
+        match stream {
+            Ok((stream, _)) => {
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &metrics)).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    upkeep.abort();
+}
+
+/// Reads one request head and answers it.
+async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() > 16 * 1024 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    let (status, ctype, body) = match (method, path) {
+        (b"GET" | b"HEAD", b"/metrics") => {
+            ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.render())
+        }
+        (b"GET" | b"HEAD", _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if method != b"HEAD" {
+        response.extend_from_slice(body.as_bytes());
+    }
+    stream.write_all(&response).await?;
+    stream.shutdown().await
+}

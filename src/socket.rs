@@ -1,0 +1,76 @@
+//! Socket tuning through socket2: buffer sizes, TCP_NODELAY, keepalive, and resets.
+
+use std::io;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+
+use crate::config::SocketOptions;
+
+/// The options for one side of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// SO_RCVBUF; 0 keeps the kernel's autotuning.
+    pub recv_buffer: usize,
+    /// SO_SNDBUF; 0 keeps the kernel's autotuning.
+    pub send_buffer: usize,
+    pub nodelay: bool,
+    /// Keepalive idle time; zero turns keepalive off.
+    pub keepalive: Duration,
+}
+
+impl Tuning {
+    pub fn client(o: &SocketOptions) -> Tuning {
+        Tuning {
+            recv_buffer: o.client_recv_buffer.as_u64() as usize,
+            send_buffer: o.client_send_buffer.as_u64() as usize,
+            nodelay: o.nodelay,
+            keepalive: o.keepalive,
+        }
+    }
+
+    pub fn upstream(o: &SocketOptions) -> Tuning {
+        Tuning {
+            recv_buffer: o.upstream_recv_buffer.as_u64() as usize,
+            send_buffer: o.upstream_send_buffer.as_u64() as usize,
+            nodelay: o.nodelay,
+            keepalive: o.keepalive,
+        }
+    }
+
+    /// Sets the buffer sizes only: what a listening socket passes on to accepted ones
+    /// (the receive buffer must be set before the handshake to size the window scale).
+    pub fn apply_buffers(&self, sock: &SockRef<'_>) -> io::Result<()> {
+        if self.recv_buffer > 0 {
+            sock.set_recv_buffer_size(self.recv_buffer)?;
+        }
+        if self.send_buffer > 0 {
+            sock.set_send_buffer_size(self.send_buffer)?;
+        }
+        Ok(())
+    }
+
+    /// Sets every option on a connected (or about-to-connect) socket.
+    pub fn apply(&self, sock: &SockRef<'_>) -> io::Result<()> {
+        self.apply_buffers(sock)?;
+        sock.set_tcp_nodelay(self.nodelay)?;
+        if self.keepalive.is_zero() {
+            sock.set_keepalive(false)?;
+        } else {
+            let ka = TcpKeepalive::new().with_time(self.keepalive).with_interval(self.keepalive);
+            sock.set_tcp_keepalive(&ka)?;
+        }
+        Ok(())
+    }
+}
+
+/// The sizes the kernel actually chose (it doubles what it is given), for the debug log.
+pub fn effective_buffers(sock: SockRef<'_>) -> (usize, usize) {
+    (sock.recv_buffer_size().unwrap_or(0), sock.send_buffer_size().unwrap_or(0))
+}
+
+/// Makes the next close send RST instead of FIN, so the peer sees a failure rather than
+/// a clean end of stream it could mistake for a complete reply.
+pub fn reset_on_close(sock: SockRef<'_>) {
+    let _ = sock.set_linger(Some(Duration::ZERO));
+}

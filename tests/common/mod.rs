@@ -1,0 +1,239 @@
+//! Shared test helpers: an in-process proxy on 127.0.0.1:0, stand-in upstreams, and
+//! slow readers and writers.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sluice::{Config, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// A proxy running in this process.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub server: Arc<Server>,
+    pub stop: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+/// A configuration for tests: listen on any free port, relay to `upstream`.
+pub fn config(upstream: &str) -> Config {
+    let text = format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{upstream}\"\n[metrics]\naddress = \"127.0.0.1:0\"\n"
+    );
+    let c = Config::parse(&text, "test").expect("test config parses");
+    c.validate("test", None).expect("test config is valid");
+    c
+}
+
+impl Proxy {
+    /// Starts a proxy in front of `upstream` with `tweak` applied to the config.
+    pub async fn start(upstream: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Proxy {
+        let mut c = config(&upstream.to_string());
+        tweak(&mut c);
+        c.validate("test", None).expect("tweaked config is valid");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = Arc::new(Server::new(c));
+        let stop = CancellationToken::new();
+        let task = {
+            let (server, stop) = (server.clone(), stop.clone());
+            tokio::spawn(async move { server.run(listener, stop).await.unwrap() })
+        };
+        Proxy { addr, server, stop, task }
+    }
+
+    pub fn metrics(&self) -> String {
+        self.server.metrics().render()
+    }
+
+    /// The value of one series, e.g. `sluice_bytes_total{direction="client_to_upstream"}`.
+    pub fn value(&self, series: &str) -> f64 {
+        value(&self.metrics(), series)
+    }
+
+    pub fn queued(&self, direction: &str) -> f64 {
+        self.value(&format!("sluice_queued_bytes{{direction=\"{direction}\"}}"))
+    }
+
+    pub fn closed(&self, reason: &str) -> f64 {
+        self.value(&format!("sluice_connections_closed_total{{reason=\"{reason}\"}}"))
+    }
+
+    /// Waits until no connection is live and every gauge of live things is back to 0.
+    pub async fn settled(&self) {
+        eventually("gauges return to zero", Duration::from_secs(10), || {
+            let m = self.metrics();
+            ["sluice_connections_active", "sluice_queued_bytes{direction=\"client_to_upstream\"}",
+             "sluice_queued_bytes{direction=\"upstream_to_client\"}",
+             "sluice_paused_connections{direction=\"client_to_upstream\"}",
+             "sluice_paused_connections{direction=\"upstream_to_client\"}"]
+                .iter()
+                .all(|s| value(&m, s) == 0.0)
+        })
+        .await;
+    }
+
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task).await.expect("proxy stops").unwrap();
+    }
+}
+
+/// Parses one series' value out of a Prometheus exposition.
+pub fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("series {series} not in the scrape:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Polls `cond` every 10 ms until it holds; panics with `what` after `limit`.
+pub async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A listener on a free loopback port serving each connection with `f`.
+pub async fn upstream<F, Fut>(f: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    upstream_with_rcvbuf(0, f).await
+}
+
+/// Like [`upstream`], with SO_RCVBUF set on the listener before listen() so accepted
+/// sockets advertise a small window from their first segment (0: kernel default).
+pub async fn upstream_with_rcvbuf<F, Fut>(rcvbuf: u32, f: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let sock = TcpSocket::new_v4().unwrap();
+    if rcvbuf > 0 {
+        sock.set_recv_buffer_size(rcvbuf).unwrap();
+    }
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = sock.listen(1024).unwrap();
+    let addr = l.local_addr().unwrap();
+    let f = Arc::new(f);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let f = f.clone();
+            tokio::spawn(async move { f(s).await });
+        }
+    });
+    addr
+}
+
+/// An upstream that echoes every byte and passes EOF on.
+pub async fn echo_upstream() -> SocketAddr {
+    upstream(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
+/// Deterministic pseudo-random bytes for stream `seed`.
+pub fn data(seed: u64, len: usize) -> Vec<u8> {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v[..]);
+    v
+}
+
+pub fn sha(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Writes `bytes` in random chunk sizes (1 byte to 64 KiB), then shuts the write half.
+pub async fn write_chunked<W: AsyncWriteExt + Unpin>(w: &mut W, bytes: &[u8], seed: u64) -> std::io::Result<()> {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+    let mut at = 0;
+    while at < bytes.len() {
+        let n = rng.random_range(1..=65536).min(bytes.len() - at);
+        w.write_all(&bytes[at..at + n]).await?;
+        at += n;
+    }
+    w.shutdown().await
+}
+
+/// Reads to EOF, returning the hash and the length.
+pub async fn read_hash<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<([u8; 32], usize)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok((h.finalize().into(), total));
+        }
+        h.update(&buf[..n]);
+        total += n;
+    }
+}
+
+/// Connects with a small SO_RCVBUF (set before connect, so the window is small too).
+pub async fn connect_small_rcvbuf(addr: SocketAddr, rcvbuf: u32) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    s.set_recv_buffer_size(rcvbuf).unwrap();
+    s.connect(addr).await.unwrap()
+}
+
+/// Reads to EOF at about `rate` bytes per second, in reads of at most 1 KiB.
+pub async fn read_slowly<R: AsyncReadExt + Unpin>(r: &mut R, rate: u64) -> std::io::Result<Vec<u8>> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let due = start + Duration::from_secs_f64(out.len() as f64 / rate as f64);
+        tokio::time::sleep_until(due).await;
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A free loopback port with nothing listening on it.
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A loopback address whose handshakes never complete: a listener that never accepts,
+/// with its backlog filled. Keep the returned value alive while using the address.
+pub async fn blackhole() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    // Fill the accept queue until a handshake stops completing.
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => return (addr, fillers, sock),
+        }
+    }
+    panic!("could not fill the backlog of {addr}");
+}
