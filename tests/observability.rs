@@ -137,6 +137,64 @@ fn backpressure_metrics_track_slow_readers_and_return_to_zero() {
     );
 }
 
+/// A client that never reads: its direction stays paused, shows up in
+/// `sluice_paused_connections`, and its paused time keeps growing at each scrape although no
+/// pause ends. When the client then resets, every gauge returns to zero.
+#[test]
+fn a_reader_that_never_reads_stays_paused_with_growing_time() {
+    let upstream = Upstream::start();
+    let sluice = Sluice::start(upstream.addr);
+    let mut client = small_buffered_connect(sluice.listen);
+    client.write_all(LOAD).unwrap();
+    let dir = [("direction", "upstream_to_client")];
+
+    let paused = sluice.poll("the never-read direction paused", |s| {
+        s.get("sluice_paused_connections", &dir) == 1.0
+    });
+    let later = sluice.poll("its paused time growing", |s| {
+        s.get("sluice_paused_seconds_total", &dir)
+            > paused.get("sluice_paused_seconds_total", &dir) + 0.2
+    });
+    for s in [&paused, &later] {
+        assert_eq!(s.get("sluice_paused_connections", &dir), 1.0);
+        assert_eq!(
+            s.get("sluice_queued_bytes", &dir),
+            BOUND as f64,
+            "a full buffer"
+        );
+    }
+    for m in ["sluice_pauses_total", "sluice_drains_total"] {
+        assert_eq!(
+            later.get(m, &dir),
+            paused.get(m, &dir),
+            "{m}: nothing drained"
+        );
+    }
+
+    // Closing with unread data resets the connection.
+    drop(client);
+    let after = sluice.poll("the reset connection gone", |s| {
+        s.get("sluice_connections_active", &[]) == 0.0
+    });
+    for d in DIRECTIONS {
+        let dir = [("direction", d)];
+        assert_eq!(after.get("sluice_queued_bytes", &dir), 0.0, "{d}");
+        assert_eq!(after.get("sluice_paused_connections", &dir), 0.0, "{d}");
+    }
+    assert_eq!(
+        after.get(
+            "sluice_connections_closed_total",
+            &[("reason", "client_reset")]
+        ),
+        1.0
+    );
+    assert!(
+        after.get("sluice_paused_seconds_total", &dir)
+            >= later.get("sluice_paused_seconds_total", &dir),
+        "paused time went backwards"
+    );
+}
+
 /// `promtool check metrics` finds nothing to complain about in a scrape taken after some
 /// traffic (so the histograms have observations).
 #[test]
@@ -698,8 +756,8 @@ impl Upstream {
 /// One end of a connection: a thread writing a counted pattern as fast as it can and a thread
 /// reading it back slowly (checking the pattern) until told to stop.
 struct Peer {
-    writer: JoinHandle<u64>,
-    reader: JoinHandle<u64>,
+    writer: JoinHandle<Result<u64, String>>,
+    reader: JoinHandle<Result<u64, String>>,
 }
 
 impl Peer {
@@ -716,11 +774,12 @@ impl Peer {
                 match out.write(&chunk[from..from + 2048]) {
                     Ok(n) => sent += n as u64,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => panic!("peer write failed after {sent} bytes: {e}"),
+                    Err(e) => return Err(format!("write failed after {sent} bytes: {e}")),
                 }
             }
-            out.shutdown(Shutdown::Write).expect("half-close");
-            sent
+            out.shutdown(Shutdown::Write)
+                .map_err(|e| format!("half-close: {e}"))?;
+            Ok(sent)
         });
         let mut input = stream;
         let reader = thread::spawn(move || {
@@ -744,22 +803,30 @@ impl Peer {
                     Ok(n) => {
                         for (i, b) in buf[..n].iter().enumerate() {
                             let offset = received + i as u64;
-                            assert_eq!(*b, (offset % 251) as u8, "byte {offset} corrupted");
+                            if *b != (offset % 251) as u8 {
+                                return Err(format!("byte {offset} corrupted"));
+                            }
                         }
                         received += n as u64;
                     }
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => panic!("peer read failed after {received} bytes: {e}"),
+                    Err(e) => return Err(format!("read failed after {received} bytes: {e}")),
                 }
             }
-            received
+            Ok(received)
         });
         Peer { writer, reader }
     }
 
-    /// (bytes this end wrote, bytes it read) once both threads are done.
-    fn join(self) -> (u64, u64) {
-        (self.writer.join().unwrap(), self.reader.join().unwrap())
+    /// (bytes this end wrote, bytes it read) once both threads are done; `end` names this
+    /// end in a failure message.
+    fn join(self, end: &str) -> (u64, u64) {
+        let sent = self.writer.join().unwrap();
+        let received = self.reader.join().unwrap();
+        match (sent, received) {
+            (Ok(sent), Ok(received)) => (sent, received),
+            (sent, received) => panic!("{end}: writer {sent:?}, reader {received:?}"),
+        }
     }
 }
 
@@ -788,7 +855,7 @@ impl Load {
         let (mut client_sent, mut client_received) = (0, 0);
         let n = self.clients.len();
         for client in self.clients {
-            let (sent, received) = client.join();
+            let (sent, received) = client.join("client");
             client_sent += sent;
             client_received += received;
         }
@@ -798,7 +865,7 @@ impl Load {
                 .peers
                 .recv_timeout(DEADLINE)
                 .expect("upstream peer");
-            let (sent, received) = peer.join();
+            let (sent, received) = peer.join("upstream");
             upstream_sent += sent;
             upstream_received += received;
         }
