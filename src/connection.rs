@@ -42,7 +42,9 @@ pub async fn serve(
     let _active = ActiveGuard::new(&metrics);
     let reason = serve_inner(&client, &config, &metrics, &force_close, started).await;
     metrics.closed(reason).increment(1);
-    metrics.connection_duration.record(started.elapsed().as_secs_f64());
+    metrics
+        .connection_duration
+        .record(started.elapsed().as_secs_f64());
     reason
 }
 
@@ -91,8 +93,16 @@ async fn serve_inner(
 
     let reason = match &ending {
         Ending::Complete => CloseReason::Complete,
-        Ending::Failed { side: Side::Client, reset: true, .. } => CloseReason::ClientReset,
-        Ending::Failed { side: Side::Upstream, reset: true, .. } => CloseReason::UpstreamReset,
+        Ending::Failed {
+            side: Side::Client,
+            reset: true,
+            ..
+        } => CloseReason::ClientReset,
+        Ending::Failed {
+            side: Side::Upstream,
+            reset: true,
+            ..
+        } => CloseReason::UpstreamReset,
         Ending::Failed { .. } => CloseReason::Error,
         Ending::IdleTimeout => CloseReason::IdleTimeout,
         Ending::HalfCloseTimeout => CloseReason::HalfCloseTimeout,
@@ -103,8 +113,13 @@ async fn serve_inner(
     let discarded = totals.queued.iter().any(|&q| q > 0);
     match &ending {
         Ending::Complete => {}
-        Ending::Failed { side: Side::Client, .. } => reset_on_close(SockRef::from(&upstream)),
-        Ending::Failed { side: Side::Upstream, .. } => reset_on_close(SockRef::from(client)),
+        Ending::Failed {
+            side: Side::Client, ..
+        } => reset_on_close(SockRef::from(&upstream)),
+        Ending::Failed {
+            side: Side::Upstream,
+            ..
+        } => reset_on_close(SockRef::from(client)),
         _ if discarded => {
             reset_on_close(SockRef::from(client));
             reset_on_close(SockRef::from(&upstream));
@@ -160,7 +175,9 @@ async fn connect_upstream(
         Err((ConnectErrorKind::Timeout, e))
     });
     if result.is_ok() {
-        metrics.connect_duration.record(started.elapsed().as_secs_f64());
+        metrics
+            .connect_duration
+            .record(started.elapsed().as_secs_f64());
     }
     result
 }
@@ -182,7 +199,11 @@ async fn resolve(address: &str) -> Result<Vec<SocketAddr>, (ConnectErrorKind, io
 /// Connects to one address with the upstream options set before connect(), as
 /// SO_RCVBUF must be to take effect on the window.
 async fn connect_one(addr: SocketAddr, tuning: &Tuning) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     tuning.apply(&SockRef::from(&socket))?;
     let stream = socket.connect(addr).await?;
     if tracing::enabled!(tracing::Level::DEBUG) {

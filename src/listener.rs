@@ -46,7 +46,10 @@ impl Server {
     /// A server for a validated configuration.
     pub fn new(config: Config) -> Server {
         let metrics = Metrics::new(config.bounds());
-        Server { config: watch::Sender::new(Arc::new(config)), metrics }
+        Server {
+            config: watch::Sender::new(Arc::new(config)),
+            metrics,
+        }
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -95,7 +98,10 @@ impl Server {
                 Ok(p) => p,
                 Err(_) => {
                     self.metrics.listener_paused.increment(1);
-                    tracing::debug!(max = config.listen.max_connections, "connection limit reached; accepting paused");
+                    tracing::debug!(
+                        max = config.listen.max_connections,
+                        "connection limit reached; accepting paused"
+                    );
                     tokio::select! {
                         p = limit.permits.clone().acquire_owned() => match p {
                             Ok(p) => p,
@@ -129,7 +135,8 @@ impl Server {
             self.metrics.accepted.increment(1);
             let metrics = self.metrics.clone();
             let force = force_close.clone();
-            let span = tracing::info_span!("conn", client = %peer, upstream = %config.upstream.address);
+            let span =
+                tracing::info_span!("conn", client = %peer, upstream = %config.upstream.address);
             tracker.spawn(
                 async move {
                     let _permit = permit;
@@ -157,7 +164,10 @@ impl Server {
         let grace = self.config().timeouts.shutdown_grace;
         tracing::info!(live = tracker.len(), grace = %humantime::format_duration(grace), "shutdown begun");
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::info!(live = tracker.len(), "shutdown grace over; closing live connections");
+            tracing::info!(
+                live = tracker.len(),
+                "shutdown grace over; closing live connections"
+            );
             force_close.cancel();
             tracker.wait().await;
         }
@@ -209,7 +219,10 @@ struct Limit {
 
 impl Limit {
     fn new(size: usize) -> Limit {
-        Limit { permits: Arc::new(Semaphore::new(size)), size }
+        Limit {
+            permits: Arc::new(Semaphore::new(size)),
+            size,
+        }
     }
 
     /// Grows at once; shrinks by taking back free permits as connections end.
@@ -248,7 +261,10 @@ impl PerClient {
             return None;
         }
         *n += 1;
-        Some(ClientSlot { owner: self.clone(), ip })
+        Some(ClientSlot {
+            owner: self.clone(),
+            ip,
+        })
     }
 }
 
@@ -276,7 +292,10 @@ impl AcceptErrors {
     fn record(&mut self, e: &io::Error) {
         self.backoff = (self.backoff * 2).clamp(Duration::from_millis(1), MAX_ACCEPT_BACKOFF);
         let now = Instant::now();
-        if self.last_log.is_none_or(|t| now.duration_since(t) >= ACCEPT_ERROR_LOG_EVERY) {
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= ACCEPT_ERROR_LOG_EVERY)
+        {
             tracing::warn!(error = %e, suppressed = self.suppressed, retry_in_ms = self.backoff.as_millis() as u64, "accept failed; retrying");
             self.last_log = Some(now);
             self.suppressed = 0;

@@ -68,7 +68,11 @@ pub enum Ending {
     Complete,
     /// A socket failed; `reset` when the peer reset (or vanished) rather than some
     /// other error.
-    Failed { side: Side, reset: bool, error: io::Error },
+    Failed {
+        side: Side,
+        reset: bool,
+        error: io::Error,
+    },
     /// Nothing moved for `idle`.
     IdleTimeout,
     /// One direction finished and the other did not within `half_close`.
@@ -146,10 +150,10 @@ impl Queue {
 
     /// Gives the buffer back if nothing is queued.
     fn release_if_empty(&mut self) {
-        if self.len() == 0 {
-            if let Some(d) = self.data.take() {
-                pool::give(d);
-            }
+        if self.len() == 0
+            && let Some(d) = self.data.take()
+        {
+            pool::give(d);
         }
     }
 }
@@ -244,12 +248,12 @@ impl Direction {
                             self.delivered += n as u64;
                             *moved = true;
                             progress = true;
-                            if let State::Paused { since } = self.state {
-                                if self.queue.len() <= self.resume {
-                                    self.state = State::Streaming;
-                                    m.drains.increment(1);
-                                    m.paused.stop(since, clock.now());
-                                }
+                            if let State::Paused { since } = self.state
+                                && self.queue.len() <= self.resume
+                            {
+                                self.state = State::Streaming;
+                                m.drains.increment(1);
+                                m.paused.stop(since, clock.now());
                             }
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => progress = true,
@@ -290,7 +294,8 @@ impl Direction {
     fn report(&mut self, m: &DirectionMetrics) {
         let queued = self.queue.len();
         if queued != self.reported_queued {
-            m.queued.increment(queued as f64 - self.reported_queued as f64);
+            m.queued
+                .increment(queued as f64 - self.reported_queued as f64);
             self.reported_queued = queued;
         }
         if self.delivered != self.reported_delivered {
@@ -355,7 +360,11 @@ impl<'a> Relay<'a> {
     /// `shutdown` is cancelled.
     pub async fn run(&mut self, config: &RelayConfig, shutdown: &CancellationToken) -> Ending {
         let far = Duration::from_secs(86400 * 365);
-        let idle = if config.idle.is_zero() { far } else { config.idle };
+        let idle = if config.idle.is_zero() {
+            far
+        } else {
+            config.idle
+        };
         let idle_timer = sleep_until(self.last_moved + idle);
         let half_timer = sleep_until(self.last_moved + far);
         tokio::pin!(idle_timer, half_timer);
@@ -382,7 +391,9 @@ impl<'a> Relay<'a> {
                 Event::HalfClosed => {
                     if !half_closed && !config.half_close.is_zero() {
                         half_closed = true;
-                        half_timer.as_mut().reset(Instant::now() + config.half_close);
+                        half_timer
+                            .as_mut()
+                            .reset(Instant::now() + config.half_close);
                     }
                 }
             }
@@ -394,8 +405,9 @@ impl<'a> Relay<'a> {
         let m = self.metrics;
         let mut moved = false;
         let mut done = [false; 2];
-        for (i, (src, dst)) in
-            [(self.client, self.upstream), (self.upstream, self.client)].into_iter().enumerate()
+        for (i, (src, dst)) in [(self.client, self.upstream), (self.upstream, self.client)]
+            .into_iter()
+            .enumerate()
         {
             let dm = &m.directions[i];
             let step = self.dirs[i].poll(cx, src, dst, dm, m, &mut moved);

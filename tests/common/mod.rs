@@ -47,7 +47,12 @@ impl Proxy {
             let (server, stop) = (server.clone(), stop.clone());
             tokio::spawn(async move { server.run(listener, stop).await.unwrap() })
         };
-        Proxy { addr, server, stop, task }
+        Proxy {
+            addr,
+            server,
+            stop,
+            task,
+        }
     }
 
     pub fn metrics(&self) -> String {
@@ -64,33 +69,44 @@ impl Proxy {
     }
 
     pub fn closed(&self, reason: &str) -> f64 {
-        self.value(&format!("sluice_connections_closed_total{{reason=\"{reason}\"}}"))
+        self.value(&format!(
+            "sluice_connections_closed_total{{reason=\"{reason}\"}}"
+        ))
     }
 
     /// Waits until no connection is live and every gauge of live things is back to 0.
     pub async fn settled(&self) {
         eventually("gauges return to zero", Duration::from_secs(10), || {
             let m = self.metrics();
-            ["sluice_connections_active", "sluice_queued_bytes{direction=\"client_to_upstream\"}",
-             "sluice_queued_bytes{direction=\"upstream_to_client\"}",
-             "sluice_paused_connections{direction=\"client_to_upstream\"}",
-             "sluice_paused_connections{direction=\"upstream_to_client\"}"]
-                .iter()
-                .all(|s| value(&m, s) == 0.0)
+            [
+                "sluice_connections_active",
+                "sluice_queued_bytes{direction=\"client_to_upstream\"}",
+                "sluice_queued_bytes{direction=\"upstream_to_client\"}",
+                "sluice_paused_connections{direction=\"client_to_upstream\"}",
+                "sluice_paused_connections{direction=\"upstream_to_client\"}",
+            ]
+            .iter()
+            .all(|s| value(&m, s) == 0.0)
         })
         .await;
     }
 
     pub async fn shutdown(self) {
         self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(60), self.task).await.expect("proxy stops").unwrap();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("proxy stops")
+            .unwrap();
     }
 }
 
 /// Parses one series' value out of a Prometheus exposition.
 pub fn value(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .unwrap_or_else(|| panic!("series {series} not in the scrape:\n{text}"))
         .trim()
         .parse()
@@ -163,7 +179,11 @@ pub fn sha(bytes: &[u8]) -> [u8; 32] {
 }
 
 /// Writes `bytes` in random chunk sizes (1 byte to 64 KiB), then shuts the write half.
-pub async fn write_chunked<W: AsyncWriteExt + Unpin>(w: &mut W, bytes: &[u8], seed: u64) -> std::io::Result<()> {
+pub async fn write_chunked<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+    seed: u64,
+) -> std::io::Result<()> {
     use rand::{RngExt, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut at = 0;
@@ -198,7 +218,10 @@ pub async fn connect_small_rcvbuf(addr: SocketAddr, rcvbuf: u32) -> TcpStream {
 }
 
 /// Reads to EOF at about `rate` bytes per second, in reads of at most 1 KiB.
-pub async fn read_slowly<R: AsyncReadExt + Unpin>(r: &mut R, rate: u64) -> std::io::Result<Vec<u8>> {
+pub async fn read_slowly<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    rate: u64,
+) -> std::io::Result<Vec<u8>> {
     let start = Instant::now();
     let mut out = Vec::new();
     let mut buf = [0u8; 1024];
@@ -224,7 +247,8 @@ pub fn closed_port() -> SocketAddr {
 pub async fn blackhole() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {
     use socket2::{Domain, Socket, Type};
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
     sock.listen(0).unwrap();
     let addr = sock.local_addr().unwrap().as_socket().unwrap();
     let mut fillers = Vec::new();
