@@ -373,3 +373,66 @@ impl AcceptErrors {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connection::ActiveGuard;
+
+    /// A panic inside a connection's task is caught and counted, and the gauges it had
+    /// raised come back down.
+    #[tokio::test]
+    async fn a_panicking_connection_is_counted_and_returns_its_gauges() {
+        let metrics = Metrics::new([1024, 1024]);
+        let m = metrics.clone();
+        let served = async move {
+            let _active = ActiveGuard::new(&m);
+            if m.now() >= 0.0 {
+                panic!("injected");
+            }
+            CloseReason::Complete
+        };
+        supervise(served, &metrics).await;
+        let text = metrics.render();
+        let line = |series: &str| {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(series)?
+                        .strip_prefix(' ')?
+                        .parse::<f64>()
+                        .ok()
+                })
+                .unwrap()
+        };
+        assert_eq!(line("sluice_connection_panics_total"), 1.0);
+        assert_eq!(
+            line("sluice_connections_closed_total{reason=\"error\"}"),
+            1.0
+        );
+        assert_eq!(line("sluice_connections_active"), 0.0);
+    }
+
+    #[test]
+    fn per_client_slots_are_limited_and_given_back() {
+        let pc = Arc::new(PerClient::default());
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let a = pc.take(ip, 2).unwrap();
+        let _b = pc.take(ip, 2).unwrap();
+        assert!(pc.take(ip, 2).is_none());
+        assert!(pc.take("10.1.2.4".parse().unwrap(), 2).is_some());
+        drop(a);
+        assert!(pc.take(ip, 2).is_some());
+        assert!(
+            pc.live.lock().unwrap().len() <= 2,
+            "addresses with no live connection are forgotten"
+        );
+    }
+
+    #[test]
+    fn mapped_ipv4_clients_match_ipv4_rules() {
+        assert_eq!(
+            canonical("::ffff:10.0.0.1".parse().unwrap()),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
+    }
+}
