@@ -108,23 +108,28 @@ async fn serve_inner(
         Ending::HalfCloseTimeout => CloseReason::HalfCloseTimeout,
         Ending::Shutdown => CloseReason::Shutdown,
     };
-    // Whoever did not get a clean end of its stream is told with a reset: after a
-    // failure on the other side, or when a forced close discards queued bytes.
-    let discarded = totals.queued.iter().any(|&q| q > 0);
-    match &ending {
-        Ending::Complete => {}
+    // Whoever did not get a clean end of its stream is told with a reset, so a cut
+    // stream never looks complete: after a failure on the other side; after a shutdown
+    // or half-close timeout, the side whose incoming stream had not finished; after an
+    // idle timeout (a conventional close), only if queued bytes are thrown away.
+    let [to_upstream_cut, to_client_cut] = totals.finished.map(|f| !f);
+    let (reset_client, reset_upstream) = match &ending {
+        Ending::Complete => (false, false),
         Ending::Failed {
             side: Side::Client, ..
-        } => reset_on_close(SockRef::from(&upstream)),
+        } => (false, true),
         Ending::Failed {
             side: Side::Upstream,
             ..
-        } => reset_on_close(SockRef::from(client)),
-        _ if discarded => {
-            reset_on_close(SockRef::from(client));
-            reset_on_close(SockRef::from(&upstream));
-        }
-        _ => {}
+        } => (true, false),
+        Ending::Shutdown | Ending::HalfCloseTimeout => (to_client_cut, to_upstream_cut),
+        Ending::IdleTimeout => (totals.queued[1] > 0, totals.queued[0] > 0),
+    };
+    if reset_client {
+        reset_on_close(SockRef::from(client));
+    }
+    if reset_upstream {
+        reset_on_close(SockRef::from(&upstream));
     }
     let error = match &ending {
         Ending::Failed { error, .. } => Some(error.to_string()),

@@ -90,6 +90,8 @@ pub struct Totals {
     pub pauses: [u64; 2],
     /// Bytes still queued per direction when the relay ended (discarded).
     pub queued: [usize; 2],
+    /// Whether each direction passed its EOF on (its stream ended cleanly).
+    pub finished: [bool; 2],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -445,6 +447,10 @@ impl<'a> Relay<'a> {
             bytes: [self.dirs[0].delivered, self.dirs[1].delivered],
             pauses: [self.dirs[0].pauses, self.dirs[1].pauses],
             queued: [self.dirs[0].queue.len(), self.dirs[1].queue.len()],
+            finished: [
+                self.dirs[0].state == State::Done,
+                self.dirs[1].state == State::Done,
+            ],
         }
     }
 }
