@@ -281,7 +281,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             peak(|s| s.queued_upstream_to_client)
         };
         println!(
-            "  peak queued {dir}: {} of a {} bound ({} connections × {})",
+            "  peak queued {dir}: {} (limit {} = {} connections × {})",
             format_bytes(p),
             format_bytes(bounds[i] * conns),
             conns,

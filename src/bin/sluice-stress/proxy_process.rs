@@ -134,9 +134,13 @@ impl ProxyProcess {
         if let Some(path) = std::env::var_os("SLUICE_BIN") {
             return Ok(PathBuf::from(path));
         }
-        let path = std::env::current_exe()
-            .context("cannot find the current executable")?
-            .with_file_name("sluice");
+        let exe = std::env::current_exe().context("cannot find the current executable")?;
+        let path = exe.with_file_name("sluice");
+        if !path.exists() {
+            // `cargo run --bin sluice-stress` builds only this binary; build its sibling the
+            // same way, so `demo` works from a fresh clone with one command.
+            build_sluice(&exe)?;
+        }
         if !path.exists() {
             bail!(
                 "the sluice binary is not at {} (build it with `cargo build`, or set SLUICE_BIN)",
@@ -326,6 +330,35 @@ impl Drop for ProxyProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Runs `cargo build --bin sluice` for the profile `exe` was built with (target/release or
+/// target/debug), in the source tree this binary was compiled from.
+fn build_sluice(exe: &Path) -> Result<()> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    if !manifest.exists() {
+        return Ok(());
+    }
+    let release = exe
+        .parent()
+        .and_then(|d| d.file_name())
+        .is_some_and(|n| n == "release");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build").arg("--manifest-path").arg(&manifest);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.args(["--bin", "sluice"]);
+    eprintln!(
+        "sluice-stress: the sluice binary is not built yet; running cargo build{} --bin sluice",
+        if release { " --release" } else { "" }
+    );
+    let status = cmd.status().context("cannot run cargo to build sluice")?;
+    if !status.success() {
+        bail!("building sluice failed ({status})");
+    }
+    Ok(())
 }
 
 /// Reads the child's stderr line by line: keeps a tail for error messages and passes lines
