@@ -353,8 +353,11 @@ fn print_run(r: &RunReport) {
             ""
         },
     );
-    for e in &s.error_samples {
+    for e in s.error_samples.iter().take(3) {
         println!("           error: {e}");
+    }
+    if s.errors > 3 {
+        println!("           ... (all in report.json)");
     }
 }
 
