@@ -55,7 +55,7 @@ pub struct ScenarioArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
     /// Directory for report.json and report.svg (created if missing).
-    #[arg(long, default_value = "stress-report")]
+    #[arg(long, default_value = "target/stress-report")]
     pub out: PathBuf,
     /// Run the same workload a second time through a relay without backpressure.
     #[arg(long, value_enum)]
