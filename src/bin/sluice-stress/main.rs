@@ -48,7 +48,8 @@ enum Command {
     /// A built-in workload against a real sluice (and optionally the unbounded baseline),
     /// sampled every 100 ms into DIR/report.json and DIR/report.svg.
     Scenario(scenario::ScenarioArgs),
-    // bench: wired in when branch bench merges
+    // bench: wired in when branch bench merges (a `Bench(bench::BenchArgs)` variant, and
+    // `mod bench;` above; see `main`).
     /// The relay without backpressure used by `scenario --baseline unbounded`.
     #[command(hide = true)]
     UnboundedRelay(baseline::UnboundedArgs),
@@ -66,18 +67,15 @@ impl fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Subcommands that start child processes run them from this future, which tokio keeps on
-    // the main thread: the children's parent-death signal is tied to the spawning thread.
-    let result = match cli.command {
-        Command::Demo(args) => demo::run(args).await,
-        Command::Upstream(args) => upstream::run(args).await,
-        Command::Clients(args) => clients::run(args).await,
-        Command::Scenario(args) => scenario::run(args).await,
-        Command::UnboundedRelay(args) => baseline::run(args).await,
-    };
+    // bench: wired in when branch bench merges. `bench::run` builds its own runtime, so it
+    // goes here, outside `run_async`:
+    //     let result = match cli.command {
+    //         Command::Bench(args) => bench::run(args),
+    //         command => run_async(command),
+    //     };
+    let result = run_async(cli.command);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<UsageError>().is_some() => {
@@ -89,4 +87,22 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs an async subcommand on a multi-threaded runtime. `block_on` polls the command on
+/// this (the main) thread, so child processes it spawns from there keep their
+/// parent-death signal for the whole run (see proxy_process).
+fn run_async(command: Command) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match command {
+            Command::Demo(args) => demo::run(args).await,
+            Command::Upstream(args) => upstream::run(args).await,
+            Command::Clients(args) => clients::run(args).await,
+            Command::Scenario(args) => scenario::run(args).await,
+            Command::UnboundedRelay(args) => baseline::run(args).await,
+        }
+    })
 }
