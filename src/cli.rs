@@ -63,13 +63,41 @@ impl Cli {
                 let source = path.display().to_string();
                 (Config::parse(&text, &source)?, source, Some(text))
             }
-            None => (Config::parse("", "defaults")?, "command line".to_string(), None),
+            None => (
+                Config::parse("", "defaults")?,
+                "command line".to_string(),
+                None,
+            ),
         };
         let overrides = [
-            ("listen.address", "--listen", self.listen.as_ref().map(|v| config.listen.address = v.clone())),
-            ("upstream.address", "--upstream", self.upstream.as_ref().map(|v| config.upstream.address = v.clone())),
-            ("metrics.address", "--metrics", self.metrics.as_ref().map(|v| config.metrics.address = v.clone())),
-            ("log.level", "--log-level", self.log_level.as_ref().map(|v| config.log.level = v.clone())),
+            (
+                "listen.address",
+                "--listen",
+                self.listen
+                    .as_ref()
+                    .map(|v| config.listen.address = v.clone()),
+            ),
+            (
+                "upstream.address",
+                "--upstream",
+                self.upstream
+                    .as_ref()
+                    .map(|v| config.upstream.address = v.clone()),
+            ),
+            (
+                "metrics.address",
+                "--metrics",
+                self.metrics
+                    .as_ref()
+                    .map(|v| config.metrics.address = v.clone()),
+            ),
+            (
+                "log.level",
+                "--log-level",
+                self.log_level
+                    .as_ref()
+                    .map(|v| config.log.level = v.clone()),
+            ),
         ];
         if let Some(f) = self.log_format {
             config.log.format = match f {
@@ -78,8 +106,9 @@ impl Cli {
             };
         }
         config.validate(&source, text.as_deref()).map_err(|mut e| {
-            if let Some((_, flag, _)) =
-                overrides.iter().find(|(key, _, set)| set.is_some() && e.key.as_deref() == Some(*key))
+            if let Some((_, flag, _)) = overrides
+                .iter()
+                .find(|(key, _, set)| set.is_some() && e.key.as_deref() == Some(*key))
             {
                 e.source = format!("command line {flag}");
                 e.line = None;

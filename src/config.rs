@@ -18,6 +18,8 @@ pub const DEFAULT_BUFFER: u64 = 64 * 1024;
 pub const DEFAULT_RESUME_AT: f64 = 0.5;
 /// Default cap on concurrent client connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default listen backlog: room for clients to wait while sluice is at its limit.
+pub const DEFAULT_BACKLOG: u32 = 1024;
 /// Default time allowed for the upstream handshake.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time without a byte in either direction before both sides are closed.
@@ -62,6 +64,10 @@ pub struct Listen {
     /// kernel backlog, so the limit costs nothing and loses nobody.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Length of the kernel's queue of handshaken clients not yet accepted: where
+    /// clients wait while sluice is at `max_connections` (capped by net.core.somaxconn).
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
     /// Most live connections from one source IP address; 0 means no per-client limit.
     #[serde(default)]
     pub max_connections_per_client: usize,
@@ -193,6 +199,9 @@ fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
 fn default_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
 }
+fn default_backlog() -> u32 {
+    DEFAULT_BACKLOG
+}
 fn default_connect_timeout() -> Duration {
     DEFAULT_CONNECT_TIMEOUT
 }
@@ -229,6 +238,7 @@ impl Default for Listen {
         Listen {
             address: String::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            backlog: DEFAULT_BACKLOG,
             max_connections_per_client: 0,
             allow: Vec::new(),
         }
@@ -237,7 +247,10 @@ impl Default for Listen {
 
 impl Default for Upstream {
     fn default() -> Self {
-        Upstream { address: String::new(), connect_timeout: DEFAULT_CONNECT_TIMEOUT }
+        Upstream {
+            address: String::new(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
     }
 }
 
@@ -276,13 +289,18 @@ impl Default for Timeouts {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics { address: default_metrics_address() }
+        Metrics {
+            address: default_metrics_address(),
+        }
     }
 }
 
 impl Default for Log {
     fn default() -> Self {
-        Log { level: default_log_level(), format: LogFormat::Text }
+        Log {
+            level: default_log_level(),
+            format: LogFormat::Text,
+        }
     }
 }
 
@@ -355,7 +373,10 @@ impl Config {
             message,
         };
         if self.listen.address.is_empty() {
-            return Err(err("listen.address", "missing: the address to accept clients on".into()));
+            return Err(err(
+                "listen.address",
+                "missing: the address to accept clients on".into(),
+            ));
         }
         if self.listen.address.parse::<SocketAddr>().is_err() {
             return Err(err(
@@ -363,14 +384,23 @@ impl Config {
                 format!("`{}` is not an ip:port address", self.listen.address),
             ));
         }
+        if self.listen.backlog == 0 || self.listen.backlog > i32::MAX as u32 {
+            return Err(err("listen.backlog", "must be at least 1".into()));
+        }
         if self.listen.max_connections == 0 {
             return Err(err("listen.max_connections", "must be at least 1".into()));
         }
         if let Err(bad) = self.allow_list() {
-            return Err(err("listen.allow", format!("`{bad}` is not a network (e.g. 10.0.0.0/8)")));
+            return Err(err(
+                "listen.allow",
+                format!("`{bad}` is not a network (e.g. 10.0.0.0/8)"),
+            ));
         }
         if self.upstream.address.is_empty() {
-            return Err(err("upstream.address", "missing: the host:port to relay to".into()));
+            return Err(err(
+                "upstream.address",
+                "missing: the host:port to relay to".into(),
+            ));
         }
         if split_host_port(&self.upstream.address).is_none() {
             return Err(err(
@@ -379,7 +409,10 @@ impl Config {
             ));
         }
         if self.upstream.connect_timeout.is_zero() {
-            return Err(err("upstream.connect_timeout", "must be more than 0s".into()));
+            return Err(err(
+                "upstream.connect_timeout",
+                "must be more than 0s".into(),
+            ));
         }
         for (key, size) in [
             ("buffer.client_to_upstream", self.buffer.client_to_upstream),
@@ -389,7 +422,10 @@ impl Config {
                 return Err(err(key, "must be at least 1 byte".into()));
             }
             if size.as_u64() > MAX_BUFFER {
-                return Err(err(key, format!("must be at most {}", ByteSize::b(MAX_BUFFER))));
+                return Err(err(
+                    key,
+                    format!("must be at most {}", ByteSize::b(MAX_BUFFER)),
+                ));
             }
         }
         let r = self.buffer.resume_at;
@@ -399,8 +435,14 @@ impl Config {
         for (key, size) in [
             ("socket.client_recv_buffer", self.socket.client_recv_buffer),
             ("socket.client_send_buffer", self.socket.client_send_buffer),
-            ("socket.upstream_recv_buffer", self.socket.upstream_recv_buffer),
-            ("socket.upstream_send_buffer", self.socket.upstream_send_buffer),
+            (
+                "socket.upstream_recv_buffer",
+                self.socket.upstream_recv_buffer,
+            ),
+            (
+                "socket.upstream_send_buffer",
+                self.socket.upstream_send_buffer,
+            ),
         ] {
             if size.as_u64() > i32::MAX as u64 / 2 {
                 return Err(err(key, "is larger than the kernel accepts".into()));
@@ -418,7 +460,10 @@ impl Config {
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(err(
                 "log.level",
-                format!("`{}` is not a level (error, warn, info, debug, trace)", self.log.level),
+                format!(
+                    "`{}` is not a level (error, warn, info, debug, trace)",
+                    self.log.level
+                ),
             ));
         }
         Ok(())
@@ -459,7 +504,10 @@ pub const MAX_BUFFER: u64 = 1 << 30;
 pub fn split_host_port(address: &str) -> Option<(&str, u16)> {
     let (host, port) = address.rsplit_once(':')?;
     let port: u16 = port.parse().ok()?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     if host.is_empty() || port == 0 {
         return None;
     }
@@ -499,7 +547,8 @@ fn one_line(message: &str) -> String {
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = "[listen]\naddress = \"127.0.0.1:1\"\n[upstream]\naddress = \"localhost:2\"\n";
+    const MINIMAL: &str =
+        "[listen]\naddress = \"127.0.0.1:1\"\n[upstream]\naddress = \"localhost:2\"\n";
 
     #[test]
     fn minimal_file_gets_defaults() {
@@ -513,7 +562,9 @@ mod tests {
 
     #[test]
     fn sizes_accept_units_and_plain_numbers() {
-        let text = format!("{MINIMAL}[buffer]\nclient_to_upstream = \"16KiB\"\nupstream_to_client = 1000\n");
+        let text = format!(
+            "{MINIMAL}[buffer]\nclient_to_upstream = \"16KiB\"\nupstream_to_client = 1000\n"
+        );
         let c = Config::parse(&text, "t.toml").unwrap();
         assert_eq!(c.bounds(), [16384, 1000]);
     }
@@ -537,7 +588,10 @@ mod tests {
 
     #[test]
     fn host_port_splitting() {
-        assert_eq!(split_host_port("db.internal:5432"), Some(("db.internal", 5432)));
+        assert_eq!(
+            split_host_port("db.internal:5432"),
+            Some(("db.internal", 5432))
+        );
         assert_eq!(split_host_port("[::1]:80"), Some(("::1", 80)));
         assert_eq!(split_host_port("nohost"), None);
         assert_eq!(split_host_port("h:0"), None);

@@ -42,7 +42,9 @@ pub async fn serve(
     let _active = ActiveGuard::new(&metrics);
     let reason = serve_inner(&client, &config, &metrics, &force_close, started).await;
     metrics.closed(reason).increment(1);
-    metrics.connection_duration.record(started.elapsed().as_secs_f64());
+    metrics
+        .connection_duration
+        .record(started.elapsed().as_secs_f64());
     reason
 }
 
@@ -91,25 +93,43 @@ async fn serve_inner(
 
     let reason = match &ending {
         Ending::Complete => CloseReason::Complete,
-        Ending::Failed { side: Side::Client, reset: true, .. } => CloseReason::ClientReset,
-        Ending::Failed { side: Side::Upstream, reset: true, .. } => CloseReason::UpstreamReset,
+        Ending::Failed {
+            side: Side::Client,
+            reset: true,
+            ..
+        } => CloseReason::ClientReset,
+        Ending::Failed {
+            side: Side::Upstream,
+            reset: true,
+            ..
+        } => CloseReason::UpstreamReset,
         Ending::Failed { .. } => CloseReason::Error,
         Ending::IdleTimeout => CloseReason::IdleTimeout,
         Ending::HalfCloseTimeout => CloseReason::HalfCloseTimeout,
         Ending::Shutdown => CloseReason::Shutdown,
     };
-    // Whoever did not get a clean end of its stream is told with a reset: after a
-    // failure on the other side, or when a forced close discards queued bytes.
-    let discarded = totals.queued.iter().any(|&q| q > 0);
-    match &ending {
-        Ending::Complete => {}
-        Ending::Failed { side: Side::Client, .. } => reset_on_close(SockRef::from(&upstream)),
-        Ending::Failed { side: Side::Upstream, .. } => reset_on_close(SockRef::from(client)),
-        _ if discarded => {
-            reset_on_close(SockRef::from(client));
-            reset_on_close(SockRef::from(&upstream));
-        }
-        _ => {}
+    // Whoever did not get a clean end of its stream is told with a reset, so a cut
+    // stream never looks complete: after a failure on the other side; after a shutdown
+    // or half-close timeout, the side whose incoming stream had not finished; after an
+    // idle timeout (a conventional close), only if queued bytes are thrown away.
+    let [to_upstream_cut, to_client_cut] = totals.finished.map(|f| !f);
+    let (reset_client, reset_upstream) = match &ending {
+        Ending::Complete => (false, false),
+        Ending::Failed {
+            side: Side::Client, ..
+        } => (false, true),
+        Ending::Failed {
+            side: Side::Upstream,
+            ..
+        } => (true, false),
+        Ending::Shutdown | Ending::HalfCloseTimeout => (to_client_cut, to_upstream_cut),
+        Ending::IdleTimeout => (totals.queued[1] > 0, totals.queued[0] > 0),
+    };
+    if reset_client {
+        reset_on_close(SockRef::from(client));
+    }
+    if reset_upstream {
+        reset_on_close(SockRef::from(&upstream));
     }
     let error = match &ending {
         Ending::Failed { error, .. } => Some(error.to_string()),
@@ -160,7 +180,9 @@ async fn connect_upstream(
         Err((ConnectErrorKind::Timeout, e))
     });
     if result.is_ok() {
-        metrics.connect_duration.record(started.elapsed().as_secs_f64());
+        metrics
+            .connect_duration
+            .record(started.elapsed().as_secs_f64());
     }
     result
 }
@@ -182,7 +204,11 @@ async fn resolve(address: &str) -> Result<Vec<SocketAddr>, (ConnectErrorKind, io
 /// Connects to one address with the upstream options set before connect(), as
 /// SO_RCVBUF must be to take effect on the window.
 async fn connect_one(addr: SocketAddr, tuning: &Tuning) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     tuning.apply(&SockRef::from(&socket))?;
     let stream = socket.connect(addr).await?;
     if tracing::enabled!(tracing::Level::DEBUG) {

@@ -2,6 +2,7 @@
 //! graceful shutdown.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
@@ -46,7 +47,10 @@ impl Server {
     /// A server for a validated configuration.
     pub fn new(config: Config) -> Server {
         let metrics = Metrics::new(config.bounds());
-        Server { config: watch::Sender::new(Arc::new(config)), metrics }
+        Server {
+            config: watch::Sender::new(Arc::new(config)),
+            metrics,
+        }
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -85,17 +89,31 @@ impl Server {
         let tracker = TaskTracker::new();
         let force_close = CancellationToken::new();
         let per_client = Arc::new(PerClient::default());
-        let mut limit = Limit::new(config.listen.max_connections);
+        let fd_cap = descriptor_cap();
+        let mut limit = Limit::new(config.listen.max_connections.min(fd_cap));
         let mut errors = AcceptErrors::default();
+        let mut warned_fd_cap = false;
 
         loop {
             let config = self.config();
-            limit.resize(config.listen.max_connections);
+            if config.listen.max_connections > fd_cap && !warned_fd_cap {
+                warned_fd_cap = true;
+                tracing::warn!(
+                    max_connections = config.listen.max_connections,
+                    serving_at_most = fd_cap,
+                    max_fds = crate::process_metrics::max_fds(),
+                    "too few file descriptors for listen.max_connections (two per connection); raise the limit (ulimit -n, LimitNOFILE=) to serve more"
+                );
+            }
+            limit.resize(config.listen.max_connections.min(fd_cap));
             let permit = match limit.permits.clone().try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
                     self.metrics.listener_paused.increment(1);
-                    tracing::debug!(max = config.listen.max_connections, "connection limit reached; accepting paused");
+                    tracing::debug!(
+                        max = config.listen.max_connections,
+                        "connection limit reached; accepting paused"
+                    );
                     tokio::select! {
                         p = limit.permits.clone().acquire_owned() => match p {
                             Ok(p) => p,
@@ -128,24 +146,13 @@ impl Server {
             };
             self.metrics.accepted.increment(1);
             let metrics = self.metrics.clone();
-            let force = force_close.clone();
-            let span = tracing::info_span!("conn", client = %peer, upstream = %config.upstream.address);
+            let span =
+                tracing::info_span!("conn", client = %peer, upstream = %config.upstream.address);
+            let served = connection::serve(stream, config, metrics.clone(), force_close.clone());
             tracker.spawn(
                 async move {
-                    let _permit = permit;
-                    let _slot = client_slot;
-                    let served = AssertUnwindSafe(connection::serve(stream, config, metrics.clone(), force));
-                    if let Err(panic) = served.catch_unwind().await {
-                        // The guards inside have already returned their gauges while unwinding.
-                        metrics.panics.increment(1);
-                        metrics.closed(CloseReason::Error).increment(1);
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        tracing::error!(panic = %what, "connection task panicked; connection closed");
-                    }
+                    let _held = (permit, client_slot);
+                    supervise(served, &metrics).await
                 }
                 .instrument(span),
             );
@@ -157,7 +164,10 @@ impl Server {
         let grace = self.config().timeouts.shutdown_grace;
         tracing::info!(live = tracker.len(), grace = %humantime::format_duration(grace), "shutdown begun");
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::info!(live = tracker.len(), "shutdown grace over; closing live connections");
+            tracing::info!(
+                live = tracker.len(),
+                "shutdown grace over; closing live connections"
+            );
             force_close.cancel();
             tracker.wait().await;
         }
@@ -192,6 +202,75 @@ impl Server {
     }
 }
 
+/// Binds the client listener as `listen` says: SO_REUSEADDR (a restart need not wait
+/// out TIME_WAIT), the client buffer sizes set before listen() so accepted sockets
+/// inherit them from their first segment, and the configured backlog. Call inside a
+/// tokio runtime.
+pub fn bind(config: &Config) -> io::Result<TcpListener> {
+    let addr: SocketAddr = config.listen.address.parse().map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidInput, "listen.address is not ip:port")
+    })?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.set_reuse_address(true)?;
+    Tuning::client(&config.socket).apply_buffers(&SockRef::from(&sock))?;
+    sock.bind(&addr.into())?;
+    sock.listen(config.listen.backlog as i32)?;
+    sock.set_nonblocking(true)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Runs one connection's future; a panic in it is caught, logged and counted as a close
+/// with reason `error`, and the process carries on. The guards inside the future have
+/// returned their gauges while unwinding.
+pub async fn supervise(served: impl Future<Output = CloseReason>, metrics: &Metrics) {
+    if let Err(panic) = AssertUnwindSafe(served).catch_unwind().await {
+        metrics.panics.increment(1);
+        metrics.closed(CloseReason::Error).increment(1);
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %what, "connection task panicked; connection closed");
+    }
+}
+
+/// Descriptors left for connections: two each (client and upstream), after what the
+/// process holds now and a reserve for scrapes and logs.
+fn descriptor_cap() -> usize {
+    /// Kept free for the metrics endpoint, resolver and log files.
+    const RESERVE: u64 = 16;
+    let max = crate::process_metrics::max_fds();
+    let open = crate::process_metrics::open_fds() as u64;
+    (max.saturating_sub(open + RESERVE) / 2).max(1) as usize
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit, as servers that hold one descriptor
+/// per client do. Returns the new soft limit.
+pub fn raise_descriptor_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
 /// An IPv4 client on a dual-stack socket arrives as `::ffff:a.b.c.d`; rules are written
 /// for `a.b.c.d`.
 fn canonical(ip: IpAddr) -> IpAddr {
@@ -209,7 +288,10 @@ struct Limit {
 
 impl Limit {
     fn new(size: usize) -> Limit {
-        Limit { permits: Arc::new(Semaphore::new(size)), size }
+        Limit {
+            permits: Arc::new(Semaphore::new(size)),
+            size,
+        }
     }
 
     /// Grows at once; shrinks by taking back free permits as connections end.
@@ -248,7 +330,10 @@ impl PerClient {
             return None;
         }
         *n += 1;
-        Some(ClientSlot { owner: self.clone(), ip })
+        Some(ClientSlot {
+            owner: self.clone(),
+            ip,
+        })
     }
 }
 
@@ -276,12 +361,78 @@ impl AcceptErrors {
     fn record(&mut self, e: &io::Error) {
         self.backoff = (self.backoff * 2).clamp(Duration::from_millis(1), MAX_ACCEPT_BACKOFF);
         let now = Instant::now();
-        if self.last_log.is_none_or(|t| now.duration_since(t) >= ACCEPT_ERROR_LOG_EVERY) {
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= ACCEPT_ERROR_LOG_EVERY)
+        {
             tracing::warn!(error = %e, suppressed = self.suppressed, retry_in_ms = self.backoff.as_millis() as u64, "accept failed; retrying");
             self.last_log = Some(now);
             self.suppressed = 0;
         } else {
             self.suppressed += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connection::ActiveGuard;
+
+    /// A panic inside a connection's task is caught and counted, and the gauges it had
+    /// raised come back down.
+    #[tokio::test]
+    async fn a_panicking_connection_is_counted_and_returns_its_gauges() {
+        let metrics = Metrics::new([1024, 1024]);
+        let m = metrics.clone();
+        let served = async move {
+            let _active = ActiveGuard::new(&m);
+            if m.now() >= 0.0 {
+                panic!("injected");
+            }
+            CloseReason::Complete
+        };
+        supervise(served, &metrics).await;
+        let text = metrics.render();
+        let line = |series: &str| {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(series)?
+                        .strip_prefix(' ')?
+                        .parse::<f64>()
+                        .ok()
+                })
+                .unwrap()
+        };
+        assert_eq!(line("sluice_connection_panics_total"), 1.0);
+        assert_eq!(
+            line("sluice_connections_closed_total{reason=\"error\"}"),
+            1.0
+        );
+        assert_eq!(line("sluice_connections_active"), 0.0);
+    }
+
+    #[test]
+    fn per_client_slots_are_limited_and_given_back() {
+        let pc = Arc::new(PerClient::default());
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let a = pc.take(ip, 2).unwrap();
+        let _b = pc.take(ip, 2).unwrap();
+        assert!(pc.take(ip, 2).is_none());
+        assert!(pc.take("10.1.2.4".parse().unwrap(), 2).is_some());
+        drop(a);
+        assert!(pc.take(ip, 2).is_some());
+        assert!(
+            pc.live.lock().unwrap().len() <= 2,
+            "addresses with no live connection are forgotten"
+        );
+    }
+
+    #[test]
+    fn mapped_ipv4_clients_match_ipv4_rules() {
+        assert_eq!(
+            canonical("::ffff:10.0.0.1".parse().unwrap()),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 }

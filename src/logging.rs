@@ -14,7 +14,9 @@ pub fn init(log: &Log) {
         .with_writer(std::io::stderr)
         .with_target(false);
     let _ = match log.format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
 }

@@ -29,7 +29,12 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     sluice::logging::init(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let max_fds = sluice::listener::raise_descriptor_limit();
+    tracing::debug!(max_fds, "file descriptor limit");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("sluice: error: cannot start the runtime: {e}");
@@ -47,19 +52,31 @@ fn main() -> ExitCode {
 }
 
 async fn serve(cli: Cli, config: sluice::Config) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(&config.listen.address)
-        .await
-        .with_context(|| format!("cannot listen on {} (listen.address)", config.listen.address))?;
+    let listener = sluice::listener::bind(&config).with_context(|| {
+        format!(
+            "cannot listen on {} (listen.address)",
+            config.listen.address
+        )
+    })?;
     let metrics_listener = TcpListener::bind(&config.metrics.address)
         .await
-        .with_context(|| format!("cannot serve metrics on {} (metrics.address)", config.metrics.address))?;
+        .with_context(|| {
+            format!(
+                "cannot serve metrics on {} (metrics.address)",
+                config.metrics.address
+            )
+        })?;
 
     let server = Arc::new(Server::new(config));
     let stop = CancellationToken::new();
     let mut reloads = shutdown::watch(stop.clone()).context("cannot install signal handlers")?;
 
     tracing::info!(address = %metrics_listener.local_addr()?, "metrics endpoint listening");
-    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, server.metrics(), stop.clone()));
+    let metrics_task = tokio::spawn(metrics::serve(
+        metrics_listener,
+        server.metrics(),
+        stop.clone(),
+    ));
 
     let reloader = {
         let server = server.clone();
@@ -70,7 +87,10 @@ async fn serve(cli: Cli, config: sluice::Config) -> anyhow::Result<()> {
         })
     };
 
-    server.run(listener, stop.clone()).await.context("accept loop failed")?;
+    server
+        .run(listener, stop.clone())
+        .await
+        .context("accept loop failed")?;
     stop.cancel();
     reloader.abort();
     let _ = metrics_task.await;

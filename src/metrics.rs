@@ -133,11 +133,14 @@ pub struct Metrics {
 
 /// Buckets for the upstream handshake: loopback is tens of microseconds, a far upstream
 /// hundreds of milliseconds, a failing one runs into `connect_timeout`.
-const CONNECT_BUCKETS: &[f64] =
-    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const CONNECT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
 /// Buckets for connection lifetimes, from a single request to a long-lived stream.
-const DURATION_BUCKETS: &[f64] =
-    &[0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0];
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+];
 
 impl Metrics {
     /// A fresh recorder with every series registered at zero.
@@ -158,22 +161,118 @@ impl Metrics {
         let handle = recorder.handle();
         let r: &dyn Recorder = &recorder;
 
-        describe(r, "sluice_connections_accepted_total", Kind::Counter, Unit::Count, "Client connections accepted.");
-        describe(r, "sluice_connections_active", Kind::Gauge, Unit::Count, "Client connections open now.");
-        describe(r, "sluice_connections_closed_total", Kind::Counter, Unit::Count, "Client connections closed, by reason.");
-        describe(r, "sluice_listener_paused_total", Kind::Counter, Unit::Count, "Times accepting stopped because listen.max_connections was reached.");
-        describe(r, "sluice_upstream_connect_errors_total", Kind::Counter, Unit::Count, "Failed upstream connects, by kind.");
-        describe(r, "sluice_upstream_connect_duration_seconds", Kind::Histogram, Unit::Seconds, "Time to connect to the upstream.");
-        describe(r, "sluice_connection_duration_seconds", Kind::Histogram, Unit::Seconds, "Client connection lifetime.");
-        describe(r, "sluice_bytes_total", Kind::Counter, Unit::Bytes, "Bytes relayed, by direction.");
-        describe(r, "sluice_queued_bytes", Kind::Gauge, Unit::Bytes, "Bytes held in sluice's buffers now, all connections, by direction.");
-        describe(r, "sluice_buffer_limit_bytes", Kind::Gauge, Unit::Bytes, "The configured per-connection buffer bound, by direction.");
-        describe(r, "sluice_pauses_total", Kind::Counter, Unit::Count, "Times a buffer filled and reading from its source stopped.");
-        describe(r, "sluice_drains_total", Kind::Counter, Unit::Count, "Times a paused buffer drained to the resume mark and reading resumed.");
-        describe(r, "sluice_connections_rejected_total", Kind::Counter, Unit::Count, "Clients closed at once by an access rule, by reason.");
-        describe(r, "sluice_config_reloads_total", Kind::Counter, Unit::Count, "Configuration reloads (SIGHUP), by result.");
-        describe(r, "sluice_connection_panics_total", Kind::Counter, Unit::Count, "Connection tasks that panicked (a bug; the process carries on).");
-        describe(r, "sluice_build_info", Kind::Gauge, Unit::Count, "Always 1; the version label says which sluice this is.");
+        describe(
+            r,
+            "sluice_connections_accepted_total",
+            Kind::Counter,
+            Unit::Count,
+            "Client connections accepted.",
+        );
+        describe(
+            r,
+            "sluice_connections_active",
+            Kind::Gauge,
+            Unit::Count,
+            "Client connections open now.",
+        );
+        describe(
+            r,
+            "sluice_connections_closed_total",
+            Kind::Counter,
+            Unit::Count,
+            "Client connections closed, by reason.",
+        );
+        describe(
+            r,
+            "sluice_listener_paused_total",
+            Kind::Counter,
+            Unit::Count,
+            "Times accepting stopped because listen.max_connections was reached.",
+        );
+        describe(
+            r,
+            "sluice_upstream_connect_errors_total",
+            Kind::Counter,
+            Unit::Count,
+            "Failed upstream connects, by kind.",
+        );
+        describe(
+            r,
+            "sluice_upstream_connect_duration_seconds",
+            Kind::Histogram,
+            Unit::Seconds,
+            "Time to connect to the upstream.",
+        );
+        describe(
+            r,
+            "sluice_connection_duration_seconds",
+            Kind::Histogram,
+            Unit::Seconds,
+            "Client connection lifetime.",
+        );
+        describe(
+            r,
+            "sluice_bytes_total",
+            Kind::Counter,
+            Unit::Bytes,
+            "Bytes relayed, by direction.",
+        );
+        describe(
+            r,
+            "sluice_queued_bytes",
+            Kind::Gauge,
+            Unit::Bytes,
+            "Bytes held in sluice's buffers now, all connections, by direction.",
+        );
+        describe(
+            r,
+            "sluice_buffer_limit_bytes",
+            Kind::Gauge,
+            Unit::Bytes,
+            "The configured per-connection buffer bound, by direction.",
+        );
+        describe(
+            r,
+            "sluice_pauses_total",
+            Kind::Counter,
+            Unit::Count,
+            "Times a buffer filled and reading from its source stopped.",
+        );
+        describe(
+            r,
+            "sluice_drains_total",
+            Kind::Counter,
+            Unit::Count,
+            "Times a paused buffer drained to the resume mark and reading resumed.",
+        );
+        describe(
+            r,
+            "sluice_connections_rejected_total",
+            Kind::Counter,
+            Unit::Count,
+            "Clients closed at once by an access rule, by reason.",
+        );
+        describe(
+            r,
+            "sluice_config_reloads_total",
+            Kind::Counter,
+            Unit::Count,
+            "Configuration reloads (SIGHUP), by result.",
+        );
+        describe(
+            r,
+            "sluice_connection_panics_total",
+            Kind::Counter,
+            Unit::Count,
+            "Connection tasks that panicked (a bug; the process carries on).",
+        );
+        describe(
+            r,
+            "sluice_build_info",
+            Kind::Gauge,
+            Unit::Count,
+            "Always 1; the version label says which sluice this is.",
+        );
 
         let counter = |name: &'static str, labels: Vec<Label>| {
             r.register_counter(&Key::from_parts(name, labels), &META)
@@ -189,7 +288,10 @@ impl Metrics {
             queued: gauge("sluice_queued_bytes", label("direction", DIRECTIONS[i])),
             pauses: counter("sluice_pauses_total", label("direction", DIRECTIONS[i])),
             drains: counter("sluice_drains_total", label("direction", DIRECTIONS[i])),
-            limit: gauge("sluice_buffer_limit_bytes", label("direction", DIRECTIONS[i])),
+            limit: gauge(
+                "sluice_buffer_limit_bytes",
+                label("direction", DIRECTIONS[i]),
+            ),
             paused: PauseClock::default(),
         };
         let m = Metrics {
@@ -198,24 +300,44 @@ impl Metrics {
             active: gauge("sluice_connections_active", vec![]),
             closed: CloseReason::ALL
                 .iter()
-                .map(|r| counter("sluice_connections_closed_total", label("reason", r.as_label())))
+                .map(|r| {
+                    counter(
+                        "sluice_connections_closed_total",
+                        label("reason", r.as_label()),
+                    )
+                })
                 .collect(),
             listener_paused: counter("sluice_listener_paused_total", vec![]),
             connect_errors: ConnectErrorKind::ALL
                 .iter()
-                .map(|k| counter("sluice_upstream_connect_errors_total", label("kind", k.as_label())))
+                .map(|k| {
+                    counter(
+                        "sluice_upstream_connect_errors_total",
+                        label("kind", k.as_label()),
+                    )
+                })
                 .collect(),
             connect_duration: histogram("sluice_upstream_connect_duration_seconds"),
             connection_duration: histogram("sluice_connection_duration_seconds"),
-            rejected_per_client: counter("sluice_connections_rejected_total", label("reason", "max_per_client")),
-            rejected_not_allowed: counter("sluice_connections_rejected_total", label("reason", "not_allowed")),
+            rejected_per_client: counter(
+                "sluice_connections_rejected_total",
+                label("reason", "max_per_client"),
+            ),
+            rejected_not_allowed: counter(
+                "sluice_connections_rejected_total",
+                label("reason", "not_allowed"),
+            ),
             reloads_success: counter("sluice_config_reloads_total", label("result", "success")),
             reloads_failure: counter("sluice_config_reloads_total", label("result", "failure")),
             panics: counter("sluice_connection_panics_total", vec![]),
             directions: [direction(0), direction(1)],
             handle,
         };
-        gauge("sluice_build_info", label("version", env!("CARGO_PKG_VERSION"))).set(1.0);
+        gauge(
+            "sluice_build_info",
+            label("version", env!("CARGO_PKG_VERSION")),
+        )
+        .set(1.0);
         m.set_limits(bounds);
         // Keep the recorder alive: the handles and the render handle share its storage,
         // so dropping our reference here is enough; nothing else needs it.
@@ -245,22 +367,34 @@ impl Metrics {
 
     /// The whole exposition: the recorder's series plus those computed at scrape time.
     pub fn render(&self) -> String {
-        let mut out = self.handle.render();
+        // Pauses first: a pause is counted before its clock starts, so the counters in
+        // the render that follows never trail the paused gauge.
         let now = self.now();
-        let snaps: Vec<_> = self.directions.iter().map(|d| d.paused.snapshot(now)).collect();
+        let snaps: Vec<_> = self
+            .directions
+            .iter()
+            .map(|d| d.paused.snapshot(now))
+            .collect();
+        let mut out = self.handle.render();
         out.push_str(
             "# HELP sluice_paused_connections Connection directions paused now, by direction.\n\
              # TYPE sluice_paused_connections gauge\n",
         );
         for (dir, s) in DIRECTIONS.iter().zip(&snaps) {
-            out.push_str(&format!("sluice_paused_connections{{direction=\"{dir}\"}} {}\n", s.0));
+            out.push_str(&format!(
+                "sluice_paused_connections{{direction=\"{dir}\"}} {}\n",
+                s.0
+            ));
         }
         out.push_str(
             "# HELP sluice_paused_seconds_total Time spent paused, all connections, by direction.\n\
              # TYPE sluice_paused_seconds_total counter\n",
         );
         for (dir, s) in DIRECTIONS.iter().zip(&snaps) {
-            out.push_str(&format!("sluice_paused_seconds_total{{direction=\"{dir}\"}} {}\n", s.1));
+            out.push_str(&format!(
+                "sluice_paused_seconds_total{{direction=\"{dir}\"}} {}\n",
+                s.1
+            ));
         }
         crate::process_metrics::render(&mut out);
         out
@@ -273,7 +407,8 @@ impl Metrics {
     }
 }
 
-static META: Metadata<'static> = Metadata::new("sluice", metrics::Level::INFO, Some("sluice::metrics"));
+static META: Metadata<'static> =
+    Metadata::new("sluice", metrics::Level::INFO, Some("sluice::metrics"));
 
 enum Kind {
     Counter,
@@ -282,7 +417,10 @@ enum Kind {
 }
 
 fn describe(r: &dyn Recorder, name: &'static str, kind: Kind, unit: Unit, help: &'static str) {
-    let (name, help) = (metrics::KeyName::from_const_str(name), SharedString::const_str(help));
+    let (name, help) = (
+        metrics::KeyName::from_const_str(name),
+        SharedString::const_str(help),
+    );
     // Units stay out of the names (they already end in _bytes/_seconds).
     let _ = unit;
     match kind {
@@ -372,7 +510,8 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
             Ok((stream, _)) => {
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &metrics)).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &metrics))
+                        .await;
                 });
             }
             Err(e) => {
@@ -397,14 +536,23 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
     }
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
-    let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let (method, target) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
     let path = target.split(|&b| b == b'?').next().unwrap_or_default();
     let (status, ctype, body) = match (method, path) {
-        (b"GET" | b"HEAD", b"/metrics") => {
-            ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.render())
-        }
+        (b"GET" | b"HEAD", b"/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
         (b"GET" | b"HEAD", _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
     };
     let mut response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

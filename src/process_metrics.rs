@@ -9,7 +9,10 @@ use std::fmt::Write as _;
 pub fn render(out: &mut String) {
     let Some(stat) = Stat::read() else { return };
     let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        );
     };
     metric(
         "process_cpu_seconds_total",
@@ -37,14 +40,24 @@ pub fn render(out: &mut String) {
             start,
         );
     }
-    metric("process_open_fds", "gauge", "Number of open file descriptors.", open_fds() as f64);
+    metric(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        open_fds() as f64,
+    );
     metric(
         "process_max_fds",
         "gauge",
         "Maximum number of open file descriptors.",
         max_fds() as f64,
     );
-    metric("process_threads", "gauge", "Number of OS threads in the process.", stat.threads);
+    metric(
+        "process_threads",
+        "gauge",
+        "Number of OS threads in the process.",
+        stat.threads,
+    );
 }
 
 struct Stat {
@@ -79,17 +92,27 @@ impl Stat {
 
 fn boot_time() -> Option<f64> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
-    text.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
+    text.lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
 }
 
 /// Descriptors open now.
 pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count().saturating_sub(1)).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count().saturating_sub(1))
+        .unwrap_or(0)
 }
 
 /// The soft RLIMIT_NOFILE.
 pub fn max_fds() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the struct we pass and nothing else.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_cur } else { 0 }
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        0
+    }
 }

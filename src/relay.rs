@@ -68,7 +68,11 @@ pub enum Ending {
     Complete,
     /// A socket failed; `reset` when the peer reset (or vanished) rather than some
     /// other error.
-    Failed { side: Side, reset: bool, error: io::Error },
+    Failed {
+        side: Side,
+        reset: bool,
+        error: io::Error,
+    },
     /// Nothing moved for `idle`.
     IdleTimeout,
     /// One direction finished and the other did not within `half_close`.
@@ -86,6 +90,8 @@ pub struct Totals {
     pub pauses: [u64; 2],
     /// Bytes still queued per direction when the relay ended (discarded).
     pub queued: [usize; 2],
+    /// Whether each direction passed its EOF on (its stream ended cleanly).
+    pub finished: [bool; 2],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -146,10 +152,10 @@ impl Queue {
 
     /// Gives the buffer back if nothing is queued.
     fn release_if_empty(&mut self) {
-        if self.len() == 0 {
-            if let Some(d) = self.data.take() {
-                pool::give(d);
-            }
+        if self.len() == 0
+            && let Some(d) = self.data.take()
+        {
+            pool::give(d);
         }
     }
 }
@@ -244,12 +250,12 @@ impl Direction {
                             self.delivered += n as u64;
                             *moved = true;
                             progress = true;
-                            if let State::Paused { since } = self.state {
-                                if self.queue.len() <= self.resume {
-                                    self.state = State::Streaming;
-                                    m.drains.increment(1);
-                                    m.paused.stop(since, clock.now());
-                                }
+                            if let State::Paused { since } = self.state
+                                && self.queue.len() <= self.resume
+                            {
+                                self.state = State::Streaming;
+                                m.drains.increment(1);
+                                m.paused.stop(since, clock.now());
                             }
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => progress = true,
@@ -290,7 +296,8 @@ impl Direction {
     fn report(&mut self, m: &DirectionMetrics) {
         let queued = self.queue.len();
         if queued != self.reported_queued {
-            m.queued.increment(queued as f64 - self.reported_queued as f64);
+            m.queued
+                .increment(queued as f64 - self.reported_queued as f64);
             self.reported_queued = queued;
         }
         if self.delivered != self.reported_delivered {
@@ -355,7 +362,11 @@ impl<'a> Relay<'a> {
     /// `shutdown` is cancelled.
     pub async fn run(&mut self, config: &RelayConfig, shutdown: &CancellationToken) -> Ending {
         let far = Duration::from_secs(86400 * 365);
-        let idle = if config.idle.is_zero() { far } else { config.idle };
+        let idle = if config.idle.is_zero() {
+            far
+        } else {
+            config.idle
+        };
         let idle_timer = sleep_until(self.last_moved + idle);
         let half_timer = sleep_until(self.last_moved + far);
         tokio::pin!(idle_timer, half_timer);
@@ -382,7 +393,9 @@ impl<'a> Relay<'a> {
                 Event::HalfClosed => {
                     if !half_closed && !config.half_close.is_zero() {
                         half_closed = true;
-                        half_timer.as_mut().reset(Instant::now() + config.half_close);
+                        half_timer
+                            .as_mut()
+                            .reset(Instant::now() + config.half_close);
                     }
                 }
             }
@@ -394,8 +407,9 @@ impl<'a> Relay<'a> {
         let m = self.metrics;
         let mut moved = false;
         let mut done = [false; 2];
-        for (i, (src, dst)) in
-            [(self.client, self.upstream), (self.upstream, self.client)].into_iter().enumerate()
+        for (i, (src, dst)) in [(self.client, self.upstream), (self.upstream, self.client)]
+            .into_iter()
+            .enumerate()
         {
             let dm = &m.directions[i];
             let step = self.dirs[i].poll(cx, src, dst, dm, m, &mut moved);
@@ -433,6 +447,10 @@ impl<'a> Relay<'a> {
             bytes: [self.dirs[0].delivered, self.dirs[1].delivered],
             pauses: [self.dirs[0].pauses, self.dirs[1].pauses],
             queued: [self.dirs[0].queue.len(), self.dirs[1].queue.len()],
+            finished: [
+                self.dirs[0].state == State::Done,
+                self.dirs[1].state == State::Done,
+            ],
         }
     }
 }

@@ -28,7 +28,10 @@ pub fn watch(shutdown: CancellationToken) -> std::io::Result<mpsc::UnboundedRece
             };
             stops += 1;
             if stops == 1 {
-                tracing::info!(signal = name, "stop signal received; shutting down gracefully");
+                tracing::info!(
+                    signal = name,
+                    "stop signal received; shutting down gracefully"
+                );
                 shutdown.cancel();
             } else {
                 tracing::warn!(signal = name, "second stop signal; exiting now");

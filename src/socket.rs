@@ -57,7 +57,9 @@ impl Tuning {
         if self.keepalive.is_zero() {
             sock.set_keepalive(false)?;
         } else {
-            let ka = TcpKeepalive::new().with_time(self.keepalive).with_interval(self.keepalive);
+            let ka = TcpKeepalive::new()
+                .with_time(self.keepalive)
+                .with_interval(self.keepalive);
             sock.set_tcp_keepalive(&ka)?;
         }
         Ok(())
@@ -66,7 +68,10 @@ impl Tuning {
 
 /// The sizes the kernel actually chose (it doubles what it is given), for the debug log.
 pub fn effective_buffers(sock: SockRef<'_>) -> (usize, usize) {
-    (sock.recv_buffer_size().unwrap_or(0), sock.send_buffer_size().unwrap_or(0))
+    (
+        sock.recv_buffer_size().unwrap_or(0),
+        sock.send_buffer_size().unwrap_or(0),
+    )
 }
 
 /// Makes the next close send RST instead of FIN, so the peer sees a failure rather than

@@ -14,8 +14,17 @@ fn root() -> PathBuf {
 
 #[test]
 fn shipped_proxy_toml_is_valid_and_prints_its_effective_config() {
-    let out = sluice().arg("--check-config").arg("--config").arg(root().join("proxy.toml")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = sluice()
+        .arg("--check-config")
+        .arg("--config")
+        .arg(root().join("proxy.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed = String::from_utf8(out.stdout).unwrap();
     // What it prints is itself a valid configuration, equal to the file's.
     let reparsed = sluice::Config::parse(&printed, "printed").unwrap();
@@ -28,28 +37,54 @@ fn shipped_proxy_toml_is_valid_and_prints_its_effective_config() {
 #[test]
 fn every_invalid_fixture_fails_with_its_key_named_and_exit_code_2() {
     let dir = root().join("tests/fixtures/invalid");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     assert!(files.len() >= 10, "fixtures missing");
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        let expect = text.lines().next().and_then(|l| l.strip_prefix("# expect: ")).unwrap_or_else(|| panic!("{} lacks '# expect:'", file.display()));
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} lacks '# expect:'", file.display()));
         let out = sluice().arg("--config").arg(&file).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{}: {stderr}", file.display());
-        assert_eq!(stderr.lines().count(), 1, "{}: not one line: {stderr}", file.display());
-        assert!(stderr.contains(&file.display().to_string()), "{}: file not named: {stderr}", file.display());
-        assert!(stderr.contains(expect), "{}: `{expect}` not in: {stderr}", file.display());
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{}: not one line: {stderr}",
+            file.display()
+        );
+        assert!(
+            stderr.contains(&file.display().to_string()),
+            "{}: file not named: {stderr}",
+            file.display()
+        );
+        assert!(
+            stderr.contains(expect),
+            "{}: `{expect}` not in: {stderr}",
+            file.display()
+        );
         assert!(out.stdout.is_empty());
     }
 }
 
 #[test]
 fn missing_file_is_one_line_and_exit_code_2() {
-    let out = sluice().args(["--config", "/nonexistent/sluice.toml"]).output().unwrap();
+    let out = sluice()
+        .args(["--config", "/nonexistent/sluice.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("/nonexistent/sluice.toml") && stderr.lines().count() == 1, "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/sluice.toml") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -62,7 +97,11 @@ fn flags_and_environment_override_the_file() {
         .env("SLUICE_METRICS", "127.0.0.1:7003")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let c = sluice::Config::parse(&String::from_utf8(out.stdout).unwrap(), "printed").unwrap();
     assert_eq!(c.listen.address, "127.0.0.1:7001");
     assert_eq!(c.upstream.address, "upstream.example:7002");
@@ -72,10 +111,16 @@ fn flags_and_environment_override_the_file() {
 
 #[test]
 fn a_bad_flag_value_is_blamed_on_the_flag() {
-    let out = sluice().args(["--check-config", "--listen", "nope", "--upstream", "h:1"]).output().unwrap();
+    let out = sluice()
+        .args(["--check-config", "--listen", "nope", "--upstream", "h:1"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--listen") && stderr.contains("listen.address"), "{stderr}");
+    assert!(
+        stderr.contains("--listen") && stderr.contains("listen.address"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -83,10 +128,17 @@ fn help_and_version() {
     let out = sluice().arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--config", "--listen", "--upstream", "--metrics", "--log-level", "--check-config", "SLUICE_LISTEN"] {
+    for flag in [
+        "--config",
+        "--listen",
+        "--upstream",
+        "--metrics",
+        "--log-level",
+        "--check-config",
+        "SLUICE_LISTEN",
+    ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
     let out = sluice().arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
-

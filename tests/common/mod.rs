@@ -10,7 +10,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use sluice::{Config, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +39,7 @@ impl Proxy {
         let mut c = config(&upstream.to_string());
         tweak(&mut c);
         c.validate("test", None).expect("tweaked config is valid");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = sluice::listener::bind(&c).unwrap();
         let addr = listener.local_addr().unwrap();
         let server = Arc::new(Server::new(c));
         let stop = CancellationToken::new();
@@ -47,7 +47,12 @@ impl Proxy {
             let (server, stop) = (server.clone(), stop.clone());
             tokio::spawn(async move { server.run(listener, stop).await.unwrap() })
         };
-        Proxy { addr, server, stop, task }
+        Proxy {
+            addr,
+            server,
+            stop,
+            task,
+        }
     }
 
     pub fn metrics(&self) -> String {
@@ -64,33 +69,44 @@ impl Proxy {
     }
 
     pub fn closed(&self, reason: &str) -> f64 {
-        self.value(&format!("sluice_connections_closed_total{{reason=\"{reason}\"}}"))
+        self.value(&format!(
+            "sluice_connections_closed_total{{reason=\"{reason}\"}}"
+        ))
     }
 
     /// Waits until no connection is live and every gauge of live things is back to 0.
     pub async fn settled(&self) {
         eventually("gauges return to zero", Duration::from_secs(10), || {
             let m = self.metrics();
-            ["sluice_connections_active", "sluice_queued_bytes{direction=\"client_to_upstream\"}",
-             "sluice_queued_bytes{direction=\"upstream_to_client\"}",
-             "sluice_paused_connections{direction=\"client_to_upstream\"}",
-             "sluice_paused_connections{direction=\"upstream_to_client\"}"]
-                .iter()
-                .all(|s| value(&m, s) == 0.0)
+            [
+                "sluice_connections_active",
+                "sluice_queued_bytes{direction=\"client_to_upstream\"}",
+                "sluice_queued_bytes{direction=\"upstream_to_client\"}",
+                "sluice_paused_connections{direction=\"client_to_upstream\"}",
+                "sluice_paused_connections{direction=\"upstream_to_client\"}",
+            ]
+            .iter()
+            .all(|s| value(&m, s) == 0.0)
         })
         .await;
     }
 
     pub async fn shutdown(self) {
         self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(60), self.task).await.expect("proxy stops").unwrap();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("proxy stops")
+            .unwrap();
     }
 }
 
 /// Parses one series' value out of a Prometheus exposition.
 pub fn value(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .unwrap_or_else(|| panic!("series {series} not in the scrape:\n{text}"))
         .trim()
         .parse()
@@ -163,7 +179,11 @@ pub fn sha(bytes: &[u8]) -> [u8; 32] {
 }
 
 /// Writes `bytes` in random chunk sizes (1 byte to 64 KiB), then shuts the write half.
-pub async fn write_chunked<W: AsyncWriteExt + Unpin>(w: &mut W, bytes: &[u8], seed: u64) -> std::io::Result<()> {
+pub async fn write_chunked<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+    seed: u64,
+) -> std::io::Result<()> {
     use rand::{RngExt, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut at = 0;
@@ -198,7 +218,10 @@ pub async fn connect_small_rcvbuf(addr: SocketAddr, rcvbuf: u32) -> TcpStream {
 }
 
 /// Reads to EOF at about `rate` bytes per second, in reads of at most 1 KiB.
-pub async fn read_slowly<R: AsyncReadExt + Unpin>(r: &mut R, rate: u64) -> std::io::Result<Vec<u8>> {
+pub async fn read_slowly<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    rate: u64,
+) -> std::io::Result<Vec<u8>> {
     let start = Instant::now();
     let mut out = Vec::new();
     let mut buf = [0u8; 1024];
@@ -213,10 +236,13 @@ pub async fn read_slowly<R: AsyncReadExt + Unpin>(r: &mut R, rate: u64) -> std::
     }
 }
 
-/// A free loopback port with nothing listening on it.
-pub fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+/// A loopback address that refuses connections: a socket bound to it that never
+/// listens, so no other test can take the port while the guard lives.
+pub fn refusing_address() -> (SocketAddr, socket2::Socket) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    (sock.local_addr().unwrap().as_socket().unwrap(), sock)
 }
 
 /// A loopback address whose handshakes never complete: a listener that never accepts,
@@ -224,7 +250,8 @@ pub fn closed_port() -> SocketAddr {
 pub async fn blackhole() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {
     use socket2::{Domain, Socket, Type};
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
     sock.listen(0).unwrap();
     let addr = sock.local_addr().unwrap().as_socket().unwrap();
     let mut fillers = Vec::new();
@@ -236,4 +263,129 @@ pub async fn blackhole() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {
         }
     }
     panic!("could not fill the backlog of {addr}");
+}
+
+/// The real `sluice` binary, started with a config file, its stderr collected.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
+    pub config_path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Writes `config` (TOML) to a temp file and starts sluice on it; returns once it
+    /// has logged its listening addresses.
+    pub fn start(config: &str) -> Daemon {
+        Daemon::start_with(config, |_| {})
+    }
+
+    pub fn start_with(config: &str, tweak: impl FnOnce(&mut std::process::Command)) -> Daemon {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("sluice.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.arg("--config")
+            .arg(&config_path)
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null());
+        tweak(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stderr)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    for (marker, kind) in [
+                        ("sluice listening address=", 0),
+                        ("metrics endpoint listening address=", 1),
+                    ] {
+                        if let Some(rest) = line.split(marker).nth(1) {
+                            let addr: SocketAddr =
+                                rest.split_whitespace().next().unwrap().parse().unwrap();
+                            let _ = tx.send((kind, addr));
+                        }
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let mut addrs = [None, None];
+        while addrs.iter().any(Option::is_none) {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok((k, a)) => addrs[k] = Some(a),
+                Err(_) => panic!("sluice did not start; log: {:?}", log.lock().unwrap()),
+            }
+        }
+        Daemon {
+            child,
+            addr: addrs[0].unwrap(),
+            metrics_addr: addrs[1].unwrap(),
+            log,
+            config_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill only sends a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// GET /metrics.
+    pub fn scrape(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.metrics_addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn value(&self, series: &str) -> f64 {
+        value(&self.scrape(), series)
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A daemon config relaying `listen 127.0.0.1:0` to `upstream`, plus `extra` TOML.
+pub fn daemon_config(upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{upstream}\"\n[metrics]\naddress = \"127.0.0.1:0\"\n{extra}\n"
+    )
 }

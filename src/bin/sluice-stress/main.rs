@@ -1,32 +1,111 @@
-//! sluice-stress: stand-in upstreams and clients, scenarios and a demo that drive a real sluice.
+//! sluice-stress: stand-in upstreams and clients, scenarios that watch a real sluice under a speed mismatch, and the demo.
 //!
-//! On the `bench` branch only `bench` is wired; the `stress` branch owns this file and adds
-//! the other subcommands (the lead reconciles the two at merge).
-// Work in progress: the subcommands land in the next commits.
-#![allow(dead_code)]
+//! # Layout
+//! - `pattern.rs`: the verifiable byte stream (any byte recomputable from seed + offset).
+//! - `rate.rs`: sizes, rates, durations, and the token bucket that paces a connection.
+//! - `upstream.rs`: `upstream`, the stand-in upstream (source / sink / echo).
+//! - `clients.rs`: `clients`, N concurrent verifying clients.
+//! - `proxy_process.rs`: a proxy as a child process (spawn, ports, RSS, /metrics, SIGTERM).
+//! - `baseline.rs`: `unbounded-relay`, the relay without backpressure sluice is compared with.
+//! - `bench/`: `bench`, sluice side by side with a direct connection, copy_bidirectional,
+//!   HAProxy and nginx.
+//! - `scenario.rs`: `scenario`, built-in workloads sampled every 100 ms into report.json.
+//! - `svg.rs`: report.svg, memory and queued bytes over time.
+//! - `demo.rs`: `demo`, the README's first command.
+//! - `progress.rs`: progress bars.
 
+mod baseline;
 mod bench;
+mod clients;
+mod demo;
+mod pattern;
+mod progress;
 mod proxy_process;
+mod rate;
+mod scenario;
+mod svg;
+mod upstream;
+
+use std::fmt;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Stress and benchmark tool for the sluice TCP proxy.
-#[derive(Parser)]
-#[command(version, about)]
+/// Load and stress tools for sluice: slow upstreams, slow readers, and proof that memory stays flat.
+#[derive(Debug, Parser)]
+#[command(name = "sluice-stress", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Subcommand)]
+#[derive(Debug, Subcommand)]
 enum Command {
+    /// Run sluice (with the shipped proxy.toml) in front of a slow upstream with slow readers
+    /// and fast writers, with a live status line; ends with a summary.
+    Demo(demo::DemoArgs),
+    /// A stand-in upstream: source (writes a verifiable pattern), sink or echo; optionally slow.
+    Upstream(upstream::UpstreamArgs),
+    /// N concurrent clients that read, write or echo the verifiable pattern through a proxy.
+    Clients(clients::ClientsArgs),
+    /// A built-in workload against a real sluice (and optionally the unbounded baseline),
+    /// sampled every 100 ms into DIR/report.json and DIR/report.svg.
+    Scenario(scenario::ScenarioArgs),
     /// Measure sluice side by side with a direct connection, tokio's copy_bidirectional,
-    /// HAProxy and nginx.
+    /// HAProxy and nginx: throughput, latency, connection rate, memory per connection.
     Bench(bench::BenchArgs),
+    /// The relay without backpressure used by `scenario --baseline unbounded`.
+    #[command(hide = true)]
+    UnboundedRelay(baseline::UnboundedArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Bench(args) => bench::run(args),
+/// A bad argument found after clap's own checks; exits with code 2 like clap's usage errors.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
+}
+
+impl std::error::Error for UsageError {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `bench::run` builds its own runtime, so it runs outside `run_async`.
+    let result = match cli.command {
+        Command::Bench(args) => bench::run(args),
+        command => run_async(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<UsageError>().is_some() => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs an async subcommand on a multi-threaded runtime. `block_on` polls the command on
+/// this (the main) thread, so child processes it spawns from there keep their
+/// parent-death signal for the whole run (see proxy_process).
+fn run_async(command: Command) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match command {
+            Command::Demo(args) => demo::run(args).await,
+            Command::Upstream(args) => upstream::run(args).await,
+            Command::Clients(args) => clients::run(args).await,
+            Command::Scenario(args) => scenario::run(args).await,
+            Command::UnboundedRelay(args) => baseline::run(args).await,
+            Command::Bench(_) => unreachable!("bench runs outside run_async"),
+        }
+    })
 }

@@ -134,9 +134,13 @@ impl ProxyProcess {
         if let Some(path) = std::env::var_os("SLUICE_BIN") {
             return Ok(PathBuf::from(path));
         }
-        let path = std::env::current_exe()
-            .context("cannot find the current executable")?
-            .with_file_name("sluice");
+        let exe = std::env::current_exe().context("cannot find the current executable")?;
+        let path = exe.with_file_name("sluice");
+        if !path.exists() {
+            // `cargo run --bin sluice-stress` builds only this binary; build its sibling the
+            // same way, so `demo` works from a fresh clone with one command.
+            build_sluice(&exe)?;
+        }
         if !path.exists() {
             bail!(
                 "the sluice binary is not at {} (build it with `cargo build`, or set SLUICE_BIN)",
@@ -246,6 +250,7 @@ impl ProxyProcess {
         Ok(proc)
     }
 
+    #[allow(dead_code)] // part of the API the bench subcommand uses
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -269,6 +274,7 @@ impl ProxyProcess {
     }
 
     /// The child's resident set size now.
+    #[allow(dead_code)] // part of the API the bench subcommand uses
     pub fn rss_bytes(&self) -> Result<u64> {
         rss_of(self.pid())
     }
@@ -324,6 +330,35 @@ impl Drop for ProxyProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Runs `cargo build --bin sluice` for the profile `exe` was built with (target/release or
+/// target/debug), in the source tree this binary was compiled from.
+fn build_sluice(exe: &Path) -> Result<()> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    if !manifest.exists() {
+        return Ok(());
+    }
+    let release = exe
+        .parent()
+        .and_then(|d| d.file_name())
+        .is_some_and(|n| n == "release");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build").arg("--manifest-path").arg(&manifest);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.args(["--bin", "sluice"]);
+    eprintln!(
+        "sluice-stress: the sluice binary is not built yet; running cargo build{} --bin sluice",
+        if release { " --release" } else { "" }
+    );
+    let status = cmd.status().context("cannot run cargo to build sluice")?;
+    if !status.success() {
+        bail!("building sluice failed ({status})");
+    }
+    Ok(())
 }
 
 /// Reads the child's stderr line by line: keeps a tail for error messages and passes lines
@@ -439,11 +474,14 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
+/// Label pairs of one sample, in exposition order.
+type Labels = Vec<(String, String)>;
+
 /// One scrape of a Prometheus text exposition.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     /// (metric name, labels, value) for every sample line.
-    samples: Vec<(String, Vec<(String, String)>, f64)>,
+    samples: Vec<(String, Labels, f64)>,
 }
 
 impl Metrics {
@@ -486,12 +524,13 @@ impl Metrics {
     }
 
     /// Whether any sample of `name` exists.
+    #[allow(dead_code)] // part of the API the bench subcommand uses
     pub fn has(&self, name: &str) -> bool {
         self.samples.iter().any(|(n, _, _)| n == name)
     }
 }
 
-fn parse_sample(line: &str) -> Option<(String, Vec<(String, String)>, f64)> {
+fn parse_sample(line: &str) -> Option<(String, Labels, f64)> {
     let (name, labels, rest) = match line.find('{') {
         Some(open) if line[..open].find(' ').is_none() => {
             let close = open + line[open..].find('}')?;
@@ -515,7 +554,7 @@ fn parse_sample(line: &str) -> Option<(String, Vec<(String, String)>, f64)> {
     Some((name.to_string(), labels, value))
 }
 
-fn parse_labels(s: &str) -> Option<Vec<(String, String)>> {
+fn parse_labels(s: &str) -> Option<Labels> {
     let mut labels = Vec::new();
     let mut rest = s.trim();
     while !rest.is_empty() {

@@ -1,0 +1,673 @@
+//! `scenario`: a built-in workload run against a real sluice (and optionally the unbounded baseline), sampled every 100 ms into DIR/report.json and DIR/report.svg.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::UsageError;
+use crate::baseline::CAP_EXIT_CODE;
+use crate::clients::{self, ClientMode, ClientSpec, ClientsSummary, LiveStats};
+use crate::proxy_process::{DIRECTIONS, Metrics, ProxyConfig, ProxyProcess};
+use crate::rate::{Rate, format_bytes, parse_duration, parse_size};
+use crate::svg;
+use crate::upstream::{self, UpstreamMode, UpstreamSpec, UpstreamStats};
+
+/// How often the proxy is sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// How long sluice may take to exit after SIGTERM (its generated shutdown_grace is 2 s).
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScenarioName {
+    /// A fast source upstream; clients read at 16 KiB/s each with a 4 KiB SO_RCVBUF.
+    SlowReaders,
+    /// Clients write as fast as they can; the upstream sink reads 64 KiB/s per connection.
+    SlowUpstream,
+    /// An echo upstream; a third of the clients write fast but read at 16 KiB/s (both
+    /// directions fill), a third trickle at 16 KiB/s, a third stream at 1 MiB/s.
+    Mixed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Baseline {
+    /// A relay that reads everything into an unbounded queue (no backpressure).
+    Unbounded,
+}
+
+/// `sluice-stress scenario NAME ...`
+#[derive(Debug, Clone, Args)]
+pub struct ScenarioArgs {
+    /// Which built-in workload to run.
+    #[arg(value_enum)]
+    pub name: ScenarioName,
+    /// Concurrent client connections.
+    #[arg(long, default_value_t = 200)]
+    pub conns: usize,
+    /// How long the clients run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Directory for report.json and report.svg (created if missing).
+    #[arg(long, default_value = "target/stress-report")]
+    pub out: PathBuf,
+    /// Run the same workload a second time through a relay without backpressure.
+    #[arg(long, value_enum)]
+    pub baseline: Option<Baseline>,
+    /// Memory cap of the baseline relay (it exits when its RSS or queue reaches it).
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    pub baseline_cap: u64,
+    /// sluice's per-connection bound for each direction.
+    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    pub bound: u64,
+    /// SO_RCVBUF/SO_SNDBUF on all of sluice's sockets (small, so backpressure reaches sluice
+    /// quickly instead of being absorbed by the kernel).
+    #[arg(long, default_value = "16KiB", value_parser = parse_size)]
+    pub socket_buffer: u64,
+}
+
+/// The upstream and clients of a scenario.
+pub struct Workload {
+    pub description: String,
+    pub upstream: UpstreamSpec,
+    pub clients: Vec<ClientSpec>,
+}
+
+const KIB: u64 = 1024;
+
+pub fn workload(name: ScenarioName, conns: usize) -> Workload {
+    let slow = Some(Rate(16 * KIB));
+    match name {
+        ScenarioName::SlowReaders => Workload {
+            description: format!(
+                "{conns} clients reading at 16 KiB/s (4 KiB SO_RCVBUF) from an upstream writing as fast as it can"
+            ),
+            upstream: UpstreamSpec {
+                mode: UpstreamMode::Source,
+                rate: None,
+                bytes: None,
+                rcvbuf: None,
+                sndbuf: None,
+            },
+            clients: vec![
+                ClientSpec {
+                    read_rate: slow,
+                    rcvbuf: Some(4 * KIB),
+                    ..ClientSpec::new(ClientMode::Read)
+                };
+                conns
+            ],
+        },
+        ScenarioName::SlowUpstream => Workload {
+            description: format!(
+                "{conns} clients writing as fast as they can into an upstream reading 64 KiB/s per connection"
+            ),
+            upstream: UpstreamSpec {
+                mode: UpstreamMode::Sink,
+                rate: Some(Rate(64 * KIB)),
+                bytes: None,
+                rcvbuf: Some(16 * KIB),
+                sndbuf: None,
+            },
+            clients: vec![
+                ClientSpec {
+                    sndbuf: Some(16 * KIB),
+                    ..ClientSpec::new(ClientMode::Write)
+                };
+                conns
+            ],
+        },
+        ScenarioName::Mixed => Workload {
+            description: format!(
+                "{conns} echo clients: 1/3 write fast and read 16 KiB/s, 1/3 write 16 KiB/s, 1/3 write 1 MiB/s"
+            ),
+            upstream: UpstreamSpec {
+                mode: UpstreamMode::Echo,
+                rate: None,
+                bytes: None,
+                rcvbuf: Some(16 * KIB),
+                sndbuf: Some(16 * KIB),
+            },
+            clients: (0..conns)
+                .map(|i| match i % 3 {
+                    0 => ClientSpec {
+                        read_rate: slow,
+                        rcvbuf: Some(4 * KIB),
+                        sndbuf: Some(16 * KIB),
+                        ..ClientSpec::new(ClientMode::Echo)
+                    },
+                    1 => ClientSpec {
+                        write_rate: slow,
+                        ..ClientSpec::new(ClientMode::Echo)
+                    },
+                    _ => ClientSpec {
+                        write_rate: Some(Rate(1024 * KIB)),
+                        ..ClientSpec::new(ClientMode::Echo)
+                    },
+                })
+                .collect(),
+        },
+    }
+}
+
+/// Which proxy a run drives.
+pub enum ProxyKind {
+    Sluice(ProxyConfig),
+    Unbounded { cap: u64 },
+}
+
+/// One sample of the proxy, taken every 100 ms.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Sample {
+    /// Seconds since the proxy started.
+    pub t: f64,
+    pub rss_bytes: u64,
+    pub queued_client_to_upstream: u64,
+    pub queued_upstream_to_client: u64,
+    pub pauses_total: u64,
+    pub drains_total: u64,
+    pub paused_connections: u64,
+    pub connections_active: u64,
+    pub bytes_per_sec_client_to_upstream: f64,
+    pub bytes_per_sec_upstream_to_client: f64,
+}
+
+impl Sample {
+    pub fn queued(&self) -> u64 {
+        self.queued_client_to_upstream + self.queued_upstream_to_client
+    }
+}
+
+/// What the upstream saw.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UpstreamSummary {
+    pub accepted: u64,
+    pub completed: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub bytes_verified: u64,
+    pub errors: u64,
+    pub error_samples: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunSummary {
+    pub start_rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+    /// Peak of the sum over both directions.
+    pub peak_queued_bytes: u64,
+    pub peak_queued_client_to_upstream: u64,
+    pub peak_queued_upstream_to_client: u64,
+    /// sluice's per-connection bounds (absent for the baseline, which has none).
+    pub bound_client_to_upstream: Option<u64>,
+    pub bound_upstream_to_client: Option<u64>,
+    /// conns × bound, per direction: what queued bytes may never exceed.
+    pub queued_limit_client_to_upstream: Option<u64>,
+    pub queued_limit_upstream_to_client: Option<u64>,
+    pub pauses: u64,
+    pub drains: u64,
+    pub peak_paused_connections: u64,
+    /// Bytes checked against the pattern, by clients and by the upstream sink.
+    pub bytes_verified: u64,
+    /// Client errors + upstream errors.
+    pub errors: u64,
+    pub error_samples: Vec<String>,
+    pub clients: ClientsSummary,
+    pub upstream: UpstreamSummary,
+    /// How the proxy ended ("exit status: 0", ...).
+    pub proxy_exit: String,
+    /// The baseline reached its memory cap and exited.
+    pub killed_at_cap: bool,
+    pub samples_taken: usize,
+    pub sample_errors: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// "sluice" or "unbounded".
+    pub proxy: String,
+    pub summary: RunSummary,
+    pub samples: Vec<Sample>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: ScenarioName,
+    pub description: String,
+    pub conns: usize,
+    pub duration_secs: f64,
+    pub runs: Vec<RunReport>,
+}
+
+pub async fn run(args: ScenarioArgs) -> Result<()> {
+    if args.conns == 0 {
+        return Err(UsageError("--conns must be at least 1".into()).into());
+    }
+    if args.bound == 0 {
+        return Err(UsageError("--bound must be more than 0".into()).into());
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let wl = workload(args.name, args.conns);
+    eprintln!("scenario {}: {}", scenario_slug(args.name), wl.description);
+
+    let mut runs = Vec::new();
+    // Spawned from here (main thread), see proxy_process.
+    let upstream_addr_placeholder = "127.0.0.1:0".parse().expect("valid");
+    let mut config = ProxyConfig::new(upstream_addr_placeholder);
+    config.client_to_upstream = args.bound;
+    config.upstream_to_client = args.bound;
+    config.socket_buffer = args.socket_buffer;
+    runs.push(run_once(ProxyKind::Sluice(config), &wl, args.duration, true).await?);
+    if args.baseline == Some(Baseline::Unbounded) {
+        runs.push(
+            run_once(
+                ProxyKind::Unbounded {
+                    cap: args.baseline_cap,
+                },
+                &wl,
+                args.duration,
+                true,
+            )
+            .await?,
+        );
+    }
+
+    let report = Report {
+        scenario: args.name,
+        description: wl.description.clone(),
+        conns: args.conns,
+        duration_secs: args.duration.as_secs_f64(),
+        runs,
+    };
+    let json_path = args.out.join("report.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", json_path.display()))?;
+    let svg_path = args.out.join("report.svg");
+    std::fs::write(&svg_path, render_svg(&report))
+        .with_context(|| format!("cannot write {}", svg_path.display()))?;
+    for r in &report.runs {
+        print_run(r);
+    }
+    println!("wrote {} and {}", json_path.display(), svg_path.display());
+
+    let sluice = &report.runs[0].summary;
+    let mut problems = Vec::new();
+    if sluice.errors > 0 {
+        problems.push(format!("{} errors through sluice", sluice.errors));
+    }
+    for (peak, limit, dir) in [
+        (
+            sluice.peak_queued_client_to_upstream,
+            sluice.queued_limit_client_to_upstream,
+            DIRECTIONS[0],
+        ),
+        (
+            sluice.peak_queued_upstream_to_client,
+            sluice.queued_limit_upstream_to_client,
+            DIRECTIONS[1],
+        ),
+    ] {
+        if let Some(limit) = limit
+            && peak > limit
+        {
+            problems.push(format!(
+                "queued {dir} peaked at {peak} bytes, over conns × bound = {limit}"
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("scenario failed: {}", problems.join("; "));
+    }
+    Ok(())
+}
+
+fn print_run(r: &RunReport) {
+    let s = &r.summary;
+    println!(
+        "{:>9}: peak RSS {} (start {}), peak queued {}{}, pauses {}, drains {}, verified {}, errors {}{}",
+        r.proxy,
+        format_bytes(s.peak_rss_bytes),
+        format_bytes(s.start_rss_bytes),
+        format_bytes(s.peak_queued_bytes),
+        match (
+            s.queued_limit_client_to_upstream,
+            s.queued_limit_upstream_to_client
+        ) {
+            (Some(a), Some(b)) => format!(" (limit {} each way)", format_bytes(a.max(b))),
+            _ => String::new(),
+        },
+        s.pauses,
+        s.drains,
+        format_bytes(s.bytes_verified),
+        s.errors,
+        if s.killed_at_cap {
+            " — killed itself at its memory cap"
+        } else {
+            ""
+        },
+    );
+    for e in s.error_samples.iter().take(3) {
+        println!("           error: {e}");
+    }
+    if s.errors > 3 {
+        println!("           ... (all in report.json)");
+    }
+}
+
+/// Runs one workload against one proxy: start upstream and proxy, sample while the clients
+/// run, stop everything, summarize.
+pub async fn run_once(
+    kind: ProxyKind,
+    wl: &Workload,
+    duration: Duration,
+    show_progress: bool,
+) -> Result<RunReport> {
+    let up_spec = Arc::new(wl.upstream.clone());
+    let listener = upstream::bind("127.0.0.1:0".parse()?, &up_spec)?;
+    let upstream_addr = listener.local_addr()?;
+    let up_stats = Arc::new(UpstreamStats::default());
+    let up_stop = CancellationToken::new();
+    let up_task = tokio::spawn(upstream::serve(
+        listener,
+        up_spec,
+        up_stats.clone(),
+        up_stop.clone(),
+    ));
+
+    let (name, bounds, proxy) = match kind {
+        ProxyKind::Sluice(mut config) => {
+            config.upstream = upstream_addr;
+            let bounds = (config.client_to_upstream, config.upstream_to_client);
+            ("sluice", Some(bounds), ProxyProcess::spawn_sluice(&config)?)
+        }
+        ProxyKind::Unbounded { cap } => {
+            let mut cmd = Command::new(std::env::current_exe()?);
+            cmd.arg("unbounded-relay")
+                .arg("--upstream")
+                .arg(upstream_addr.to_string())
+                .arg("--cap")
+                .arg(cap.to_string());
+            (
+                "unbounded",
+                None,
+                ProxyProcess::spawn(cmd, "unbounded relay", true, None)?,
+            )
+        }
+    };
+    let mut proxy = proxy;
+
+    let sampler = Sampler::start(&proxy);
+    let specs = wl.clients.clone();
+    let live = Arc::new(LiveStats::default());
+    let stop = CancellationToken::new();
+    let runner = tokio::spawn(clients::run_clients(
+        proxy.listen_addr(),
+        specs.clone(),
+        stop.clone(),
+        clients::DEFAULT_DRAIN,
+        live.clone(),
+    ));
+    tokio::pin!(runner);
+    let bar = if show_progress {
+        crate::progress::bar(Some(duration))
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let results = loop {
+        tokio::select! {
+            r = &mut runner => break r?,
+            _ = tick.tick() => {
+                if !stop.is_cancelled()
+                    && (started.elapsed() >= duration || proxy.try_exited().is_some())
+                {
+                    stop.cancel();
+                }
+                let last = sampler.last();
+                crate::progress::update(&bar, started.elapsed().min(duration), format!(
+                    "{name}: RSS {}, queued {}, {} clients active, {} errors",
+                    format_bytes(last.rss_bytes),
+                    format_bytes(last.queued()),
+                    live.active.load(Ordering::Relaxed),
+                    live.errors.load(Ordering::Relaxed),
+                ));
+            }
+        }
+    };
+    bar.finish_and_clear();
+    let (samples, sample_errors) = sampler.finish();
+    up_stop.cancel();
+    let _ = up_task.await;
+    let exit = proxy.try_exited();
+    let exit = match exit {
+        Some(status) => status,
+        None => proxy.stop(STOP_GRACE)?,
+    };
+    let killed_at_cap = name == "unbounded" && exit.code() == Some(CAP_EXIT_CODE);
+
+    let client_summary = clients::summarize(&specs, &results);
+    let upstream = UpstreamSummary {
+        accepted: up_stats.accepted.load(Ordering::Relaxed),
+        completed: up_stats.completed.load(Ordering::Relaxed),
+        bytes_in: up_stats.bytes_in.load(Ordering::Relaxed),
+        bytes_out: up_stats.bytes_out.load(Ordering::Relaxed),
+        bytes_verified: up_stats.bytes_verified.load(Ordering::Relaxed),
+        errors: up_stats.errors.load(Ordering::Relaxed),
+        error_samples: up_stats
+            .error_samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
+    };
+    let conns = specs.len() as u64;
+    let peak = |f: fn(&Sample) -> u64| samples.iter().map(f).max().unwrap_or(0);
+    let mut error_samples = client_summary.error_samples.clone();
+    error_samples.extend(upstream.error_samples.iter().cloned());
+    let summary = RunSummary {
+        start_rss_bytes: samples.first().map_or(0, |s| s.rss_bytes),
+        peak_rss_bytes: peak(|s| s.rss_bytes),
+        peak_queued_bytes: peak(Sample::queued),
+        peak_queued_client_to_upstream: peak(|s| s.queued_client_to_upstream),
+        peak_queued_upstream_to_client: peak(|s| s.queued_upstream_to_client),
+        bound_client_to_upstream: bounds.map(|b| b.0),
+        bound_upstream_to_client: bounds.map(|b| b.1),
+        queued_limit_client_to_upstream: bounds.map(|b| b.0 * conns),
+        queued_limit_upstream_to_client: bounds.map(|b| b.1 * conns),
+        pauses: samples.last().map_or(0, |s| s.pauses_total),
+        drains: samples.last().map_or(0, |s| s.drains_total),
+        peak_paused_connections: peak(|s| s.paused_connections),
+        bytes_verified: client_summary.bytes_verified + upstream.bytes_verified,
+        errors: client_summary.errors as u64 + upstream.errors,
+        error_samples: error_samples.into_iter().take(10).collect(),
+        clients: client_summary,
+        upstream,
+        proxy_exit: exit.to_string(),
+        killed_at_cap,
+        samples_taken: samples.len(),
+        sample_errors,
+    };
+    Ok(RunReport {
+        proxy: name.to_string(),
+        summary,
+        samples,
+    })
+}
+
+/// Samples a proxy every [`SAMPLE_EVERY`] on its own thread, so a busy runtime cannot skew
+/// the timing.
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    errors: Arc<Mutex<usize>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Sampler {
+    pub fn start(proxy: &ProxyProcess) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(0));
+        let pid = proxy.pid();
+        let metrics = proxy.metrics_addr();
+        let thread = {
+            let (stop, samples, errors) = (stop.clone(), samples.clone(), errors.clone());
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut prev: Option<(Instant, [f64; 2])> = None;
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let scraped = match metrics {
+                        Some(addr) => crate::proxy_process::http_get(addr, "/metrics")
+                            .map(|t| Metrics::parse(&t)),
+                        None => Ok(Metrics::default()),
+                    };
+                    // Read right after the scrape, so memory and queue describe the same moment.
+                    let Ok(rss) = crate::proxy_process::rss_of(pid) else {
+                        // The process is gone (the baseline at its cap); nothing more to see.
+                        break;
+                    };
+                    match scraped {
+                        Ok(m) => {
+                            let now = Instant::now();
+                            let bytes = DIRECTIONS.map(|d| m.direction("sluice_bytes_total", d));
+                            let rates = match prev {
+                                Some((t0, b0)) => {
+                                    let dt = now.duration_since(t0).as_secs_f64().max(1e-3);
+                                    [(bytes[0] - b0[0]) / dt, (bytes[1] - b0[1]) / dt]
+                                }
+                                None => [0.0, 0.0],
+                            };
+                            prev = Some((now, bytes));
+                            let s = Sample {
+                                t: start.elapsed().as_secs_f64(),
+                                rss_bytes: rss,
+                                queued_client_to_upstream: m
+                                    .direction("sluice_queued_bytes", DIRECTIONS[0])
+                                    as u64,
+                                queued_upstream_to_client: m
+                                    .direction("sluice_queued_bytes", DIRECTIONS[1])
+                                    as u64,
+                                pauses_total: m.sum("sluice_pauses_total") as u64,
+                                drains_total: m.sum("sluice_drains_total") as u64,
+                                paused_connections: m.sum("sluice_paused_connections") as u64,
+                                connections_active: m.sum("sluice_connections_active") as u64,
+                                bytes_per_sec_client_to_upstream: rates[0],
+                                bytes_per_sec_upstream_to_client: rates[1],
+                            };
+                            samples.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+                        }
+                        Err(_) => *errors.lock().unwrap_or_else(|e| e.into_inner()) += 1,
+                    }
+                    next += SAMPLE_EVERY;
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    } else {
+                        next = now;
+                    }
+                }
+            })
+        };
+        Sampler {
+            stop,
+            samples,
+            errors,
+            thread,
+        }
+    }
+
+    /// The latest sample (zeros before the first).
+    pub fn last(&self) -> Sample {
+        self.samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Stops sampling; returns the samples and how many scrapes failed.
+    pub fn finish(self) -> (Vec<Sample>, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        let samples = std::mem::take(&mut *self.samples.lock().unwrap_or_else(|e| e.into_inner()));
+        let errors = *self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        (samples, errors)
+    }
+}
+
+const COLORS: [&str; 2] = ["#1f77b4", "#d62728"];
+
+fn run_label(r: &RunReport) -> String {
+    match r.proxy.as_str() {
+        "sluice" => format!(
+            "sluice ({} bound)",
+            format_bytes(r.summary.bound_upstream_to_client.unwrap_or(0))
+        ),
+        _ => "unbounded relay".to_string(),
+    }
+}
+
+/// The two-panel chart: RSS and queued bytes over time, a line per run.
+pub fn render_svg(report: &Report) -> String {
+    let series = |pick: fn(&Sample) -> u64| -> Vec<svg::Series> {
+        report
+            .runs
+            .iter()
+            .zip(COLORS)
+            .map(|(r, color)| svg::Series {
+                label: run_label(r),
+                color,
+                points: r.samples.iter().map(|s| (s.t, pick(s) as f64)).collect(),
+                end_note: r
+                    .summary
+                    .killed_at_cap
+                    .then(|| "killed at its memory cap".to_string()),
+            })
+            .collect()
+    };
+    let sluice = &report.runs[0].summary;
+    let limit = match (
+        sluice.queued_limit_client_to_upstream,
+        sluice.queued_limit_upstream_to_client,
+    ) {
+        (Some(a), Some(b)) => Some((
+            (a + b) as f64,
+            (
+                "sluice limit".to_string(),
+                format!("conns × bounds = {}", format_bytes(a + b)),
+            ),
+        )),
+        _ => None,
+    };
+    svg::render(
+        &format!("sluice-stress scenario {}", scenario_slug(report.scenario)),
+        &report.description,
+        &[
+            svg::Panel {
+                title: "Proxy memory (RSS)".to_string(),
+                series: series(|s| s.rss_bytes),
+                limit: None,
+            },
+            svg::Panel {
+                title: "Queued bytes (all connections, both directions)".to_string(),
+                series: series(Sample::queued),
+                limit,
+            },
+        ],
+    )
+}
+
+fn scenario_slug(name: ScenarioName) -> String {
+    name.to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}

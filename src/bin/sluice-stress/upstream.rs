@@ -1,0 +1,293 @@
+//! The stand-in upstream: `source` writes the verifiable pattern, `sink` reads (and verifies it when it sees one), `echo` echoes; optionally slow.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::pattern::{Pattern, Verifier};
+use crate::rate::{Rate, TokenBucket, format_bytes, parse_rate, parse_size};
+
+/// I/O size when no rate is set.
+const IO_CHUNK: usize = 64 * 1024;
+/// How long a finished source waits for its peer to close before dropping the socket.
+const LINGER: Duration = Duration::from_secs(30);
+/// How many error messages we keep for the report.
+const ERROR_SAMPLES: usize = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamMode {
+    /// Write the verifiable pattern (endlessly, or --bytes bytes, then close).
+    Source,
+    /// Read and discard; verify the pattern when the stream carries one.
+    Sink,
+    /// Write back what was read.
+    Echo,
+}
+
+/// `sluice-stress upstream`: a stand-in upstream for sluice.
+#[derive(Debug, Clone, Args)]
+pub struct UpstreamArgs {
+    /// Address to listen on (port 0 picks a free port; the real one is printed).
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    pub listen: SocketAddr,
+    /// What to do with each connection.
+    #[arg(long, value_enum)]
+    pub mode: UpstreamMode,
+    /// Per-connection rate, e.g. 64KiB/s (a slow upstream). Unlimited when absent.
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<Rate>,
+    /// Source: bytes per connection (header included) before closing. Endless when absent.
+    #[arg(long, value_parser = parse_size)]
+    pub bytes: Option<u64>,
+    /// SO_RCVBUF for accepted sockets (e.g. 16KiB), so a slow sink pushes back quickly.
+    #[arg(long, value_parser = parse_size)]
+    pub rcvbuf: Option<u64>,
+    /// SO_SNDBUF for accepted sockets.
+    #[arg(long, value_parser = parse_size)]
+    pub sndbuf: Option<u64>,
+}
+
+/// What one upstream does per connection.
+#[derive(Debug, Clone)]
+pub struct UpstreamSpec {
+    pub mode: UpstreamMode,
+    pub rate: Option<Rate>,
+    pub bytes: Option<u64>,
+    pub rcvbuf: Option<u64>,
+    pub sndbuf: Option<u64>,
+}
+
+impl From<&UpstreamArgs> for UpstreamSpec {
+    fn from(a: &UpstreamArgs) -> Self {
+        UpstreamSpec {
+            mode: a.mode,
+            rate: a.rate,
+            bytes: a.bytes,
+            rcvbuf: a.rcvbuf,
+            sndbuf: a.sndbuf,
+        }
+    }
+}
+
+/// Counters shared with whoever runs the upstream (a scenario reads them live).
+#[derive(Debug, Default)]
+pub struct UpstreamStats {
+    pub accepted: AtomicU64,
+    pub active: AtomicU64,
+    /// Connections that ended cleanly (EOF, or --bytes written and the peer closed).
+    pub completed: AtomicU64,
+    /// Connections the peer reset or abandoned; normal when clients stop at a deadline.
+    pub resets: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// Sink: bytes checked against the pattern.
+    pub bytes_verified: AtomicU64,
+    /// Sink: streams without the pattern header (counted, not checked).
+    pub unverified_streams: AtomicU64,
+    /// Verification failures and unexpected I/O errors.
+    pub errors: AtomicU64,
+    pub error_samples: std::sync::Mutex<Vec<String>>,
+}
+
+impl UpstreamStats {
+    fn error(&self, msg: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut samples = self.error_samples.lock().unwrap_or_else(|e| e.into_inner());
+        if samples.len() < ERROR_SAMPLES {
+            samples.push(msg);
+        }
+    }
+}
+
+/// Binds a listener with the spec's socket buffer sizes (inherited by accepted sockets).
+pub fn bind(addr: SocketAddr, spec: &UpstreamSpec) -> Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }?;
+    socket.set_reuseaddr(true)?;
+    if let Some(n) = spec.rcvbuf {
+        socket.set_recv_buffer_size(n as u32)?;
+    }
+    if let Some(n) = spec.sndbuf {
+        socket.set_send_buffer_size(n as u32)?;
+    }
+    socket
+        .bind(addr)
+        .with_context(|| format!("cannot bind the upstream to {addr}"))?;
+    Ok(socket.listen(4096)?)
+}
+
+/// Accepts and serves connections until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    spec: Arc<UpstreamSpec>,
+    stats: Arc<UpstreamStats>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of ending the upstream.
+                eprintln!("upstream: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        let (spec, stats, shutdown) = (spec.clone(), stats.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => Ok(()),
+                r = handle(stream, &spec, &stats) => r,
+            };
+            match result {
+                Ok(()) => {}
+                Err(e) if is_peer_gone(&e) => {
+                    stats.resets.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => stats.error(format!("upstream {:?}: {e}", spec.mode)),
+            }
+            stats.active.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// A reset, broken pipe or early EOF: the peer went away, which is how endless streams end.
+pub fn is_peer_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
+async fn handle(
+    mut stream: TcpStream,
+    spec: &UpstreamSpec,
+    stats: &UpstreamStats,
+) -> io::Result<()> {
+    let mut bucket = spec.rate.map(TokenBucket::new);
+    let chunk = bucket.as_ref().map_or(IO_CHUNK, TokenBucket::chunk);
+    let mut buf = vec![0u8; chunk];
+    match spec.mode {
+        UpstreamMode::Source => {
+            let pattern = Pattern::random();
+            let limit = spec.bytes.unwrap_or(u64::MAX);
+            let mut offset = 0u64;
+            while offset < limit {
+                let n = chunk.min((limit - offset) as usize);
+                pattern.fill(offset, &mut buf[..n]);
+                stream.write_all(&buf[..n]).await?;
+                offset += n as u64;
+                stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                if let Some(b) = bucket.as_mut() {
+                    b.take(n).await;
+                }
+            }
+            stream.shutdown().await?;
+            // Read until the peer closes, so unread input cannot turn our close into a reset.
+            let drain = async {
+                loop {
+                    let n = stream.read(&mut buf).await?;
+                    if n == 0 {
+                        return io::Result::Ok(());
+                    }
+                    stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            };
+            let _ = tokio::time::timeout(LINGER, drain).await;
+        }
+        UpstreamMode::Sink | UpstreamMode::Echo => {
+            let mut verifier = (spec.mode == UpstreamMode::Sink).then(Verifier::new);
+            loop {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                if let Some(v) = verifier.as_mut() {
+                    match v.feed(&buf[..n]) {
+                        Ok(()) => {
+                            stats.bytes_verified.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(crate::pattern::VerifyError::BadMagic) if v.offset() == 0 => {
+                            // Not our stream (nc, a file): just count it.
+                            stats.unverified_streams.fetch_add(1, Ordering::Relaxed);
+                            verifier = None;
+                        }
+                        Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+                    }
+                }
+                if spec.mode == UpstreamMode::Echo {
+                    stream.write_all(&buf[..n]).await?;
+                    stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                if let Some(b) = bucket.as_mut() {
+                    b.take(n).await;
+                }
+            }
+            stream.shutdown().await?;
+        }
+    }
+    stats.completed.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// `sluice-stress upstream ...`: serve until Ctrl-C, printing totals every 5 s.
+pub async fn run(args: UpstreamArgs) -> Result<()> {
+    let spec = Arc::new(UpstreamSpec::from(&args));
+    let listener = bind(args.listen, &spec)?;
+    let addr = listener.local_addr()?;
+    eprintln!(
+        "upstream listening address={addr} mode={:?} rate={}",
+        args.mode,
+        args.rate.map_or("unlimited".to_string(), |r| r.to_string())
+    );
+    let stats = Arc::new(UpstreamStats::default());
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve(listener, spec, stats.clone(), shutdown.clone()));
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = ticker.tick() => eprintln!("{}", stats_line(&stats)),
+        }
+    }
+    shutdown.cancel();
+    let _ = server.await;
+    eprintln!("{}", stats_line(&stats));
+    Ok(())
+}
+
+fn stats_line(s: &UpstreamStats) -> String {
+    format!(
+        "upstream: {} accepted, {} active, {} in, {} out, {} verified, {} errors",
+        s.accepted.load(Ordering::Relaxed),
+        s.active.load(Ordering::Relaxed),
+        format_bytes(s.bytes_in.load(Ordering::Relaxed)),
+        format_bytes(s.bytes_out.load(Ordering::Relaxed)),
+        format_bytes(s.bytes_verified.load(Ordering::Relaxed)),
+        s.errors.load(Ordering::Relaxed),
+    )
+}

@@ -1,0 +1,1203 @@
+//! End-to-end checks of what an operator watching sluice sees: the metrics during and after a
+//! slow-reader load, `promtool check metrics` on a scrape, and the Grafana dashboard's queries
+//! run by a real Prometheus against a real sluice.
+//!
+//! Every test runs the `sluice` binary with a temporary config (listen and metrics on
+//! 127.0.0.1:0; the real ports come from its start-up log lines) in front of an in-test
+//! upstream. Both ends of every connection write as fast as they can and read slowly through
+//! small socket buffers, so both directions back up within milliseconds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use socket2::{Domain, Socket, Type};
+
+/// Per-connection bound of each direction in sluice's config: small, so backpressure shows
+/// after a few kilobytes.
+const BOUND: u64 = 16 * 1024;
+/// SO_RCVBUF / SO_SNDBUF on every socket of the test (the kernel doubles it), so the kernel
+/// absorbs little and sluice's own buffers fill.
+const SOCKET_BUFFER: usize = 4096;
+/// How fast a slow reader consumes, in bytes per second.
+const SLOW_READ_RATE: f64 = 16.0 * 1024.0;
+/// Generous limit for anything the tests wait for; reached only when something is wrong.
+const DEADLINE: Duration = Duration::from_secs(60);
+/// The two values of the `direction` label.
+const DIRECTIONS: [&str; 2] = ["client_to_upstream", "upstream_to_client"];
+/// What `$__rate_interval` becomes when the dashboard's queries are sent to Prometheus: at
+/// 1 s scrape interval this window always holds several samples.
+const RATE_INTERVAL: &str = "10s";
+/// The dashboard under test.
+const DASHBOARD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/grafana/dashboards/sluice.json"
+);
+
+// ---------------------------------------------------------------------------------------------
+// The tests
+// ---------------------------------------------------------------------------------------------
+
+/// During a load where both ends read slowly, the backpressure metrics show it within their
+/// bounds and keep moving; once every connection has ended the gauges are exactly zero and the
+/// byte counters equal what crossed.
+#[test]
+fn backpressure_metrics_track_slow_readers_and_return_to_zero() {
+    const CONNS: usize = 4;
+    let upstream = Upstream::start();
+    let sluice = Sluice::start(upstream.addr);
+    let load = Load::start(sluice.listen, &upstream, CONNS);
+
+    // Backed up: every connection open, both directions holding bytes and paused.
+    let backed_up = sluice.poll("both directions backed up", |s| {
+        check_queued_within_bound(s, CONNS);
+        s.get("sluice_connections_active", &[]) == CONNS as f64
+            && DIRECTIONS.iter().all(|d| {
+                s.get("sluice_queued_bytes", &[("direction", d)]) > 0.0
+                    && s.get("sluice_paused_connections", &[("direction", d)]) > 0.0
+            })
+    });
+    for d in DIRECTIONS {
+        let dir = [("direction", d)];
+        assert_eq!(
+            backed_up.get("sluice_buffer_limit_bytes", &dir),
+            BOUND as f64
+        );
+        eprintln!(
+            "{d} backed up: {} bytes queued, {} paused",
+            backed_up.get("sluice_queued_bytes", &dir),
+            backed_up.get("sluice_paused_connections", &dir)
+        );
+    }
+
+    // Still flowing: more pauses, drains and paused time in both directions at a later scrape.
+    sluice.poll("pauses, drains and paused time rising", |s| {
+        check_queued_within_bound(s, CONNS);
+        DIRECTIONS.iter().all(|d| {
+            let dir = [("direction", *d)];
+            [
+                "sluice_pauses_total",
+                "sluice_drains_total",
+                "sluice_paused_seconds_total",
+            ]
+            .iter()
+            .all(|m| s.get(m, &dir) > backed_up.get(m, &dir))
+        })
+    });
+
+    // Every connection ends cleanly (both sides half-close, then close).
+    let crossed = load.finish(&upstream);
+    // Not atomic either: wait for a scrape that shows the gauges and the counters settled.
+    let after = sluice.poll("all connections closed and counted", |s| {
+        s.get("sluice_connections_active", &[]) == 0.0
+            && s.get("sluice_connections_closed_total", &[]) == CONNS as f64
+            && DIRECTIONS
+                .iter()
+                .zip(crossed)
+                .all(|(d, n)| s.get("sluice_bytes_total", &[("direction", d)]) == n as f64)
+    });
+    for (d, n) in DIRECTIONS.iter().zip(crossed) {
+        let dir = [("direction", *d)];
+        eprintln!(
+            "{d}: {n} bytes crossed, {} pauses, {} drains, {:.3} s paused",
+            after.get("sluice_pauses_total", &dir),
+            after.get("sluice_drains_total", &dir),
+            after.get("sluice_paused_seconds_total", &dir)
+        );
+        assert!(n > 0, "no byte crossed {d}");
+        assert_eq!(after.get("sluice_bytes_total", &dir), n as f64, "{d}");
+        assert_eq!(after.get("sluice_queued_bytes", &dir), 0.0, "{d}");
+        assert_eq!(after.get("sluice_paused_connections", &dir), 0.0, "{d}");
+    }
+    assert_eq!(
+        after.get("sluice_connections_accepted_total", &[]),
+        CONNS as f64
+    );
+    assert_eq!(
+        after.get("sluice_connections_closed_total", &[]),
+        CONNS as f64
+    );
+    assert_eq!(
+        after.get("sluice_connections_closed_total", &[("reason", "complete")]),
+        CONNS as f64,
+        "both sides half-closed and then closed: every close should count as complete"
+    );
+    assert_eq!(
+        after.get("sluice_connection_duration_seconds_count", &[]),
+        CONNS as f64
+    );
+    assert_eq!(
+        after.get("sluice_upstream_connect_duration_seconds_count", &[]),
+        CONNS as f64
+    );
+}
+
+/// A client that never reads: its direction stays paused, shows up in
+/// `sluice_paused_connections`, and its paused time keeps growing at each scrape although no
+/// pause ends. When the client then resets, every gauge returns to zero.
+#[test]
+fn a_reader_that_never_reads_stays_paused_with_growing_time() {
+    let upstream = Upstream::start();
+    let sluice = Sluice::start(upstream.addr);
+    let mut client = small_buffered_connect(sluice.listen);
+    client.write_all(LOAD).unwrap();
+    let dir = [("direction", "upstream_to_client")];
+
+    // A scrape is not atomic: one taken as the pause begins may show the pause but not yet
+    // the counter or the queued bytes. Wait for one that shows all three.
+    let paused = sluice.poll("the never-read direction paused", |s| {
+        s.get("sluice_paused_connections", &dir) == 1.0
+            && s.get("sluice_pauses_total", &dir) == 1.0
+            && s.get("sluice_queued_bytes", &dir) > 0.0
+    });
+    let later = sluice.poll("its paused time growing", |s| {
+        s.get("sluice_paused_seconds_total", &dir)
+            > paused.get("sluice_paused_seconds_total", &dir) + 0.2
+    });
+    for s in [&paused, &later] {
+        assert_eq!(s.get("sluice_paused_connections", &dir), 1.0);
+        // Paused when the buffer filled; the kernel may still take a little of it, but not
+        // enough to reach the resume mark (half the bound).
+        let queued = s.get("sluice_queued_bytes", &dir);
+        assert!(
+            queued > BOUND as f64 / 2.0 && queued <= BOUND as f64,
+            "{queued} bytes queued in a paused direction\n{}",
+            s.text
+        );
+    }
+    for m in ["sluice_pauses_total", "sluice_drains_total"] {
+        assert_eq!(
+            later.get(m, &dir),
+            paused.get(m, &dir),
+            "{m}: nothing drained"
+        );
+    }
+
+    // Closing with unread data resets the connection.
+    drop(client);
+    let after = sluice.poll("the reset connection gone", |s| {
+        s.get("sluice_connections_active", &[]) == 0.0
+            && s.get("sluice_connections_closed_total", &[]) == 1.0
+    });
+    for d in DIRECTIONS {
+        let dir = [("direction", d)];
+        assert_eq!(after.get("sluice_queued_bytes", &dir), 0.0, "{d}");
+        assert_eq!(after.get("sluice_paused_connections", &dir), 0.0, "{d}");
+    }
+    assert_eq!(
+        after.get(
+            "sluice_connections_closed_total",
+            &[("reason", "client_reset")]
+        ),
+        1.0,
+        "{}\n{}",
+        after.text,
+        sluice.log.lock().unwrap()
+    );
+    assert!(
+        after.get("sluice_paused_seconds_total", &dir)
+            >= later.get("sluice_paused_seconds_total", &dir),
+        "paused time went backwards"
+    );
+}
+
+/// `promtool check metrics` finds nothing to complain about in a scrape taken after some
+/// traffic (so the histograms have observations).
+#[test]
+fn promtool_finds_no_problem_in_a_scrape() {
+    if !tool_available("promtool") {
+        return;
+    }
+    let upstream = Upstream::start();
+    let sluice = Sluice::start(upstream.addr);
+    one_short_connection(sluice.listen);
+    sluice.poll("the short connection counted", |s| {
+        s.get("sluice_connections_closed_total", &[]) == 1.0
+    });
+    let scrape = sluice.scrape_text();
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start promtool");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().expect("run promtool");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics ({}):\n{report}\n--- scrape ---\n{scrape}",
+        out.status
+    );
+}
+
+/// The dashboard JSON is what Grafana file provisioning and the issue ask for, and every metric
+/// it names is one a freshly started sluice exports (before any traffic).
+#[test]
+fn dashboard_is_well_formed_and_names_only_exported_metrics() {
+    let dashboard = load_dashboard();
+    let upstream = Upstream::start();
+    let sluice = Sluice::start(upstream.addr);
+    let exported = sluice.scrape().names();
+
+    assert_eq!(
+        dashboard["uid"], "sluice",
+        "fixed uid so links survive re-provisioning"
+    );
+    assert!(
+        dashboard.get("__inputs").is_none(),
+        "__inputs breaks file provisioning"
+    );
+    assert!(
+        dashboard["schemaVersion"].as_u64().is_some(),
+        "schemaVersion missing"
+    );
+
+    // Template variables.
+    let vars = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating.list");
+    let var = |name: &str| {
+        vars.iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no template variable {name}"))
+    };
+    let ds = var("datasource");
+    assert_eq!(ds["type"], "datasource");
+    assert_eq!(ds["query"], "prometheus");
+    let instance = var("instance");
+    assert_eq!(instance["type"], "query");
+    assert_eq!(instance["datasource"]["uid"], "${datasource}");
+    let instance_query = instance["query"]
+        .as_str()
+        .or_else(|| instance["query"]["query"].as_str())
+        .expect("instance variable query");
+    assert_eq!(instance_query, "label_values(sluice_build_info, instance)");
+
+    // Panels: rows in the issue's order, allowed types, unique ids, datasource everywhere.
+    let panels = all_panels(&dashboard);
+    let rows: Vec<&str> = panels
+        .iter()
+        .filter(|p| p["type"] == "row")
+        .map(|p| p["title"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        rows,
+        ["Is something backing up?", "Traffic", "Upstream", "Process"]
+    );
+    let mut ids = BTreeSet::new();
+    for p in &panels {
+        let title = p["title"].as_str().unwrap_or("(untitled)");
+        let id = p["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("panel {title:?} has no id"));
+        assert!(ids.insert(id), "panel id {id} used twice ({title:?})");
+        let kind = p["type"].as_str().unwrap_or_default();
+        if kind == "row" {
+            // A row is only a heading; it must not query anything.
+            assert!(p.get("targets").is_none(), "row {title:?} has targets");
+            continue;
+        }
+        assert!(
+            ["timeseries", "stat", "heatmap"].contains(&kind),
+            "panel {title:?} has type {kind:?}; only timeseries, stat and heatmap are allowed"
+        );
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "panel {title:?}");
+        let targets = p["targets"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{title:?}: no targets"));
+        assert!(!targets.is_empty(), "panel {title:?} has no targets");
+        for t in targets {
+            assert_eq!(
+                t["datasource"]["uid"], "${datasource}",
+                "a target of {title:?}"
+            );
+            let expr = t["expr"].as_str().unwrap_or_default();
+            assert!(!expr.is_empty(), "a target of {title:?} has no expr");
+            for window in range_windows(expr) {
+                assert_eq!(
+                    window, "$__rate_interval",
+                    "{title:?}: use $__rate_interval in {expr}"
+                );
+            }
+        }
+    }
+
+    // Every metric named anywhere in a query is exported from start-up.
+    let mut used: BTreeSet<String> = metric_names(instance_query);
+    for (_, expr) in dashboard_queries(&dashboard) {
+        used.extend(metric_names(&expr));
+    }
+    let unknown: Vec<_> = used.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "dashboard names metrics sluice does not export: {unknown:?}"
+    );
+    for family in [
+        "sluice_queued_bytes",
+        "sluice_paused_connections",
+        "sluice_bytes_total",
+    ] {
+        assert!(used.contains(family), "dashboard does not show {family}");
+    }
+}
+
+/// A real Prometheus scrapes sluice under a slow-reader load, and every query of the dashboard
+/// (variables substituted) parses and returns data.
+#[test]
+fn every_dashboard_query_returns_data_from_a_real_prometheus() {
+    if !tool_available("prometheus") {
+        return;
+    }
+    let dashboard = load_dashboard();
+    let upstream = Upstream::start();
+    let sluice = Sluice::start(upstream.addr);
+    // A connection that has ended, so both histograms have an observation, plus a load.
+    one_short_connection(sluice.listen);
+    let load = Load::start(sluice.listen, &upstream, 3);
+    let prometheus = Prometheus::start(sluice.metrics);
+
+    // The instance variable's values: what label_values(sluice_build_info, instance) lists.
+    let instances = prometheus.poll_query("sluice_build_info");
+    let target = sluice.metrics.to_string();
+    assert!(
+        instances
+            .iter()
+            .any(|s| s["metric"]["instance"] == target.as_str()),
+        "sluice_build_info has no instance {target}: {instances:?}"
+    );
+
+    // One deadline for all queries: once the first ones have data, the rest have had every
+    // scrape they need too.
+    let deadline = Instant::now() + DEADLINE;
+    let mut failures = Vec::new();
+    for (title, expr) in dashboard_queries(&dashboard) {
+        let query = substitute_variables(&expr);
+        loop {
+            match prometheus.query(&query) {
+                Err(error) => {
+                    failures.push(format!("{title}: {error}\n  {query}"));
+                    break;
+                }
+                Ok(result) if !result.is_empty() => break,
+                Ok(_) if Instant::now() > deadline => {
+                    failures.push(format!("{title}: no data\n  {query}"));
+                    break;
+                }
+                Ok(_) => thread::sleep(Duration::from_millis(250)),
+            }
+        }
+    }
+    load.finish(&upstream);
+    assert!(
+        failures.is_empty(),
+        "dashboard queries that failed:\n{}\n--- prometheus log ---\n{}",
+        failures.join("\n"),
+        prometheus.log()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// sluice, run as a child process
+// ---------------------------------------------------------------------------------------------
+
+/// A running `sluice` binary with its config in a temporary directory.
+struct Sluice {
+    child: Child,
+    /// Where clients connect (learnt from the log).
+    listen: SocketAddr,
+    /// Where `/metrics` is served (learnt from the log).
+    metrics: SocketAddr,
+    /// Everything sluice wrote to stderr so far, for failure messages.
+    log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Sluice {
+    fn start(upstream: SocketAddr) -> Sluice {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("sluice.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[listen]
+address = "127.0.0.1:0"
+
+[upstream]
+address = "{upstream}"
+connect_timeout = "5s"
+
+[buffer]
+client_to_upstream = "{BOUND}"
+upstream_to_client = "{BOUND}"
+resume_at = 0.5
+
+[socket]
+client_recv_buffer = {SOCKET_BUFFER}
+client_send_buffer = {SOCKET_BUFFER}
+upstream_recv_buffer = {SOCKET_BUFFER}
+upstream_send_buffer = {SOCKET_BUFFER}
+
+[metrics]
+address = "127.0.0.1:0"
+
+[log]
+level = "info"
+"#
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sluice");
+
+        // Read stderr for the whole life of the process (a full pipe would block sluice's
+        // logging), keep it for failure messages, and pass lines on until both addresses
+        // are known.
+        let log = Arc::new(Mutex::new(String::new()));
+        let (lines_tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let log_writer = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let line = strip_ansi(&line);
+                log_writer.lock().unwrap().push_str(&format!("{line}\n"));
+                let _ = lines_tx.send(line);
+            }
+        });
+        let (mut listen, mut metrics) = (None, None);
+        let deadline = Instant::now() + DEADLINE;
+        while listen.is_none() || metrics.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    listen = listen.or(address_after(&line, "sluice listening address="));
+                    metrics =
+                        metrics.or(address_after(&line, "metrics endpoint listening address="));
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait().ok();
+                    panic!(
+                        "sluice did not log both addresses (exit: {status:?}); log:\n{}",
+                        log.lock().unwrap()
+                    );
+                }
+            }
+        }
+        Sluice {
+            child,
+            listen: listen.unwrap(),
+            metrics: metrics.unwrap(),
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn scrape_text(&self) -> String {
+        let (status, body) = http_get(self.metrics, "/metrics")
+            .unwrap_or_else(|e| panic!("scrape failed: {e}; log:\n{}", self.log.lock().unwrap()));
+        assert_eq!(status, 200, "GET /metrics: {body}");
+        body
+    }
+
+    fn scrape(&self) -> Scrape {
+        Scrape::parse(&self.scrape_text())
+    }
+
+    /// Scrapes until `done` holds, and returns that scrape; fails with the last scrape after
+    /// [`DEADLINE`].
+    fn poll(&self, what: &str, mut done: impl FnMut(&Scrape) -> bool) -> Scrape {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let scrape = self.scrape();
+            if done(&scrape) {
+                return scrape;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for: {what}\n--- last scrape ---\n{}\n--- sluice log ---\n{}",
+                    scrape.text,
+                    self.log.lock().unwrap()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
+/// SIGTERM, a few seconds for a graceful exit, then SIGKILL.
+fn stop_child(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        // SAFETY: plain kill(2) on the pid of a child this test spawned and has not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok(None) = child.try_wait() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = child.wait();
+}
+
+/// The address in `line` right after `marker`, if any.
+fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// `line` without ANSI colour sequences (ESC [ ... letter).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus text format
+// ---------------------------------------------------------------------------------------------
+
+/// One parsed scrape: (sample name, labels, value) for every sample line.
+struct Scrape {
+    text: String,
+    samples: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Scrape {
+    fn parse(text: &str) -> Scrape {
+        let samples = text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .map(|l| parse_sample(l).unwrap_or_else(|| panic!("unparsable sample line: {l:?}")))
+            .collect();
+        Scrape {
+            text: text.to_string(),
+            samples,
+        }
+    }
+
+    /// The sum of every series of `name` whose labels include `labels`; panics when there is
+    /// none (every series is meant to exist from start-up).
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let matching: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| *v)
+            .collect();
+        assert!(
+            !matching.is_empty(),
+            "no series {name}{labels:?} in scrape:\n{}",
+            self.text
+        );
+        matching.iter().sum()
+    }
+
+    /// Every sample name (histograms as their `_bucket`, `_sum` and `_count` series).
+    fn names(&self) -> BTreeSet<String> {
+        self.samples.iter().map(|(n, _, _)| n.clone()).collect()
+    }
+}
+
+/// `name{k="v",...} value [timestamp]`.
+fn parse_sample(line: &str) -> Option<(String, BTreeMap<String, String>, f64)> {
+    let name_end = line.find(['{', ' '])?;
+    let name = line[..name_end].to_string();
+    let mut labels = BTreeMap::new();
+    let mut rest = &line[name_end..];
+    if let Some(inner) = rest.strip_prefix('{') {
+        let mut chars = inner.char_indices();
+        let mut key = String::new();
+        loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '}' => {
+                    rest = &inner[i + 1..];
+                    break;
+                }
+                ',' | ' ' => {}
+                '=' => {
+                    chars.next().filter(|&(_, c)| c == '"')?;
+                    let mut value = String::new();
+                    loop {
+                        match chars.next()?.1 {
+                            '"' => break,
+                            '\\' => match chars.next()?.1 {
+                                'n' => value.push('\n'),
+                                other => value.push(other),
+                            },
+                            other => value.push(other),
+                        }
+                    }
+                    labels.insert(std::mem::take(&mut key), value);
+                }
+                other => key.push(other),
+            }
+        }
+    }
+    let value = rest.split_whitespace().next()?.parse().ok()?;
+    Some((name, labels, value))
+}
+
+/// Queued bytes never exceed connections × bound, per direction. `conns` is the number of
+/// connections the test opened, not `sluice_connections_active`: a scrape is not atomic
+/// (counters, gauges and the pause figures are read one after another), so the active
+/// gauge from the same scrape may lag a connection whose bytes are already counted.
+fn check_queued_within_bound(s: &Scrape, conns: usize) {
+    for d in DIRECTIONS {
+        let dir = [("direction", d)];
+        let (queued, limit) = (
+            s.get("sluice_queued_bytes", &dir),
+            s.get("sluice_buffer_limit_bytes", &dir),
+        );
+        assert!(
+            queued <= conns as f64 * limit,
+            "{d}: {queued} bytes queued > {conns} connections × {limit}\n{}",
+            s.text
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Traffic: an upstream and clients that write fast and read slowly
+// ---------------------------------------------------------------------------------------------
+
+/// First byte a client sends: this connection is part of a slow-reader load.
+const LOAD: &[u8; 1] = b"L";
+/// First byte a client sends: a short request/response connection.
+const SHORT: &[u8; 1] = b"S";
+
+/// A TCP server on 127.0.0.1:0. A connection whose first byte is [`LOAD`] gets a
+/// slow-reading, fast-writing [`Peer`]; one starting with [`SHORT`] gets a short reply.
+struct Upstream {
+    addr: SocketAddr,
+    /// The peers of accepted load connections.
+    peers: mpsc::Receiver<Peer>,
+    /// Tells every peer (both ends) to stop writing and read at full speed.
+    stop: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    fn start() -> Upstream {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        // Accepted sockets inherit these.
+        socket.set_recv_buffer_size(SOCKET_BUFFER).unwrap();
+        socket.set_send_buffer_size(SOCKET_BUFFER).unwrap();
+        socket
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        socket.listen(128).unwrap();
+        let listener: TcpListener = socket.into();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, peers) = mpsc::channel();
+        let peer_stop = stop.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { break };
+                let (tx, stop) = (tx.clone(), peer_stop.clone());
+                thread::spawn(move || {
+                    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+                    let mut kind = [0u8];
+                    stream.read_exact(&mut kind).expect("connection kind byte");
+                    match &kind {
+                        LOAD => {
+                            let _ = tx.send(Peer::start(stream, stop));
+                        }
+                        SHORT => {
+                            // Read the request to its end, answer, close.
+                            let mut request = Vec::new();
+                            stream.read_to_end(&mut request).expect("short request");
+                            stream.write_all(b"bye").expect("short reply");
+                        }
+                        other => panic!("unknown connection kind {other:?}"),
+                    }
+                });
+            }
+        });
+        Upstream { addr, peers, stop }
+    }
+}
+
+/// One end of a connection: a thread writing a counted pattern as fast as it can and a thread
+/// reading it back slowly (checking the pattern) until told to stop.
+struct Peer {
+    writer: JoinHandle<Result<u64, String>>,
+    reader: JoinHandle<Result<u64, String>>,
+}
+
+impl Peer {
+    fn start(stream: TcpStream, stop: Arc<AtomicBool>) -> Peer {
+        stream.set_write_timeout(Some(DEADLINE)).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut out = stream.try_clone().unwrap();
+        let writer_stop = stop.clone();
+        let writer = thread::spawn(move || {
+            let chunk: Vec<u8> = (0..251u8).cycle().take(251 * 16).collect();
+            let mut sent = 0u64;
+            while !writer_stop.load(Ordering::Relaxed) {
+                let from = (sent % 251) as usize;
+                match out.write(&chunk[from..from + 2048]) {
+                    Ok(n) => sent += n as u64,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("write failed after {sent} bytes: {e}")),
+                }
+            }
+            out.shutdown(Shutdown::Write)
+                .map_err(|e| format!("half-close: {e}"))?;
+            Ok(sent)
+        });
+        let mut input = stream;
+        let reader = thread::spawn(move || {
+            let start = Instant::now();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut received = 0u64;
+            loop {
+                let fast = stop.load(Ordering::Relaxed);
+                if !fast {
+                    // Pace to SLOW_READ_RATE, in short sleeps so a stop is seen quickly.
+                    let due = received as f64 / SLOW_READ_RATE;
+                    let ahead = due - start.elapsed().as_secs_f64();
+                    if ahead > 0.0 {
+                        thread::sleep(Duration::from_secs_f64(ahead.min(0.05)));
+                        continue;
+                    }
+                }
+                let want = if fast { buf.len() } else { 1024 };
+                match input.read(&mut buf[..want]) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        for (i, b) in buf[..n].iter().enumerate() {
+                            let offset = received + i as u64;
+                            if *b != (offset % 251) as u8 {
+                                return Err(format!("byte {offset} corrupted"));
+                            }
+                        }
+                        received += n as u64;
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("read failed after {received} bytes: {e}")),
+                }
+            }
+            Ok(received)
+        });
+        Peer { writer, reader }
+    }
+
+    /// (bytes this end wrote, bytes it read) once both threads are done; `end` names this
+    /// end in a failure message.
+    fn join(self, end: &str) -> (u64, u64) {
+        let sent = self.writer.join().unwrap();
+        let received = self.reader.join().unwrap();
+        match (sent, received) {
+            (Ok(sent), Ok(received)) => (sent, received),
+            (sent, received) => panic!("{end}: writer {sent:?}, reader {received:?}"),
+        }
+    }
+}
+
+/// `n` slow clients through sluice, each served by a slow upstream peer.
+struct Load {
+    clients: Vec<Peer>,
+}
+
+impl Load {
+    fn start(sluice: SocketAddr, upstream: &Upstream, n: usize) -> Load {
+        let clients = (0..n)
+            .map(|_| {
+                let mut stream = small_buffered_connect(sluice);
+                stream.write_all(LOAD).unwrap();
+                Peer::start(stream, upstream.stop.clone())
+            })
+            .collect();
+        Load { clients }
+    }
+
+    /// Stops every peer, waits until each end has read the other's last byte, and returns the
+    /// bytes that crossed sluice, per direction (in [`DIRECTIONS`] order; the kind bytes
+    /// included).
+    fn finish(self, upstream: &Upstream) -> [u64; 2] {
+        upstream.stop.store(true, Ordering::Relaxed);
+        let (mut client_sent, mut client_received) = (0, 0);
+        let n = self.clients.len();
+        for client in self.clients {
+            let (sent, received) = client.join("client");
+            client_sent += sent;
+            client_received += received;
+        }
+        let (mut upstream_sent, mut upstream_received) = (0, 0);
+        for _ in 0..n {
+            let peer = upstream
+                .peers
+                .recv_timeout(DEADLINE)
+                .expect("upstream peer");
+            let (sent, received) = peer.join("upstream");
+            upstream_sent += sent;
+            upstream_received += received;
+        }
+        assert_eq!(
+            client_sent, upstream_received,
+            "client_to_upstream lost or gained bytes"
+        );
+        assert_eq!(
+            upstream_sent, client_received,
+            "upstream_to_client lost or gained bytes"
+        );
+        [client_sent + n as u64, upstream_sent]
+    }
+}
+
+/// A blocking connection whose socket buffers were made small before connecting.
+fn small_buffered_connect(addr: SocketAddr) -> TcpStream {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(SOCKET_BUFFER).unwrap();
+    socket.set_send_buffer_size(SOCKET_BUFFER).unwrap();
+    socket.connect(&addr.into()).expect("connect to sluice");
+    let stream: TcpStream = socket.into();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// One request/response exchange through sluice that ends with both sides closing, so the
+/// connection-duration and connect-duration histograms each get an observation.
+fn one_short_connection(sluice: SocketAddr) {
+    let mut client = TcpStream::connect(sluice).unwrap();
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+    client.write_all(SHORT).unwrap();
+    client.write_all(b"hello").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).expect("short reply");
+    assert_eq!(reply, b"bye");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus, run as a child process
+// ---------------------------------------------------------------------------------------------
+
+/// A Prometheus server scraping one sluice every second, with its data in a temp directory.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: sluice\n    static_configs:\n      \
+                 - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        // Prometheus cannot report the port it bound, so pick a free one; retry if another
+        // process takes it in between.
+        for _attempt in 0..5 {
+            let addr = free_port();
+            let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+            let mut child = Command::new("prometheus")
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                .current_dir(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start prometheus");
+            let deadline = Instant::now() + DEADLINE;
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // exited, most likely the port was taken: try another
+                }
+                if let Ok((200, _)) = http_get(addr, "/-/ready") {
+                    return Prometheus { child, addr, dir };
+                }
+                if Instant::now() > deadline {
+                    stop_child(&mut child);
+                    panic!("prometheus not ready:\n{}", read_log(dir.path()));
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+        panic!("prometheus did not start:\n{}", read_log(dir.path()));
+    }
+
+    fn log(&self) -> String {
+        read_log(self.dir.path())
+    }
+
+    /// Runs an instant query: the result vector, or the error Prometheus gave for it.
+    fn query(&self, promql: &str) -> Result<Vec<Value>, String> {
+        let path = format!("/api/v1/query?query={}", percent_encode(promql));
+        let (status, body) = http_get(self.addr, &path).map_err(|e| format!("HTTP: {e}"))?;
+        let reply: Value = serde_json::from_str(&body)
+            .map_err(|e| format!("HTTP {status}, not JSON ({e}): {body}"))?;
+        if reply["status"] != "success" {
+            return Err(format!("{}: {}", reply["errorType"], reply["error"]));
+        }
+        match reply["data"]["result"].as_array() {
+            Some(result) => Ok(result.clone()),
+            // A scalar or string result is data too.
+            None => Ok(vec![reply["data"]["result"].clone()]),
+        }
+    }
+
+    /// Queries until the result is non-empty.
+    fn poll_query(&self, promql: &str) -> Vec<Value> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let result = self
+                .query(promql)
+                .unwrap_or_else(|e| panic!("{promql}: {e}"));
+            if !result.is_empty() {
+                return result;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{promql}: no data\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
+fn read_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Whether `tool` can be run. Without it a test is skipped with a note, except under CI
+/// (env `CI` set), where a missing tool is a failure.
+fn tool_available(tool: &str) -> bool {
+    match Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(_) => true,
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!(
+                "CI is set but `{tool}` cannot be run ({e}); install Debian's prometheus package"
+            )
+        }
+        Err(e) => {
+            eprintln!(
+                "note: skipping, `{tool}` cannot be run ({e}); install Debian's prometheus package"
+            );
+            false
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The dashboard
+// ---------------------------------------------------------------------------------------------
+
+fn load_dashboard() -> Value {
+    let text = std::fs::read_to_string(PathBuf::from(DASHBOARD)).expect("read dashboard");
+    serde_json::from_str(&text).expect("dashboard is JSON")
+}
+
+/// Every panel, including those nested in collapsed rows.
+fn all_panels(dashboard: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    for p in dashboard["panels"].as_array().expect("panels") {
+        out.push(p);
+        if let Some(nested) = p["panels"].as_array() {
+            out.extend(nested);
+        }
+    }
+    out
+}
+
+/// (panel title, PromQL) for every query target.
+fn dashboard_queries(dashboard: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for p in all_panels(dashboard) {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            if let Some(expr) = t["expr"].as_str() {
+                out.push((
+                    p["title"].as_str().unwrap_or_default().to_string(),
+                    expr.to_string(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The dashboard's variables as Grafana would fill them in with "All" selected.
+fn substitute_variables(expr: &str) -> String {
+    let out = expr
+        .replace("$__rate_interval", RATE_INTERVAL)
+        .replace("${__rate_interval}", RATE_INTERVAL)
+        .replace("$__interval", "5s")
+        .replace("${__interval}", "5s")
+        .replace("$__range", "5m")
+        .replace("${instance}", ".+")
+        .replace("$instance", ".+");
+    assert!(!out.contains('$'), "unknown variable left in {out}");
+    out
+}
+
+/// The contents of every `[...]` range selector in `expr`.
+fn range_windows(expr: &str) -> Vec<&str> {
+    expr.split('[')
+        .skip(1)
+        .filter_map(|s| s.split(']').next())
+        .collect()
+}
+
+/// Every `sluice_*` / `process_*` identifier in `expr`.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|w| w.starts_with("sluice_") || w.starts_with("process_"))
+        .map(str::to_string)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal HTTP/1.0 client
+// ---------------------------------------------------------------------------------------------
+
+/// GET `path` from `addr`: (status, body). Handles Content-Length, chunked and read-to-close
+/// bodies, which covers sluice's endpoint and Prometheus.
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let bad = |what: &str| std::io::Error::new(ErrorKind::InvalidData, what.to_string());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no header end"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut body = raw[split + 4..].to_vec();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status"))?;
+    let header = |name: &str| {
+        head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_ascii_lowercase())
+        })
+    };
+    if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        body = dechunk(&body).ok_or_else(|| bad("bad chunked body"))?;
+    } else if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        if body.len() < len {
+            return Err(bad("short body"));
+        }
+        body.truncate(len);
+    }
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&data[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
