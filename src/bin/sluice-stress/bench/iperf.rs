@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use super::subjects;
+
 /// A running `iperf3 -s` on 127.0.0.1.
 pub struct Server {
     pub addr: SocketAddr,
@@ -22,10 +24,8 @@ pub fn version() -> Option<String> {
 
 impl Server {
     pub fn start() -> Result<Server> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut child = super::subjects::die_with_parent(Command::new("iperf3"))
+        let port = subjects::free_port()?;
+        let mut child = subjects::die_with_parent(Command::new("iperf3"))
             .args(["-s", "-B", "127.0.0.1", "-p"])
             .arg(port.to_string())
             .stdin(Stdio::null())
@@ -34,15 +34,7 @@ impl Server {
             .spawn()
             .context("running iperf3 -s")?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        let wanted = format!("0100007F:{port:04X}");
-        loop {
-            let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-            if table
-                .lines()
-                .any(|l| l.contains(&wanted) && l.contains(" 0A "))
-            {
-                break;
-            }
+        while !subjects::listening_on(port) {
             if let Some(status) = child.try_wait()? {
                 bail!("iperf3 -s exited early with {status}");
             }

@@ -588,12 +588,12 @@ fn wait_for_line(output: impl Read + Send + 'static, marker: &'static str) -> Re
 }
 
 /// A loopback port nobody listens on right now (competitors cannot report a port 0 back).
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Whether /proc/net/tcp shows a socket listening on 127.0.0.1:`port`.
-fn listening_on(port: u16) -> bool {
+pub fn listening_on(port: u16) -> bool {
     let wanted = format!("0100007F:{port:04X}");
     std::fs::read_to_string("/proc/net/tcp")
         .map(|table| {
