@@ -54,12 +54,7 @@ impl Cli {
     pub fn load_config(&self) -> Result<Config, ConfigError> {
         let (mut config, source, text) = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-                    source: path.display().to_string(),
-                    key: None,
-                    line: None,
-                    message: format!("cannot read the file: {e}"),
-                })?;
+                let text = Config::read(path)?;
                 let source = path.display().to_string();
                 (Config::parse(&text, &source)?, source, Some(text))
             }

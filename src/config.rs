@@ -335,13 +335,17 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Reads and parses `path`; call [`Config::validate`] once the command line is applied.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        Config::parse(&Config::read(path)?, &path.display().to_string())
+    }
+
+    /// The file's text, or an error naming the file.
+    pub fn read(path: &Path) -> Result<String, ConfigError> {
+        std::fs::read_to_string(path).map_err(|e| ConfigError {
             source: path.display().to_string(),
             key: None,
             line: None,
             message: format!("cannot read the file: {e}"),
-        })?;
-        Config::parse(&text, &path.display().to_string())
+        })
     }
 
     /// Parses TOML text; `source` names it in errors.
