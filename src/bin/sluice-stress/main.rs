@@ -4,6 +4,8 @@
 //! - `pattern.rs`: the verifiable byte stream (any byte recomputable from seed + offset).
 //! - `rate.rs`: sizes, rates, durations, and the token bucket that paces a connection.
 //! - `upstream.rs`: `upstream`, the stand-in upstream (source / sink / echo).
+//! - `chaos.rs`: `upstream --fault`: an upstream that resets, closes early, stalls, closes
+//!   slowly, refuses, blackholes or trickles.
 //! - `clients.rs`: `clients`, N concurrent verifying clients.
 //! - `proxy_process.rs`: a proxy as a child process (spawn, ports, RSS, /metrics, SIGTERM).
 //! - `baseline.rs`: `unbounded-relay`, the relay without backpressure sluice is compared with.
@@ -13,6 +15,7 @@
 //! - `progress.rs`: progress bars.
 
 mod baseline;
+mod chaos;
 mod clients;
 mod demo;
 mod pattern;
