@@ -536,7 +536,7 @@ mod tests {
             parse_fault("trickle=5ms"),
             Ok(Fault::Trickle(Duration::from_millis(5)))
         );
-        for f in ["reset-after=64KiB", "stall", "slow-close=2s", "trickle=5ms"] {
+        for f in ["reset-after=65536", "stall", "slow-close=2s", "trickle=5ms"] {
             assert_eq!(parse_fault(f).unwrap().to_string(), f);
         }
     }
