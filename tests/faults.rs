@@ -49,12 +49,12 @@ struct ChaosUpstream {
 }
 
 impl ChaosUpstream {
-    /// Starts an echo upstream with `fault`, serving its first connection normally;
-    /// returns once it has printed its address.
-    fn start(fault: &str) -> ChaosUpstream {
+    /// Starts an echo upstream with `fault`, serving its first `healthy` connections
+    /// normally; returns once it has printed its address.
+    fn start(fault: &str, healthy: u32) -> ChaosUpstream {
         let mut child = Command::new(STRESS)
             .args(["upstream", "--listen", "127.0.0.1:0", "--mode", "echo"])
-            .args(["--fault", fault, "--healthy", "1"])
+            .args(["--fault", fault, "--healthy", &healthy.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -177,7 +177,7 @@ struct Rig {
 impl Rig {
     /// `timeouts`: extra `[timeouts]` keys; `connect_timeout`: `[upstream]`'s.
     async fn start(fault: &str, connect_timeout: &str, timeouts: &str) -> Rig {
-        let chaos = ChaosUpstream::start(fault);
+        let chaos = ChaosUpstream::start(fault, 1);
         let config = format!(
             "[listen]\naddress = \"127.0.0.1:0\"\n\
              [upstream]\naddress = \"{}\"\nconnect_timeout = \"{connect_timeout}\"\n\
@@ -476,4 +476,46 @@ async fn a_trickling_upstream_delivers_every_byte() {
         assert_eq!(c.read, send, "trickled bytes not exact");
     }
     rig.finish(&[("complete", FAULTY as f64)], &[]).await;
+}
+
+/// Shutdown past the grace while a client waits for a blackholed upstream's handshake:
+/// the client is cut before any byte, so it must be told with a reset (as a failed
+/// connect is), not a clean EOF that looks like an empty reply; counted as `shutdown`.
+///
+/// Fails on main as of this commit: src/connection.rs returns `CloseReason::Shutdown`
+/// from the connect `select!` without `reset_on_close`, so the client gets a FIN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_the_upstream_connect_resets_the_client() {
+    let chaos = ChaosUpstream::start("blackhole", 0);
+    chaos.printed("now blackholing").await;
+    let proxy = Proxy::start(chaos.addr, |c| {
+        c.upstream.connect_timeout = Duration::from_secs(30);
+        c.timeouts.shutdown_grace = Duration::from_millis(300);
+    })
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    eventually(
+        "sluice is connecting upstream",
+        Duration::from_secs(5),
+        || proxy.value("sluice_connections_active") == 1.0,
+    )
+    .await;
+    let server = proxy.server.clone();
+    proxy.shutdown().await;
+    let m = server.metrics().render();
+    assert_eq!(
+        value(&m, "sluice_connections_closed_total{reason=\"shutdown\"}"),
+        1.0
+    );
+    assert_eq!(value(&m, "sluice_connections_active"), 0.0);
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the client is closed");
+    assert!(rest.is_empty());
+    assert_eq!(
+        r.map_err(|e| e.kind()).err(),
+        Some(io::ErrorKind::ConnectionReset),
+        "a client cut at the shutdown deadline before its upstream answered got a clean EOF"
+    );
 }

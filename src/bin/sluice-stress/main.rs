@@ -10,6 +10,7 @@
 //! - `proxy_process.rs`: a proxy as a child process (spawn, ports, RSS, /metrics, SIGTERM).
 //! - `baseline.rs`: `unbounded-relay`, the relay without backpressure sluice is compared with.
 //! - `scenario.rs`: `scenario`, built-in workloads sampled every 100 ms into report.json.
+//! - `load.rs`: the `many-conns` and `soak` scenarios (RSS against the bound, RSS over time).
 //! - `svg.rs`: report.svg, memory and queued bytes over time.
 //! - `demo.rs`: `demo`, the README's first command.
 //! - `progress.rs`: progress bars.
@@ -18,6 +19,7 @@ mod baseline;
 mod chaos;
 mod clients;
 mod demo;
+mod load;
 mod pattern;
 mod progress;
 mod proxy_process;
