@@ -357,7 +357,8 @@ async fn handle_faulty(
             transfer(&mut stream, spec, None, Some(every), stats).await?;
         }
         Fault::Refuse | Fault::Blackhole => {
-            // Accepted before the listener turned (one of the healthy ones raced in).
+            // Not reached: a listener fault turns the listener before it would accept a
+            // faulty connection. Serve it normally rather than invent a fault.
             return upstream::handle(stream, spec, stats).await;
         }
     }

@@ -46,7 +46,8 @@ enum Command {
     /// Run sluice (with the shipped proxy.toml) in front of a slow upstream with slow readers
     /// and fast writers, with a live status line; ends with a summary.
     Demo(demo::DemoArgs),
-    /// A stand-in upstream: source (writes a verifiable pattern), sink or echo; optionally slow.
+    /// A stand-in upstream: source (writes a verifiable pattern), sink or echo; optionally slow,
+    /// or faulty (--fault: resets, early closes, stalls, refusals, blackholes, trickles).
     Upstream(upstream::UpstreamArgs),
     /// N concurrent clients that read, write or echo the verifiable pattern through a proxy.
     Clients(clients::ClientsArgs),
