@@ -33,14 +33,14 @@ impl Drop for ActiveGuard<'_> {
 /// Serves one accepted client until it is done; `force_close` cuts it short at the
 /// shutdown deadline. Returns why it closed (already counted).
 pub async fn serve(
-    client: TcpStream,
+    mut client: TcpStream,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     force_close: CancellationToken,
 ) -> CloseReason {
     let started = Instant::now();
     let _active = ActiveGuard::new(&metrics);
-    let reason = serve_inner(&client, &config, &metrics, &force_close, started).await;
+    let reason = serve_inner(&mut client, &config, &metrics, &force_close, started).await;
     metrics.closed(reason).increment(1);
     metrics
         .connection_duration
@@ -49,19 +49,15 @@ pub async fn serve(
 }
 
 async fn serve_inner(
-    client: &TcpStream,
+    client: &mut TcpStream,
     config: &Config,
     metrics: &Metrics,
     force_close: &CancellationToken,
     started: Instant,
 ) -> CloseReason {
-    let tuning = Tuning::client(&config.socket);
-    if let Err(e) = tuning.apply(&SockRef::from(client)) {
-        tracing::debug!(error = %e, "client socket options failed; closing");
-        return CloseReason::Error;
-    }
+    // The client's socket options were inherited from the listener (see listener::bind).
     if tracing::enabled!(tracing::Level::DEBUG) {
-        let (rcv, snd) = effective_buffers(SockRef::from(client));
+        let (rcv, snd) = effective_buffers(SockRef::from(&*client));
         tracing::debug!(recv_buffer = rcv, send_buffer = snd, "client socket");
     }
 
@@ -69,13 +65,13 @@ async fn serve_inner(
         r = connect_upstream(config, metrics) => r,
         _ = force_close.cancelled() => return CloseReason::Shutdown,
     };
-    let upstream = match upstream {
+    let mut upstream = match upstream {
         Ok(u) => u,
         Err((kind, error)) => {
             metrics.connect_error(kind).increment(1);
             tracing::debug!(kind = kind.as_label(), error = %error, "upstream connect failed; closing client");
             // A clean FIN would look like an empty reply; a reset says the proxy failed.
-            reset_on_close(SockRef::from(client));
+            reset_on_close(SockRef::from(&*client));
             return CloseReason::UpstreamConnectFailed;
         }
     };
@@ -86,7 +82,7 @@ async fn serve_inner(
         idle: config.timeouts.idle,
         half_close: config.timeouts.half_close,
     };
-    let mut relay = Relay::new(client, &upstream, &relay_config, metrics);
+    let mut relay = Relay::new(client, &mut upstream, &relay_config, metrics);
     let ending = relay.run(&relay_config, force_close).await;
     let totals = relay.totals();
     drop(relay);
@@ -126,7 +122,7 @@ async fn serve_inner(
         Ending::IdleTimeout => (totals.queued[1] > 0, totals.queued[0] > 0),
     };
     if reset_client {
-        reset_on_close(SockRef::from(client));
+        reset_on_close(SockRef::from(&*client));
     }
     if reset_upstream {
         reset_on_close(SockRef::from(&upstream));

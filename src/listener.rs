@@ -82,8 +82,10 @@ impl Server {
     pub async fn run(&self, listener: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
         let config = self.config();
         let local = listener.local_addr()?;
-        // Set on the listener so accepted sockets inherit it before their handshake.
-        Tuning::client(&config.socket).apply_buffers(&SockRef::from(&listener))?;
+        // Accepted sockets inherit the listener's options (buffer sizes before their
+        // handshake, nodelay, keepalive): set once here, not per client.
+        Tuning::client(&config.socket).apply(&SockRef::from(&listener))?;
+        let mut tuned = config.clone();
         tracing::info!(address = %local, upstream = %config.upstream.address, "sluice listening");
 
         let tracker = TaskTracker::new();
@@ -96,6 +98,13 @@ impl Server {
 
         loop {
             let config = self.config();
+            if !Arc::ptr_eq(&config, &tuned) {
+                // A reload: new clients get the new socket options.
+                if let Err(e) = Tuning::client(&config.socket).apply(&SockRef::from(&listener)) {
+                    tracing::warn!(error = %e, "cannot apply the reloaded [socket] options to the listener");
+                }
+                tuned = config.clone();
+            }
             if config.listen.max_connections > fd_cap && !warned_fd_cap {
                 warned_fd_cap = true;
                 tracing::warn!(
@@ -149,13 +158,7 @@ impl Server {
             let span =
                 tracing::info_span!("conn", client = %peer, upstream = %config.upstream.address);
             let served = connection::serve(stream, config, metrics.clone(), force_close.clone());
-            tracker.spawn(
-                async move {
-                    let _held = (permit, client_slot);
-                    supervise(served, &metrics).await
-                }
-                .instrument(span),
-            );
+            tracker.spawn(supervise(served, metrics, (permit, client_slot)).instrument(span));
         }
 
         // New clients are refused from here on: the listening socket is closed.
@@ -203,8 +206,9 @@ impl Server {
 }
 
 /// Binds the client listener as `listen` says: SO_REUSEADDR (a restart need not wait
-/// out TIME_WAIT), the client buffer sizes set before listen() so accepted sockets
-/// inherit them from their first segment, and the configured backlog. Call inside a
+/// out TIME_WAIT), the `[socket]` client options set before listen() so accepted sockets
+/// inherit them (buffer sizes from their first segment, nodelay, keepalive), and the
+/// configured backlog. Call inside a
 /// tokio runtime.
 pub fn bind(config: &Config) -> io::Result<TcpListener> {
     let addr: SocketAddr = config.listen.address.parse().map_err(|_| {
@@ -216,7 +220,7 @@ pub fn bind(config: &Config) -> io::Result<TcpListener> {
         None,
     )?;
     sock.set_reuse_address(true)?;
-    Tuning::client(&config.socket).apply_buffers(&SockRef::from(&sock))?;
+    Tuning::client(&config.socket).apply(&SockRef::from(&sock))?;
     sock.bind(&addr.into())?;
     sock.listen(config.listen.backlog as i32)?;
     sock.set_nonblocking(true)?;
@@ -225,18 +229,29 @@ pub fn bind(config: &Config) -> io::Result<TcpListener> {
 
 /// Runs one connection's future; a panic in it is caught, logged and counted as a close
 /// with reason `error`, and the process carries on. The guards inside the future have
-/// returned their gauges while unwinding.
-pub async fn supervise(served: impl Future<Output = CloseReason>, metrics: &Metrics) {
-    if let Err(panic) = AssertUnwindSafe(served).catch_unwind().await {
-        metrics.panics.increment(1);
-        metrics.closed(CloseReason::Error).increment(1);
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        tracing::error!(panic = %what, "connection task panicked; connection closed");
-    }
+/// returned their gauges while unwinding; `held` (the connection's permits) is released
+/// when the future ends either way.
+///
+/// A plain combinator rather than an `async fn`: the connection's future is stored once in
+/// the task, not copied into each layer of a state machine (that cost 2 KiB a connection).
+pub fn supervise<F: Future<Output = CloseReason>, H>(
+    served: F,
+    metrics: Arc<Metrics>,
+    held: H,
+) -> impl Future<Output = ()> {
+    AssertUnwindSafe(served).catch_unwind().map(move |result| {
+        drop(held);
+        if let Err(panic) = result {
+            metrics.panics.increment(1);
+            metrics.closed(CloseReason::Error).increment(1);
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(panic = %what, "connection task panicked; connection closed");
+        }
+    })
 }
 
 /// Descriptors left for connections: two each (client and upstream), after what the
@@ -392,7 +407,7 @@ mod tests {
             }
             CloseReason::Complete
         };
-        supervise(served, &metrics).await;
+        supervise(served, metrics.clone(), ()).await;
         let text = metrics.render();
         let line = |series: &str| {
             text.lines()

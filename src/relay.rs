@@ -30,7 +30,11 @@ use std::io;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::pin::Pin;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -203,8 +207,8 @@ impl Direction {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        src: &TcpStream,
-        dst: &TcpStream,
+        src: &mut ReadHalf<'_>,
+        dst: &mut WriteHalf<'_>,
         m: &DirectionMetrics,
         clock: &Metrics,
         moved: &mut bool,
@@ -217,51 +221,59 @@ impl Direction {
             let mut progress = false;
 
             if self.state == State::Streaming && self.queue.len() < self.bound {
-                match src.poll_read_ready(cx) {
-                    Poll::Ready(Ok(())) => {
-                        let room = self.bound - self.queue.len();
-                        match src.try_read(self.queue.spare(self.bound, room)) {
-                            Ok(0) => {
+                // Without a buffer, wait for the source to have something before taking
+                // one, so an idle direction holds no memory.
+                let ready = self.queue.data.is_some()
+                    || match src.as_ref().poll_read_ready(cx) {
+                        Poll::Ready(Ok(())) => true,
+                        Poll::Ready(Err(e)) => return Err((true, e)),
+                        Poll::Pending => false,
+                    };
+                if ready {
+                    let room = self.bound - self.queue.len();
+                    let mut buf = ReadBuf::new(self.queue.spare(self.bound, room));
+                    // tokio's poll_read clears readiness after a short read, which saves
+                    // the read that would only say "would block".
+                    match Pin::new(&mut *src).poll_read(cx, &mut buf) {
+                        Poll::Ready(Ok(())) => {
+                            let n = buf.filled().len();
+                            if n == 0 {
                                 self.state = State::Flushing;
-                                progress = true;
-                            }
-                            Ok(n) => {
+                            } else {
                                 self.queue.tail += n;
                                 debug_assert!(self.queue.len() <= self.bound);
                                 *moved = true;
-                                progress = true;
                             }
-                            // Readiness was stale; polling again registers the waker.
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => progress = true,
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
-                            Err(e) => return Err((true, e)),
+                            progress = true;
                         }
+                        Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {
+                            progress = true
+                        }
+                        Poll::Ready(Err(e)) => return Err((true, e)),
+                        Poll::Pending => {}
                     }
-                    Poll::Ready(Err(e)) => return Err((true, e)),
-                    Poll::Pending => {}
                 }
             }
 
             if self.queue.len() > 0 {
-                match dst.poll_write_ready(cx) {
-                    Poll::Ready(Ok(())) => match dst.try_write(self.queue.queued()) {
-                        Ok(n) => {
-                            self.queue.consume(n);
-                            self.delivered += n as u64;
-                            *moved = true;
-                            progress = true;
-                            if let State::Paused { since } = self.state
-                                && self.queue.len() <= self.resume
-                            {
-                                self.state = State::Streaming;
-                                m.drains.increment(1);
-                                m.paused.stop(since, clock.now());
-                            }
+                match Pin::new(&mut *dst).poll_write(cx, self.queue.queued()) {
+                    Poll::Ready(Ok(0)) => return Err((false, io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        self.queue.consume(n);
+                        self.delivered += n as u64;
+                        *moved = true;
+                        progress = true;
+                        if let State::Paused { since } = self.state
+                            && self.queue.len() <= self.resume
+                        {
+                            self.state = State::Streaming;
+                            m.drains.increment(1);
+                            m.paused.stop(since, clock.now());
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => progress = true,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
-                        Err(e) => return Err((false, e)),
-                    },
+                    }
+                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {
+                        progress = true
+                    }
                     Poll::Ready(Err(e)) => return Err((false, e)),
                     Poll::Pending => {}
                 }
@@ -270,18 +282,20 @@ impl Direction {
             if self.state == State::Flushing && self.queue.len() == 0 {
                 self.queue.release_if_empty();
                 self.state = State::Done;
-                if let Err(e) = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
-                    return Err((false, e));
-                }
-                return Ok(Step::Done);
+                let shut = socket2::SockRef::from(dst.as_ref()).shutdown(std::net::Shutdown::Write);
+                return match shut {
+                    Ok(()) => Ok(Step::Done),
+                    Err(e) => Err((false, e)),
+                };
             }
 
             if !progress {
                 if self.state == State::Streaming && self.queue.len() >= self.bound {
-                    self.state = State::Paused { since: clock.now() };
+                    let now = clock.now();
+                    self.state = State::Paused { since: now };
                     self.pauses += 1;
                     m.pauses.increment(1);
-                    m.paused.start(clock.now());
+                    m.paused.start(now);
                 }
                 self.queue.release_if_empty();
                 return Ok(Step::Blocked);
@@ -328,8 +342,8 @@ impl Direction {
 /// Dropping it (an early return, a panic, a cancelled task) still returns every gauge
 /// it raised: queued bytes and running pauses.
 pub struct Relay<'a> {
-    client: &'a TcpStream,
-    upstream: &'a TcpStream,
+    client: (ReadHalf<'a>, WriteHalf<'a>),
+    upstream: (ReadHalf<'a>, WriteHalf<'a>),
     metrics: &'a Metrics,
     dirs: [Direction; 2],
     /// When a byte last moved either way, for the idle timeout.
@@ -340,14 +354,14 @@ pub struct Relay<'a> {
 
 impl<'a> Relay<'a> {
     pub fn new(
-        client: &'a TcpStream,
-        upstream: &'a TcpStream,
+        client: &'a mut TcpStream,
+        upstream: &'a mut TcpStream,
         config: &RelayConfig,
         metrics: &'a Metrics,
     ) -> Relay<'a> {
         Relay {
-            client,
-            upstream,
+            client: client.split(),
+            upstream: upstream.split(),
             metrics,
             dirs: [
                 Direction::new(config.bounds[0], config.resume_at),
@@ -407,10 +421,12 @@ impl<'a> Relay<'a> {
         let m = self.metrics;
         let mut moved = false;
         let mut done = [false; 2];
-        for (i, (src, dst)) in [(self.client, self.upstream), (self.upstream, self.client)]
-            .into_iter()
-            .enumerate()
-        {
+        for i in [CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT] {
+            let (src, dst) = if i == CLIENT_TO_UPSTREAM {
+                (&mut self.client.0, &mut self.upstream.1)
+            } else {
+                (&mut self.upstream.0, &mut self.client.1)
+            };
             let dm = &m.directions[i];
             let step = self.dirs[i].poll(cx, src, dst, dm, m, &mut moved);
             self.dirs[i].report(dm);

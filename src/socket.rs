@@ -40,7 +40,7 @@ impl Tuning {
 
     /// Sets the buffer sizes only: what a listening socket passes on to accepted ones
     /// (the receive buffer must be set before the handshake to size the window scale).
-    pub fn apply_buffers(&self, sock: &SockRef<'_>) -> io::Result<()> {
+    fn apply_buffers(&self, sock: &SockRef<'_>) -> io::Result<()> {
         if self.recv_buffer > 0 {
             sock.set_recv_buffer_size(self.recv_buffer)?;
         }

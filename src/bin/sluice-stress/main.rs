@@ -9,6 +9,8 @@
 //! - `clients.rs`: `clients`, N concurrent verifying clients.
 //! - `proxy_process.rs`: a proxy as a child process (spawn, ports, RSS, /metrics, SIGTERM).
 //! - `baseline.rs`: `unbounded-relay`, the relay without backpressure sluice is compared with.
+//! - `bench/`: `bench`, sluice side by side with a direct connection, copy_bidirectional,
+//!   HAProxy and nginx.
 //! - `scenario.rs`: `scenario`, built-in workloads sampled every 100 ms into report.json.
 //! - `load.rs`: the `many-conns` and `soak` scenarios (RSS against the bound, RSS over time).
 //! - `svg.rs`: report.svg, memory and queued bytes over time.
@@ -16,6 +18,7 @@
 //! - `progress.rs`: progress bars.
 
 mod baseline;
+mod bench;
 mod chaos;
 mod clients;
 mod demo;
@@ -54,8 +57,9 @@ enum Command {
     /// A built-in workload against a real sluice (and optionally the unbounded baseline),
     /// sampled every 100 ms into DIR/report.json and DIR/report.svg.
     Scenario(scenario::ScenarioArgs),
-    // bench: wired in when branch bench merges (a `Bench(bench::BenchArgs)` variant, and
-    // `mod bench;` above; see `main`).
+    /// Measure sluice side by side with a direct connection, tokio's copy_bidirectional,
+    /// HAProxy and nginx: throughput, latency, connection rate, memory per connection.
+    Bench(bench::BenchArgs),
     /// The relay without backpressure used by `scenario --baseline unbounded`.
     #[command(hide = true)]
     UnboundedRelay(baseline::UnboundedArgs),
@@ -75,13 +79,11 @@ impl std::error::Error for UsageError {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // bench: wired in when branch bench merges. `bench::run` builds its own runtime, so it
-    // goes here, outside `run_async`:
-    //     let result = match cli.command {
-    //         Command::Bench(args) => bench::run(args),
-    //         command => run_async(command),
-    //     };
-    let result = run_async(cli.command);
+    // `bench::run` builds its own runtime, so it runs outside `run_async`.
+    let result = match cli.command {
+        Command::Bench(args) => bench::run(args),
+        command => run_async(command),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<UsageError>().is_some() => {
@@ -109,6 +111,7 @@ fn run_async(command: Command) -> anyhow::Result<()> {
             Command::Clients(args) => clients::run(args).await,
             Command::Scenario(args) => scenario::run(args).await,
             Command::UnboundedRelay(args) => baseline::run(args).await,
+            Command::Bench(_) => unreachable!("bench runs outside run_async"),
         }
     })
 }

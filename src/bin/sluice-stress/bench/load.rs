@@ -1,0 +1,213 @@
+//! The traffic `bench` drives through a subject: bulk streams, 64-byte ping-pong, connection
+//! churn, idle connections and slow readers.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use futures_util::{StreamExt, TryStreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinSet;
+
+use super::upstreams::Upstream;
+
+/// Size of each write in the throughput test: large enough that syscalls are not the limit.
+const STREAM_CHUNK: usize = 128 * 1024;
+
+/// Size of the ping-pong message in the latency test.
+pub const MESSAGE: usize = 64;
+
+/// Round trips per connection left out of the latency figures (connection warm-up).
+const LATENCY_WARMUP: usize = 10;
+
+/// Connections opened at once in the idle test, so no listen backlog overflows.
+const OPEN_CONCURRENCY: usize = 32;
+
+/// Concurrent connect-echo-close loops in the connection-rate test.
+pub const CONNECT_CONCURRENCY: usize = 4;
+
+async fn connect(target: SocketAddr) -> Result<TcpStream> {
+    let stream = TcpStream::connect(target)
+        .await
+        .with_context(|| format!("connecting to {target}"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// `streams` connections each writing as fast as they can into `sink` through `target`;
+/// Gbit/s arriving at the sink over `window`, after `warmup`.
+pub async fn throughput(
+    target: SocketAddr,
+    sink: &Upstream,
+    streams: usize,
+    warmup: Duration,
+    window: Duration,
+) -> Result<f64> {
+    let mut writers = JoinSet::new();
+    for _ in 0..streams {
+        let mut stream = connect(target).await?;
+        writers.spawn(async move {
+            let chunk = vec![0x5au8; STREAM_CHUNK];
+            loop {
+                if let Err(e) = stream.write_all(&chunk).await {
+                    return e;
+                }
+            }
+        });
+    }
+    tokio::time::sleep(warmup).await;
+    let (start, before) = (Instant::now(), sink.received());
+    tokio::time::sleep(window).await;
+    let (elapsed, after) = (start.elapsed(), sink.received());
+    if let Some(done) = writers.try_join_next() {
+        return Err(anyhow::Error::new(done?).context("a stream failed mid-run"));
+    }
+    writers.abort_all();
+    let bits = (after - before) as f64 * 8.0;
+    ensure!(bits > 0.0, "no bytes reached the upstream");
+    Ok(bits / elapsed.as_secs_f64() / 1e9)
+}
+
+/// Round-trip times of 64-byte messages, microseconds, sorted.
+pub async fn latency(target: SocketAddr, conns: usize, duration: Duration) -> Result<Vec<f64>> {
+    let mut streams = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        streams.push(connect(target).await?);
+    }
+    let deadline = Instant::now() + duration;
+    let mut tasks = JoinSet::new();
+    for (id, mut stream) in streams.into_iter().enumerate() {
+        tasks.spawn(async move {
+            let mut samples = Vec::new();
+            let mut reply = [0u8; MESSAGE];
+            let mut round = 0u64;
+            while Instant::now() < deadline {
+                let mut message = [0u8; MESSAGE];
+                message[..8].copy_from_slice(&(id as u64).to_le_bytes());
+                message[8..16].copy_from_slice(&round.to_le_bytes());
+                let start = Instant::now();
+                stream.write_all(&message).await?;
+                stream.read_exact(&mut reply).await?;
+                let rtt = start.elapsed();
+                ensure!(reply == message, "echo came back altered");
+                if round >= LATENCY_WARMUP as u64 {
+                    samples.push(rtt.as_secs_f64() * 1e6);
+                }
+                round += 1;
+            }
+            Ok::<_, anyhow::Error>(samples)
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        all.extend(done??);
+    }
+    ensure!(!all.is_empty(), "no round trip completed");
+    all.sort_by(f64::total_cmp);
+    Ok(all)
+}
+
+/// Connections per second: connect, send one byte, read it back, close; several loops at once.
+pub async fn connect_rate(target: SocketAddr, duration: Duration) -> Result<f64> {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut loops = JoinSet::new();
+    for _ in 0..CONNECT_CONCURRENCY {
+        loops.spawn(async move {
+            let mut done = 0u64;
+            while Instant::now() < deadline {
+                let mut stream = connect(target).await?;
+                stream.write_all(b"x").await?;
+                let mut reply = [0u8; 1];
+                stream.read_exact(&mut reply).await?;
+                ensure!(&reply == b"x", "echo came back altered");
+                done += 1;
+            }
+            Ok::<_, anyhow::Error>(done)
+        });
+    }
+    let mut total = 0;
+    while let Some(done) = loops.join_next().await {
+        total += done??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Open `conns` proxied connections to an echo upstream, each proven end to end with one
+/// 64-byte round trip, and hand them back idle.
+pub async fn open_idle(target: SocketAddr, conns: usize) -> Result<Vec<TcpStream>> {
+    futures_util::stream::iter(0..conns)
+        .map(|_| async move {
+            let mut stream = connect(target).await?;
+            let message = [0x42u8; MESSAGE];
+            stream.write_all(&message).await?;
+            let mut reply = [0u8; MESSAGE];
+            stream.read_exact(&mut reply).await?;
+            ensure!(reply == message, "echo came back altered");
+            Ok(stream)
+        })
+        .buffer_unordered(OPEN_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// What the slow readers did.
+pub struct SlowReport {
+    pub bytes: u64,
+}
+
+/// `conns` clients with an SO_RCVBUF of `rcvbuf`, each reading `rate` bytes/s for `duration`
+/// from a source upstream behind `target`.
+pub async fn slow_readers(
+    target: SocketAddr,
+    conns: usize,
+    rcvbuf: u32,
+    rate: f64,
+    duration: Duration,
+) -> Result<SlowReport> {
+    let mut streams = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let socket = TcpSocket::new_v4()?;
+        // Before connect(), so the window the client advertises is small from the start.
+        socket.set_recv_buffer_size(rcvbuf)?;
+        let stream = socket
+            .connect(target)
+            .await
+            .with_context(|| format!("connecting to {target}"))?;
+        streams.push(stream);
+    }
+    let mut readers = JoinSet::new();
+    for mut stream in streams {
+        readers.spawn(async move {
+            let start = Instant::now();
+            let mut got = 0u64;
+            let mut buf = vec![0u8; 4096];
+            while start.elapsed() < duration {
+                let allowed = (rate * start.elapsed().as_secs_f64()) as u64;
+                if got < allowed {
+                    let want = ((allowed - got) as usize).min(buf.len());
+                    let n = stream.read(&mut buf[..want]).await?;
+                    if n == 0 {
+                        bail!("the proxy closed a slow reader");
+                    }
+                    got += n as u64;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            }
+            Ok::<_, anyhow::Error>(got)
+        });
+    }
+    let mut bytes = 0;
+    while let Some(done) = readers.join_next().await {
+        bytes += done??;
+    }
+    Ok(SlowReport { bytes })
+}
+
+/// Value at quantile `q` (0..=1) of sorted samples (nearest rank).
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}

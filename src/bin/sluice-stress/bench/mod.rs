@@ -1,0 +1,429 @@
+//! `sluice-stress bench`: sluice measured side by side with a direct connection, tokio's
+//! copy_bidirectional, HAProxy and nginx, in one run, on this machine.
+//!
+//! # Layout
+//! - `subjects.rs`: what is measured; generated configs, start-up on free loopback ports,
+//!   process-tree RSS, stopping.
+//! - `relay.rs`: the copy_bidirectional relay, served from a child process (hidden flag).
+//! - `upstreams.rs`: in-process sink, echo and source upstreams.
+//! - `load.rs`: the traffic: streams, ping-pong, connection churn, idle conns, slow readers.
+//! - `iperf.rs`: iperf3 through the proxy for the one-stream figure.
+//! - `memory.rs`: memory per connection on a fresh process.
+//! - `report.rs`: medians, the Markdown table, the JSON.
+//!
+//! Speed tests start each subject afresh for every measurement and rotate the order of the
+//! subjects every round, so slow drift of a shared machine spreads over all of them; the
+//! figures quoted are medians of the rounds.
+
+mod iperf;
+mod load;
+mod memory;
+mod relay;
+mod report;
+mod subjects;
+mod upstreams;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use memory::MemoryFigure;
+use report::{Machine, Report, Series, Settings, SubjectResult};
+use subjects::{Profile, Subject, SubjectKind};
+use upstreams::{Mode, Upstream};
+
+/// Command-line arguments of `sluice-stress bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Shrink every measurement so the whole run takes seconds (for tests; figures meaningless).
+    #[arg(long)]
+    pub quick: bool,
+
+    /// Also write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// The sluice binary to measure [default: `sluice` next to this program, then PATH].
+    #[arg(long, env = "SLUICE_BIN", value_name = "PATH")]
+    pub sluice: Option<PathBuf>,
+
+    /// Measure only these subjects (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "SUBJECTS")]
+    pub only: Vec<SubjectKind>,
+
+    /// Rounds of every speed measurement; the median is quoted [default: 3, 1 with --quick].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeats: Option<u32>,
+
+    /// Use sluice-stress's own stream for the one-stream figure even when iperf3 is installed.
+    #[arg(long)]
+    pub no_iperf3: bool,
+
+    /// Internal: serve tokio's copy_bidirectional in front of UPSTREAM (a bench subject).
+    #[arg(long, hide = true, value_name = "UPSTREAM")]
+    pub serve_copy_bidirectional: Option<SocketAddr>,
+
+    /// Internal: per-direction buffer of the copy_bidirectional relay, bytes.
+    #[arg(long, hide = true, default_value_t = relay::TOKIO_DEFAULT_BUFFER)]
+    pub relay_buffer: usize,
+}
+
+/// Slow readers read this many bytes per second each (the figure).
+const SLOW_RATE: f64 = 32.0 * 1024.0;
+
+/// Slow readers' SO_RCVBUF, so the kernel does not hide the proxy's buffering.
+const SLOW_RCVBUF: u32 = 4096;
+
+/// How big and long each measurement is.
+struct Plan {
+    repeats: usize,
+    /// `Some(seconds)` when iperf3 gives the one-stream figure.
+    iperf_seconds: Option<u32>,
+    warmup: Duration,
+    window: Duration,
+    latency: Duration,
+    connect: Duration,
+    idle_conns: usize,
+    idle_hold: Duration,
+    slow_readers: usize,
+    slow_duration: Duration,
+}
+
+impl Plan {
+    fn new(args: &BenchArgs) -> Plan {
+        let use_iperf3 = !args.quick && !args.no_iperf3;
+        let iperf_seconds = if use_iperf3 && iperf::version().is_some() {
+            Some(3)
+        } else {
+            None
+        };
+        if args.quick {
+            Plan {
+                repeats: args.repeats.unwrap_or(1) as usize,
+                iperf_seconds,
+                warmup: Duration::from_millis(50),
+                window: Duration::from_millis(200),
+                latency: Duration::from_millis(200),
+                connect: Duration::from_millis(200),
+                idle_conns: 100,
+                idle_hold: Duration::from_millis(100),
+                slow_readers: 20,
+                slow_duration: Duration::from_millis(400),
+            }
+        } else {
+            Plan {
+                repeats: args.repeats.unwrap_or(3) as usize,
+                iperf_seconds,
+                warmup: Duration::from_millis(500),
+                window: Duration::from_secs(3),
+                latency: Duration::from_secs(2),
+                connect: Duration::from_secs(2),
+                idle_conns: 2000,
+                idle_hold: Duration::from_millis(500),
+                slow_readers: 200,
+                slow_duration: Duration::from_secs(4),
+            }
+        }
+    }
+}
+
+/// Run `sluice-stress bench` (or, with the hidden flag, the copy_bidirectional relay).
+pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(upstream) = args.serve_copy_bidirectional {
+        return relay::serve(upstream, args.relay_buffer);
+    }
+    // A runtime of our own on a thread of our own: this works whether or not the caller's
+    // main already runs inside a tokio runtime. Two workers, like every subject.
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("building the runtime")?
+            .block_on(bench(args))
+    })
+    .join()
+    .map_err(|_| anyhow!("the benchmark thread panicked"))?
+}
+
+async fn bench(args: BenchArgs) -> Result<()> {
+    let machine = Machine::here();
+    let plan = Plan::new(&args);
+    let (subjects, skipped) = subjects::discover(args.sluice.as_deref(), &args.only)?;
+    if subjects.is_empty() {
+        bail!("no subject to measure");
+    }
+    if !args.quick
+        && std::env::current_exe()?
+            .components()
+            .any(|c| c.as_os_str() == "debug")
+    {
+        eprintln!(
+            "note: this is a debug build; build with `cargo build --release` for real figures"
+        );
+    }
+    for s in &skipped {
+        eprintln!("skipping {}: {}", s.id, s.reason);
+    }
+    let iperf_server = match plan.iperf_seconds {
+        Some(_) => Some(iperf::Server::start()?),
+        None => None,
+    };
+    let throughput_1_tool = match (plan.iperf_seconds, iperf::version()) {
+        (Some(secs), Some(version)) => {
+            format!("{version} (`iperf3 -c -t {secs} -O 1`, first second omitted)")
+        }
+        _ if args.quick => "sluice-stress (--quick does not run iperf3)".into(),
+        _ if args.no_iperf3 => "sluice-stress (--no-iperf3)".into(),
+        _ => "sluice-stress (iperf3 is not installed)".into(),
+    };
+
+    let mut results: Vec<SubjectResult> = subjects
+        .iter()
+        .map(|s| SubjectResult {
+            id: s.kind.id(),
+            name: s.label(),
+            version: s.version.clone(),
+            config: s.config_note(),
+            ..SubjectResult::default()
+        })
+        .collect();
+
+    let n = subjects.len();
+    for round in 0..plan.repeats {
+        for k in 0..n {
+            let i = (k + round) % n;
+            let (subject, result) = (&subjects[i], &mut results[i]);
+            let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
+            speed_round(subject, result, &plan, iperf_server.as_ref(), &tag).await;
+        }
+    }
+    // Memory: a fresh process per measurement, the same rotation, medians again.
+    for round in 0..plan.repeats {
+        for k in 0..n {
+            let i = (k + round) % n;
+            let (subject, result) = (&subjects[i], &mut results[i]);
+            if !subject.kind.has_process() {
+                continue;
+            }
+            let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
+            let idle = memory::idle(subject, plan.idle_conns, plan.idle_hold).await;
+            record_memory(result, &tag, "idle KiB/conn", MemoryTest::Idle, idle);
+        }
+    }
+    for round in 0..plan.repeats {
+        for k in 0..n {
+            let i = (k + round) % n;
+            let (subject, result) = (&subjects[i], &mut results[i]);
+            if !subject.kind.has_process() {
+                continue;
+            }
+            let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
+            let slow = memory::slow_readers(
+                subject,
+                plan.slow_readers,
+                SLOW_RCVBUF,
+                SLOW_RATE,
+                plan.slow_duration,
+            )
+            .await;
+            record_memory(
+                result,
+                &tag,
+                "slow reader KiB/conn",
+                MemoryTest::SlowReader,
+                slow,
+            );
+        }
+    }
+    drop(iperf_server);
+
+    let report = Report {
+        command: std::env::args()
+            .enumerate()
+            .map(|(i, a)| if i == 0 { "sluice-stress".into() } else { a })
+            .collect::<Vec<_>>()
+            .join(" "),
+        quick: args.quick,
+        machine: Machine {
+            load_after: report::load_average(),
+            ..machine
+        },
+        settings: Settings {
+            repeats: plan.repeats,
+            throughput_1_tool,
+            throughput_seconds: plan
+                .iperf_seconds
+                .map_or(plan.window.as_secs_f64(), f64::from),
+            latency_seconds: plan.latency.as_secs_f64(),
+            connect_seconds: plan.connect.as_secs_f64(),
+            connect_concurrency: load::CONNECT_CONCURRENCY,
+            idle_conns: plan.idle_conns,
+            slow_readers: plan.slow_readers,
+            slow_reader_rate_bytes_per_sec: SLOW_RATE,
+            slow_reader_rcvbuf_bytes: SLOW_RCVBUF,
+            slow_reader_seconds: plan.slow_duration.as_secs_f64(),
+            memory_buffer_bytes: subjects::MEMORY_BUFFER,
+        },
+        subjects: results,
+        skipped,
+    };
+    print!("{}", report.markdown());
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    let errors: usize = report.subjects.iter().map(|r| r.errors.len()).sum();
+    if errors > 0 {
+        bail!("{errors} measurement(s) failed; see the errors under the table");
+    }
+    Ok(())
+}
+
+fn failed(result: &mut SubjectResult, what: &str, error: &anyhow::Error) {
+    eprintln!("{}: {what} failed: {error:#}", result.id);
+    result.errors.push(format!("{what}: {error:#}"));
+}
+
+/// Start `subject` in front of `upstream`, run `measure` against it, stop it.
+async fn with_subject<F, Fut, T>(subject: &Subject, upstream: SocketAddr, measure: F) -> Result<T>
+where
+    F: FnOnce(SocketAddr) -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut running = tokio::task::block_in_place(|| subject.launch(upstream, Profile::Defaults))?;
+    let outcome = measure(running.addr).await;
+    tokio::task::block_in_place(|| running.stop());
+    outcome
+}
+
+async fn own_streams(subject: &Subject, streams: usize, plan: &Plan) -> Result<f64> {
+    let sink = Upstream::start(Mode::Sink).await?;
+    with_subject(subject, sink.addr, |target| {
+        load::throughput(target, &sink, streams, plan.warmup, plan.window)
+    })
+    .await
+}
+
+fn record(result: &mut SubjectResult, tag: &str, what: &str, slot: Slot, value: Result<f64>) {
+    match value {
+        Ok(v) => {
+            eprintln!("{tag}: {what} {v:.2}");
+            slot.get(result).get_or_insert_with(Series::default).push(v);
+        }
+        Err(e) => failed(result, what, &e),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum MemoryTest {
+    Idle,
+    SlowReader,
+}
+
+fn record_memory(
+    result: &mut SubjectResult,
+    tag: &str,
+    what: &str,
+    test: MemoryTest,
+    measured: Result<MemoryFigure>,
+) {
+    match measured {
+        Ok(m) => {
+            eprintln!("{tag}: {what} {:.2}", m.kib_per_conn);
+            let (series, runs) = match test {
+                MemoryTest::Idle => (&mut result.idle_kib_per_conn, &mut result.idle_runs),
+                MemoryTest::SlowReader => (
+                    &mut result.slow_reader_kib_per_conn,
+                    &mut result.slow_reader_runs,
+                ),
+            };
+            series
+                .get_or_insert_with(Series::default)
+                .push(m.kib_per_conn);
+            runs.push(m);
+        }
+        Err(e) => failed(result, what, &e),
+    }
+}
+
+/// Which figure of a `SubjectResult` a measurement fills.
+#[derive(Clone, Copy)]
+enum Slot {
+    Throughput1,
+    Throughput8,
+    Latency1P50,
+    Latency1P99,
+    Latency64P50,
+    Latency64P99,
+    ConnectRate,
+}
+
+impl Slot {
+    fn get(self, r: &mut SubjectResult) -> &mut Option<Series> {
+        match self {
+            Slot::Throughput1 => &mut r.throughput_1_gbps,
+            Slot::Throughput8 => &mut r.throughput_8_gbps,
+            Slot::Latency1P50 => &mut r.latency_1_p50_us,
+            Slot::Latency1P99 => &mut r.latency_1_p99_us,
+            Slot::Latency64P50 => &mut r.latency_64_p50_us,
+            Slot::Latency64P99 => &mut r.latency_64_p99_us,
+            Slot::ConnectRate => &mut r.connections_per_sec,
+        }
+    }
+}
+
+/// One round of every speed measurement for one subject, each on a freshly started process.
+async fn speed_round(
+    subject: &Subject,
+    result: &mut SubjectResult,
+    plan: &Plan,
+    iperf_server: Option<&iperf::Server>,
+    tag: &str,
+) {
+    let one = match (iperf_server, plan.iperf_seconds) {
+        (Some(server), Some(secs)) => {
+            with_subject(subject, server.addr, |target| iperf::client(target, secs)).await
+        }
+        _ => own_streams(subject, 1, plan).await,
+    };
+    record(result, tag, "1 stream Gbit/s", Slot::Throughput1, one);
+    let eight = own_streams(subject, 8, plan).await;
+    record(result, tag, "8 streams Gbit/s", Slot::Throughput8, eight);
+
+    for (conns, p50, p99) in [
+        (1, Slot::Latency1P50, Slot::Latency1P99),
+        (64, Slot::Latency64P50, Slot::Latency64P99),
+    ] {
+        let measured = async {
+            let echo = Upstream::start(Mode::Echo).await?;
+            with_subject(subject, echo.addr, |target| {
+                load::latency(target, conns, plan.latency)
+            })
+            .await
+        }
+        .await;
+        let what = format!("RTT {conns} conn(s) p50 µs");
+        match measured {
+            Ok(samples) => {
+                let q99 = load::quantile(&samples, 0.99);
+                record(result, tag, &what, p50, Ok(load::quantile(&samples, 0.5)));
+                record(result, tag, "      p99 µs", p99, Ok(q99));
+            }
+            Err(e) => failed(result, &what, &e),
+        }
+    }
+
+    let rate = async {
+        let echo = Upstream::start(Mode::Echo).await?;
+        with_subject(subject, echo.addr, |target| {
+            load::connect_rate(target, plan.connect)
+        })
+        .await
+    }
+    .await;
+    record(result, tag, "conn/s", Slot::ConnectRate, rate);
+}

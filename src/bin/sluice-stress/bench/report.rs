@@ -1,0 +1,273 @@
+//! What `bench` found: per-subject results, the machine, the Markdown table and the JSON.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::memory::MemoryFigure;
+use super::subjects::Skipped;
+
+/// Repeated measurements of one figure and their median (the number quoted).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Series {
+    pub median: f64,
+    pub runs: Vec<f64>,
+}
+
+impl Series {
+    pub fn push(&mut self, value: f64) {
+        self.runs.push(value);
+        let mut sorted = self.runs.clone();
+        sorted.sort_by(f64::total_cmp);
+        let mid = sorted.len() / 2;
+        self.median = if sorted.len() % 2 == 1 {
+            sorted[mid]
+        } else {
+            (sorted[mid - 1] + sorted[mid]) / 2.0
+        };
+    }
+}
+
+/// Everything measured for one subject. `None` means not measured (direct has no process) or
+/// failed (see `errors`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SubjectResult {
+    pub id: &'static str,
+    pub name: String,
+    pub version: String,
+    pub config: &'static str,
+    pub throughput_1_gbps: Option<Series>,
+    pub throughput_8_gbps: Option<Series>,
+    pub latency_1_p50_us: Option<Series>,
+    pub latency_1_p99_us: Option<Series>,
+    pub latency_64_p50_us: Option<Series>,
+    pub latency_64_p99_us: Option<Series>,
+    pub connections_per_sec: Option<Series>,
+    /// Idle memory per connection, median over fresh processes.
+    pub idle_kib_per_conn: Option<Series>,
+    /// The raw numbers of each idle run.
+    pub idle_runs: Vec<MemoryFigure>,
+    /// Slow-reader memory per connection, median over fresh processes.
+    pub slow_reader_kib_per_conn: Option<Series>,
+    pub slow_reader_runs: Vec<MemoryFigure>,
+    pub errors: Vec<String>,
+}
+
+/// The machine the figures come from.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub memory_gib: f64,
+    /// 1-minute load average when the run began and when it ended: on a shared machine,
+    /// the first thing to look at when figures disagree between runs.
+    pub load_before: f64,
+    pub load_after: f64,
+}
+
+impl Machine {
+    pub fn here() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|l| l.trim_start_matches([' ', '\t', ':']).trim().to_string())
+            .unwrap_or_else(|| "unknown CPU".into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|k| k.trim().to_string())
+            .unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem_kib: f64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0);
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_model,
+            kernel,
+            memory_gib: (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+            load_before: load_average(),
+            load_after: 0.0,
+        }
+    }
+}
+
+/// The 1-minute load average.
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// How the run was set up, so a reader can reproduce it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    pub repeats: usize,
+    pub throughput_1_tool: String,
+    pub throughput_seconds: f64,
+    pub latency_seconds: f64,
+    pub connect_seconds: f64,
+    pub connect_concurrency: usize,
+    pub idle_conns: usize,
+    pub slow_readers: usize,
+    pub slow_reader_rate_bytes_per_sec: f64,
+    pub slow_reader_rcvbuf_bytes: u32,
+    pub slow_reader_seconds: f64,
+    pub memory_buffer_bytes: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub command: String,
+    pub quick: bool,
+    pub machine: Machine,
+    pub settings: Settings,
+    pub subjects: Vec<SubjectResult>,
+    pub skipped: Vec<Skipped>,
+}
+
+fn gbps(s: &Option<Series>) -> String {
+    s.as_ref()
+        .map_or("err".into(), |s| format!("{:.1}", s.median))
+}
+
+fn micros(s: &Option<Series>) -> String {
+    match s {
+        Some(s) if s.median >= 100.0 => format!("{:.0}", s.median),
+        Some(s) => format!("{:.1}", s.median),
+        None => "err".into(),
+    }
+}
+
+fn rtt(p50: &Option<Series>, p99: &Option<Series>) -> String {
+    format!("{} / {}", micros(p50), micros(p99))
+}
+
+fn kib(m: &Option<Series>, has_process: bool) -> String {
+    match m {
+        Some(m) => format!("{:.1}", m.median),
+        None if has_process => "err".into(),
+        None => "–".into(),
+    }
+}
+
+impl Report {
+    /// The table and the notes that say how each column was measured.
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let s = &self.settings;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "Machine: {} CPUs ({}), Linux {}, {} GiB RAM; loopback; load average {:.1} at \
+             the start, {:.1} at the end. {}{} interleaved.\n",
+            m.cpus,
+            m.cpu_model,
+            m.kernel,
+            m.memory_gib,
+            m.load_before,
+            m.load_after,
+            if s.repeats > 1 {
+                format!("Medians of {} runs, subjects", s.repeats)
+            } else {
+                "One run, subjects".into()
+            },
+            if self.quick {
+                " (--quick: tiny sizes, figures meaningless)"
+            } else {
+                ""
+            },
+        );
+        out.push_str(
+            "| subject | 1 stream Gbit/s | 8 streams Gbit/s | RTT p50 / p99 µs, 1 conn \
+             | RTT p50 / p99 µs, 64 conns | conn/s | idle KiB/conn | slow reader KiB/conn |\n\
+             |---|---|---|---|---|---|---|---|\n",
+        );
+        for r in &self.subjects {
+            let has_process = r.id != "direct";
+            let cps = r
+                .connections_per_sec
+                .as_ref()
+                .map_or("err".into(), |s| format!("{:.0}", s.median));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.name,
+                gbps(&r.throughput_1_gbps),
+                gbps(&r.throughput_8_gbps),
+                rtt(&r.latency_1_p50_us, &r.latency_1_p99_us),
+                rtt(&r.latency_64_p50_us, &r.latency_64_p99_us),
+                cps,
+                kib(&r.idle_kib_per_conn, has_process),
+                kib(&r.slow_reader_kib_per_conn, has_process),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n- 1 stream: {}, {} s, client → proxy → server. 8 streams: sluice-stress, 8 \
+             connections writing 128 KiB chunks into a sink, {} s.",
+            s.throughput_1_tool, s.throughput_seconds, s.throughput_seconds
+        );
+        let _ = writeln!(
+            out,
+            "- RTT: 64-byte messages echoed by the upstream, one outstanding per connection, {} s. \
+             conn/s: connect, send 1 byte, read it back, close; {} loops at once, {} s.",
+            s.latency_seconds, s.connect_concurrency, s.connect_seconds
+        );
+        let _ = writeln!(
+            out,
+            "- Memory: RSS of a fresh proxy process (all its processes), peak minus start, per \
+             connection; {} KiB per-direction buffers everywhere. Idle: {} connections, each \
+             after one 64-byte round trip. Slow reader: {} clients with a {} B SO_RCVBUF reading \
+             {:.0} KiB/s each for {} s from an upstream writing as fast as it can.",
+            s.memory_buffer_bytes / 1024,
+            s.idle_conns,
+            s.slow_readers,
+            s.slow_reader_rcvbuf_bytes,
+            s.slow_reader_rate_bytes_per_sec / 1024.0,
+            s.slow_reader_seconds
+        );
+        if s.repeats > 1 {
+            let runs: Vec<String> = self
+                .subjects
+                .iter()
+                .filter_map(|r| {
+                    let t = r.throughput_1_gbps.as_ref()?;
+                    let v: Vec<String> = t.runs.iter().map(|x| format!("{x:.1}")).collect();
+                    Some(format!("{} {}", r.id, v.join(", ")))
+                })
+                .collect();
+            let _ = writeln!(out, "- 1 stream, every run (Gbit/s): {}.", runs.join("; "));
+        }
+        for r in &self.subjects {
+            let _ = writeln!(out, "- {}: {}.", r.name, r.config);
+        }
+        for skipped in &self.skipped {
+            let _ = writeln!(out, "- Skipped {}: {}", skipped.id, skipped.reason);
+        }
+        for r in &self.subjects {
+            for e in &r.errors {
+                let _ = writeln!(out, "- Error, {}: {}", r.name, e);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        let mut s = Series::default();
+        s.push(3.0);
+        s.push(1.0);
+        assert_eq!(s.median, 2.0);
+        s.push(10.0);
+        assert_eq!(s.median, 3.0);
+    }
+}
