@@ -64,7 +64,8 @@ pub enum Fault {
     /// No listener: connects are refused (the port stays bound, so nobody else takes it).
     Refuse,
     /// A listener with backlog 0 whose accept queue we fill and never accept from:
-    /// handshakes never complete.
+    /// handshakes never complete. (The backlog is 0 from the start, so `--healthy`
+    /// connections arriving in a burst may wait for a SYN retry.)
     Blackhole,
     /// Move the main direction one byte at a time, this long apart.
     Trickle(Duration),
