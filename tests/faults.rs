@@ -187,7 +187,7 @@ impl Rig {
         );
         let sluice = Daemon::start(&config);
         // Counted before any scrape: a scrape's socket lingers a moment after the reply.
-        let sockets_before = sockets(sluice.child.id());
+        let sockets_before = sluice.open_sockets();
         let healthy = Healthy::start(sluice.addr).await;
         if fault == "refuse" || fault == "blackhole" {
             let now = if fault == "refuse" {
@@ -239,7 +239,7 @@ impl Rig {
         assert_eq!(value(&m, "sluice_connections_accepted_total"), accepted);
         let before = self.sockets_before;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while sockets(self.sluice.child.id()) != before {
+        while self.sluice.open_sockets() != before {
             if Instant::now() > deadline {
                 let fds = fd_list(self.sluice.child.id());
                 panic!("sluice held {before} sockets before the clients; after: {fds:?}");
@@ -247,15 +247,6 @@ impl Rig {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-}
-
-/// Sockets among a process's descriptors: a leaked connection is a leaked socket. (The
-/// other descriptors include short-lived ones, such as sluice's own reads of /proc.)
-fn sockets(pid: u32) -> usize {
-    fd_list(pid)
-        .iter()
-        .filter(|(_, target)| target.to_string_lossy().starts_with("socket:"))
-        .count()
 }
 
 /// A process's descriptors and what they point to.

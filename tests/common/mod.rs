@@ -376,10 +376,14 @@ impl Daemon {
         self.log.lock().unwrap().clone()
     }
 
-    /// Descriptors the daemon holds now (entries of /proc/PID/fd).
-    pub fn open_fds(&self) -> usize {
+    /// Sockets the daemon holds now (entries of /proc/PID/fd that are sockets): a leaked
+    /// connection is a leaked socket, while other descriptors come and go (sluice reads
+    /// /proc itself).
+    pub fn open_sockets(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
             .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("socket:"))
             .count()
     }
 
