@@ -78,15 +78,7 @@ impl Proxy {
     pub async fn settled(&self) {
         eventually("gauges return to zero", Duration::from_secs(10), || {
             let m = self.metrics();
-            [
-                "sluice_connections_active",
-                "sluice_queued_bytes{direction=\"client_to_upstream\"}",
-                "sluice_queued_bytes{direction=\"upstream_to_client\"}",
-                "sluice_paused_connections{direction=\"client_to_upstream\"}",
-                "sluice_paused_connections{direction=\"upstream_to_client\"}",
-            ]
-            .iter()
-            .all(|s| value(&m, s) == 0.0)
+            LIVE_GAUGES.iter().all(|s| value(&m, s) == 0.0)
         })
         .await;
     }
@@ -99,6 +91,15 @@ impl Proxy {
             .unwrap();
     }
 }
+
+/// The gauges that count live things: all 0 once no connection is open.
+pub const LIVE_GAUGES: [&str; 5] = [
+    "sluice_connections_active",
+    "sluice_queued_bytes{direction=\"client_to_upstream\"}",
+    "sluice_queued_bytes{direction=\"upstream_to_client\"}",
+    "sluice_paused_connections{direction=\"client_to_upstream\"}",
+    "sluice_paused_connections{direction=\"upstream_to_client\"}",
+];
 
 /// Parses one series' value out of a Prometheus exposition.
 pub fn value(text: &str, series: &str) -> f64 {
@@ -373,6 +374,26 @@ impl Daemon {
 
     pub fn log_lines(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Sockets the daemon holds now (entries of /proc/PID/fd that are sockets): a leaked
+    /// connection is a leaked socket, while other descriptors come and go (sluice reads
+    /// /proc itself).
+    pub fn open_sockets(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("socket:"))
+            .count()
+    }
+
+    /// Waits until no connection is live and every gauge of live things is back to 0.
+    pub async fn settled(&self) {
+        eventually("gauges return to zero", Duration::from_secs(10), || {
+            let m = self.scrape();
+            LIVE_GAUGES.iter().all(|s| value(&m, s) == 0.0)
+        })
+        .await;
     }
 }
 

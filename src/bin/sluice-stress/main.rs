@@ -4,20 +4,25 @@
 //! - `pattern.rs`: the verifiable byte stream (any byte recomputable from seed + offset).
 //! - `rate.rs`: sizes, rates, durations, and the token bucket that paces a connection.
 //! - `upstream.rs`: `upstream`, the stand-in upstream (source / sink / echo).
+//! - `chaos.rs`: `upstream --fault`: an upstream that resets, closes early, stalls, closes
+//!   slowly, refuses, blackholes or trickles.
 //! - `clients.rs`: `clients`, N concurrent verifying clients.
 //! - `proxy_process.rs`: a proxy as a child process (spawn, ports, RSS, /metrics, SIGTERM).
 //! - `baseline.rs`: `unbounded-relay`, the relay without backpressure sluice is compared with.
 //! - `bench/`: `bench`, sluice side by side with a direct connection, copy_bidirectional,
 //!   HAProxy and nginx.
 //! - `scenario.rs`: `scenario`, built-in workloads sampled every 100 ms into report.json.
+//! - `load.rs`: the `many-conns` and `soak` scenarios (RSS against the bound, RSS over time).
 //! - `svg.rs`: report.svg, memory and queued bytes over time.
 //! - `demo.rs`: `demo`, the README's first command.
 //! - `progress.rs`: progress bars.
 
 mod baseline;
 mod bench;
+mod chaos;
 mod clients;
 mod demo;
+mod load;
 mod pattern;
 mod progress;
 mod proxy_process;
@@ -44,7 +49,8 @@ enum Command {
     /// Run sluice (with the shipped proxy.toml) in front of a slow upstream with slow readers
     /// and fast writers, with a live status line; ends with a summary.
     Demo(demo::DemoArgs),
-    /// A stand-in upstream: source (writes a verifiable pattern), sink or echo; optionally slow.
+    /// A stand-in upstream: source (writes a verifiable pattern), sink or echo; optionally slow,
+    /// or faulty (--fault: resets, early closes, stalls, refusals, blackholes, trickles).
     Upstream(upstream::UpstreamArgs),
     /// N concurrent clients that read, write or echo the verifiable pattern through a proxy.
     Clients(clients::ClientsArgs),

@@ -34,6 +34,12 @@ pub enum ScenarioName {
     /// An echo upstream; a third of the clients write fast but read at 16 KiB/s (both
     /// directions fill), a third trickle at 16 KiB/s, a third stream at 1 MiB/s.
     Mixed,
+    /// Load: every connection echoes for the whole run (try --conns 8000); 3/4 at 2 KiB/s,
+    /// 1/4 fill both bounds. Reports sluice's RSS against conns × both bounds.
+    ManyConns,
+    /// Soak: --conns slots churn echo connections of 256 KiB for --duration (try 2m); RSS
+    /// after the first quarter (warm-up) must not grow.
+    Soak,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -153,6 +159,8 @@ pub fn workload(name: ScenarioName, conns: usize) -> Workload {
                 })
                 .collect(),
         },
+        ScenarioName::ManyConns => crate::load::many_conns_workload(conns),
+        ScenarioName::Soak => crate::load::soak_workload(conns),
     }
 }
 
@@ -252,6 +260,17 @@ pub async fn run(args: ScenarioArgs) -> Result<()> {
     if args.bound == 0 {
         return Err(UsageError("--bound must be more than 0".into()).into());
     }
+    // Two descriptors per connection in this process (client and upstream end).
+    let nofile = crate::load::raise_nofile();
+    if (nofile as usize) < 2 * args.conns + 64 {
+        eprintln!(
+            "scenario: warning: RLIMIT_NOFILE is {nofile}, too few for {} connections (two descriptors each)",
+            args.conns
+        );
+    }
+    if args.name == ScenarioName::Soak {
+        return crate::load::soak(&args).await;
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let wl = workload(args.name, args.conns);
@@ -296,6 +315,8 @@ pub async fn run(args: ScenarioArgs) -> Result<()> {
         print_run(r);
     }
     println!("wrote {} and {}", json_path.display(), svg_path.display());
+    // Every run reports RSS against the bound; many-conns fails when it is passed.
+    crate::load::check_bound(&report, args.name == ScenarioName::ManyConns)?;
 
     let sluice = &report.runs[0].summary;
     let mut problems = Vec::new();
@@ -328,7 +349,7 @@ pub async fn run(args: ScenarioArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_run(r: &RunReport) {
+pub fn print_run(r: &RunReport) {
     let s = &r.summary;
     println!(
         "{:>9}: peak RSS {} (start {}), peak queued {}{}, pauses {}, drains {}, verified {}, errors {}{}",

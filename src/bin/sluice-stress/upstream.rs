@@ -54,6 +54,15 @@ pub struct UpstreamArgs {
     /// SO_SNDBUF for accepted sockets.
     #[arg(long, value_parser = parse_size)]
     pub sndbuf: Option<u64>,
+    /// Misbehave on purpose (see chaos.rs): reset-after=BYTES, close-after=BYTES, stall,
+    /// slow-close=DURATION, refuse, blackhole, trickle[=DURATION]. BYTES count the mode's
+    /// main direction: written (source), read (sink), echoed (echo).
+    #[arg(long, value_parser = crate::chaos::parse_fault)]
+    pub fault: Option<crate::chaos::Fault>,
+    /// With --fault: serve the first N connections normally, fault the rest (refuse and
+    /// blackhole turn the listener faulty once N are accepted).
+    #[arg(long, default_value_t = 0, requires = "fault")]
+    pub healthy: u64,
 }
 
 /// What one upstream does per connection.
@@ -99,7 +108,7 @@ pub struct UpstreamStats {
 }
 
 impl UpstreamStats {
-    fn error(&self, msg: String) {
+    pub fn error(&self, msg: String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         let mut samples = self.error_samples.lock().unwrap_or_else(|e| e.into_inner());
         if samples.len() < ERROR_SAMPLES {
@@ -181,7 +190,8 @@ pub fn is_peer_gone(e: &io::Error) -> bool {
     )
 }
 
-async fn handle(
+/// Serves one connection as the mode says (also the healthy path of `--fault`).
+pub async fn handle(
     mut stream: TcpStream,
     spec: &UpstreamSpec,
     stats: &UpstreamStats,
@@ -255,6 +265,9 @@ async fn handle(
 
 /// `sluice-stress upstream ...`: serve until Ctrl-C, printing totals every 5 s.
 pub async fn run(args: UpstreamArgs) -> Result<()> {
+    if let Some(fault) = args.fault {
+        return crate::chaos::run(args, fault).await;
+    }
     let spec = Arc::new(UpstreamSpec::from(&args));
     let listener = bind(args.listen, &spec)?;
     let addr = listener.local_addr()?;
@@ -280,7 +293,7 @@ pub async fn run(args: UpstreamArgs) -> Result<()> {
     Ok(())
 }
 
-fn stats_line(s: &UpstreamStats) -> String {
+pub fn stats_line(s: &UpstreamStats) -> String {
     format!(
         "upstream: {} accepted, {} active, {} in, {} out, {} verified, {} errors",
         s.accepted.load(Ordering::Relaxed),
