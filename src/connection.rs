@@ -2,6 +2,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 
 use socket2::SockRef;
@@ -61,9 +62,14 @@ async fn serve_inner(
         tracing::debug!(recv_buffer = rcv, send_buffer = snd, "client socket");
     }
 
+    let _client_guard = ResetOnPanic::new(client);
     let upstream = tokio::select! {
         r = connect_upstream(config, metrics) => r,
-        _ = force_close.cancelled() => return CloseReason::Shutdown,
+        _ = force_close.cancelled() => {
+            // Cut off before any reply: a reset, not an empty stream that looks complete.
+            reset_on_close(SockRef::from(&*client));
+            return CloseReason::Shutdown;
+        }
     };
     let mut upstream = match upstream {
         Ok(u) => u,
@@ -76,6 +82,7 @@ async fn serve_inner(
         }
     };
 
+    let _upstream_guard = ResetOnPanic::new(&upstream);
     let relay_config = RelayConfig {
         bounds: config.bounds(),
         resume_at: config.buffer.resume_at,
@@ -142,6 +149,30 @@ async fn serve_inner(
         "connection closed"
     );
     reason
+}
+
+/// Resets its socket if the task panics, so a peer mid-stream sees a failure rather than
+/// a clean end when the stream is dropped during unwinding.
+///
+/// Holds the raw descriptor, not a borrow, so the relay can borrow the stream mutably;
+/// it must be declared after the stream it guards, so it is dropped first.
+struct ResetOnPanic(RawFd);
+
+impl ResetOnPanic {
+    fn new(stream: &TcpStream) -> ResetOnPanic {
+        ResetOnPanic(stream.as_raw_fd())
+    }
+}
+
+impl Drop for ResetOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // SAFETY: the guarded stream is declared before this guard in the same scope
+            // and so is still open while the guard drops.
+            let fd = unsafe { BorrowedFd::borrow_raw(self.0) };
+            reset_on_close(SockRef::from(&fd));
+        }
+    }
 }
 
 /// Resolves the upstream name now (so DNS changes are followed) and connects to the
@@ -228,5 +259,32 @@ fn classify(e: &io::Error) -> ConnectErrorKind {
             }
             _ => ConnectErrorKind::Other,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A stream dropped while its task unwinds resets the peer instead of ending cleanly.
+    #[tokio::test]
+    async fn a_panic_resets_the_guarded_stream() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        let task = tokio::spawn(async move {
+            let stream = ours;
+            let _guard = ResetOnPanic::new(&stream);
+            if stream.peer_addr().is_ok() {
+                panic!("injected");
+            }
+        });
+        assert!(task.await.is_err(), "the task panicked");
+        let mut rest = Vec::new();
+        let r = peer.read_to_end(&mut rest).await.map_err(|e| e.kind());
+        assert_eq!(r, Err(io::ErrorKind::ConnectionReset));
     }
 }
