@@ -105,13 +105,14 @@ fn reload(cli: &Cli, server: &Server) {
         .map_err(|e| e.to_string())
         .and_then(|c| server.reload(c).map_err(|e| e.to_string()));
     match result {
+        // Logged before counted, so whoever watches the counter finds the reason logged.
         Ok(()) => {
-            metrics.reloads_success.increment(1);
             tracing::info!("configuration reloaded; new connections use it");
+            metrics.reloads_success.increment(1);
         }
         Err(e) => {
-            metrics.reloads_failure.increment(1);
             tracing::warn!(error = %e, "configuration reload rejected; the running configuration stays");
+            metrics.reloads_failure.increment(1);
         }
     }
 }
