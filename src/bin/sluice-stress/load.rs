@@ -25,31 +25,6 @@ const SOAK_BYTES_PER_CONN: u64 = 256 * KIB;
 /// without counting as growth.
 const SOAK_RSS_TOLERANCE: u64 = 4 * 1024 * 1024;
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit: the scenarios hold two descriptors per
-/// connection here (the client and the upstream's end). Returns the soft limit now.
-pub fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write only the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim = raised;
-            }
-        }
-    }
-    lim.rlim_cur
-}
-
 /// `many-conns`: every connection echoes through sluice for the whole run. Three in four
 /// trickle 2 KiB/s each way; one in four writes 16 KiB/s but reads only 2 KiB/s through a
 /// 4 KiB receive buffer, so both of its directions in sluice fill to the bound and pause.
@@ -326,19 +301,7 @@ pub async fn soak(args: &ScenarioArgs) -> Result<()> {
     };
 
     let client_summary = clients::summarize(&specs, &results);
-    let upstream = UpstreamSummary {
-        accepted: up_stats.accepted.load(Ordering::Relaxed),
-        completed: up_stats.completed.load(Ordering::Relaxed),
-        bytes_in: up_stats.bytes_in.load(Ordering::Relaxed),
-        bytes_out: up_stats.bytes_out.load(Ordering::Relaxed),
-        bytes_verified: up_stats.bytes_verified.load(Ordering::Relaxed),
-        errors: up_stats.errors.load(Ordering::Relaxed),
-        error_samples: up_stats
-            .error_samples
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone(),
-    };
+    let upstream = UpstreamSummary::of(&up_stats);
     let peak = |f: fn(&Sample) -> u64| samples.iter().map(f).max().unwrap_or(0);
     let mut error_samples = client_summary.error_samples.clone();
     error_samples.extend(upstream.error_samples.iter().cloned());

@@ -204,6 +204,25 @@ pub struct UpstreamSummary {
     pub error_samples: Vec<String>,
 }
 
+impl UpstreamSummary {
+    /// A snapshot of the upstream's counters.
+    pub fn of(stats: &UpstreamStats) -> UpstreamSummary {
+        UpstreamSummary {
+            accepted: stats.accepted.load(Ordering::Relaxed),
+            completed: stats.completed.load(Ordering::Relaxed),
+            bytes_in: stats.bytes_in.load(Ordering::Relaxed),
+            bytes_out: stats.bytes_out.load(Ordering::Relaxed),
+            bytes_verified: stats.bytes_verified.load(Ordering::Relaxed),
+            errors: stats.errors.load(Ordering::Relaxed),
+            error_samples: stats
+                .error_samples
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RunSummary {
     pub start_rss_bytes: u64,
@@ -261,7 +280,7 @@ pub async fn run(args: ScenarioArgs) -> Result<()> {
         return Err(UsageError("--bound must be more than 0".into()).into());
     }
     // Two descriptors per connection in this process (client and upstream end).
-    let nofile = crate::load::raise_nofile();
+    let nofile = sluice::listener::raise_descriptor_limit();
     if (nofile as usize) < 2 * args.conns + 64 {
         eprintln!(
             "scenario: warning: RLIMIT_NOFILE is {nofile}, too few for {} connections (two descriptors each)",
@@ -475,19 +494,7 @@ pub async fn run_once(
     let killed_at_cap = name == "unbounded" && exit.code() == Some(CAP_EXIT_CODE);
 
     let client_summary = clients::summarize(&specs, &results);
-    let upstream = UpstreamSummary {
-        accepted: up_stats.accepted.load(Ordering::Relaxed),
-        completed: up_stats.completed.load(Ordering::Relaxed),
-        bytes_in: up_stats.bytes_in.load(Ordering::Relaxed),
-        bytes_out: up_stats.bytes_out.load(Ordering::Relaxed),
-        bytes_verified: up_stats.bytes_verified.load(Ordering::Relaxed),
-        errors: up_stats.errors.load(Ordering::Relaxed),
-        error_samples: up_stats
-            .error_samples
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone(),
-    };
+    let upstream = UpstreamSummary::of(&up_stats);
     let conns = specs.len() as u64;
     let peak = |f: fn(&Sample) -> u64| samples.iter().map(f).max().unwrap_or(0);
     let mut error_samples = client_summary.error_samples.clone();
