@@ -86,6 +86,8 @@ impl Server {
         // handshake, nodelay, keepalive): set once here, not per client.
         Tuning::client(&config.socket).apply(&SockRef::from(&listener))?;
         let mut tuned = config.clone();
+        // listen.allow, parsed once per configuration rather than per client.
+        let mut allowed = config.allow_list().unwrap_or_default();
         tracing::info!(address = %local, upstream = %config.upstream.address, "sluice listening");
 
         let tracker = TaskTracker::new();
@@ -103,6 +105,7 @@ impl Server {
                 if let Err(e) = Tuning::client(&config.socket).apply(&SockRef::from(&listener)) {
                     tracing::warn!(error = %e, "cannot apply the reloaded [socket] options to the listener");
                 }
+                allowed = config.allow_list().unwrap_or_default();
                 tuned = config.clone();
             }
             if config.listen.max_connections > fd_cap && !warned_fd_cap {
@@ -150,7 +153,8 @@ impl Server {
                 }
             };
             let config = self.config();
-            let Some(client_slot) = self.admit(&config, &per_client, &stream, peer) else {
+            let Some(client_slot) = self.admit(&config, &allowed, &per_client, &stream, peer)
+            else {
                 continue;
             };
             self.metrics.accepted.increment(1);
@@ -186,12 +190,12 @@ impl Server {
     fn admit(
         &self,
         config: &Config,
+        allowed: &[IpNet],
         per_client: &Arc<PerClient>,
         stream: &TcpStream,
         peer: SocketAddr,
     ) -> Option<ClientSlot> {
         let ip = canonical(peer.ip());
-        let allowed: Vec<IpNet> = config.allow_list().unwrap_or_default();
         if !allowed.is_empty() && !allowed.iter().any(|net| net.contains(&ip)) {
             self.metrics.rejected_not_allowed.increment(1);
             tracing::debug!(client = %peer, "client not in listen.allow; rejected");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString, Unit};
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -165,112 +165,96 @@ impl Metrics {
             r,
             "sluice_connections_accepted_total",
             Kind::Counter,
-            Unit::Count,
             "Client connections accepted.",
         );
         describe(
             r,
             "sluice_connections_active",
             Kind::Gauge,
-            Unit::Count,
             "Client connections open now.",
         );
         describe(
             r,
             "sluice_connections_closed_total",
             Kind::Counter,
-            Unit::Count,
             "Client connections closed, by reason.",
         );
         describe(
             r,
             "sluice_listener_paused_total",
             Kind::Counter,
-            Unit::Count,
             "Times accepting stopped because listen.max_connections was reached.",
         );
         describe(
             r,
             "sluice_upstream_connect_errors_total",
             Kind::Counter,
-            Unit::Count,
             "Failed upstream connects, by kind.",
         );
         describe(
             r,
             "sluice_upstream_connect_duration_seconds",
             Kind::Histogram,
-            Unit::Seconds,
             "Time to connect to the upstream.",
         );
         describe(
             r,
             "sluice_connection_duration_seconds",
             Kind::Histogram,
-            Unit::Seconds,
             "Client connection lifetime.",
         );
         describe(
             r,
             "sluice_bytes_total",
             Kind::Counter,
-            Unit::Bytes,
             "Bytes relayed, by direction.",
         );
         describe(
             r,
             "sluice_queued_bytes",
             Kind::Gauge,
-            Unit::Bytes,
             "Bytes held in sluice's buffers now, all connections, by direction.",
         );
         describe(
             r,
             "sluice_buffer_limit_bytes",
             Kind::Gauge,
-            Unit::Bytes,
             "The configured per-connection buffer bound, by direction.",
         );
         describe(
             r,
             "sluice_pauses_total",
             Kind::Counter,
-            Unit::Count,
             "Times a buffer filled and reading from its source stopped.",
         );
         describe(
             r,
             "sluice_drains_total",
             Kind::Counter,
-            Unit::Count,
             "Times a paused buffer drained to the resume mark and reading resumed.",
         );
         describe(
             r,
             "sluice_connections_rejected_total",
             Kind::Counter,
-            Unit::Count,
             "Clients closed at once by an access rule, by reason.",
         );
         describe(
             r,
             "sluice_config_reloads_total",
             Kind::Counter,
-            Unit::Count,
             "Configuration reloads (SIGHUP), by result.",
         );
         describe(
             r,
             "sluice_connection_panics_total",
             Kind::Counter,
-            Unit::Count,
             "Connection tasks that panicked (a bug; the process carries on).",
         );
         describe(
             r,
             "sluice_build_info",
             Kind::Gauge,
-            Unit::Count,
             "Always 1; the version label says which sluice this is.",
         );
 
@@ -416,13 +400,13 @@ enum Kind {
     Histogram,
 }
 
-fn describe(r: &dyn Recorder, name: &'static str, kind: Kind, unit: Unit, help: &'static str) {
+/// Help text for a series; units stay out of the metadata (the names end in _bytes or
+/// _seconds already).
+fn describe(r: &dyn Recorder, name: &'static str, kind: Kind, help: &'static str) {
     let (name, help) = (
         metrics::KeyName::from_const_str(name),
         SharedString::const_str(help),
     );
-    // Units stay out of the names (they already end in _bytes/_seconds).
-    let _ = unit;
     match kind {
         Kind::Counter => r.describe_counter(name, None, help),
         Kind::Gauge => r.describe_gauge(name, None, help),
