@@ -90,7 +90,7 @@ async fn serve_inner(
         half_close: config.timeouts.half_close,
     };
     let mut relay = Relay::new(client, &mut upstream, &relay_config, metrics);
-    let ending = relay.run(&relay_config, force_close).await;
+    let ending = relay.run(force_close).await;
     let totals = relay.totals();
     drop(relay);
 

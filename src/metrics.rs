@@ -463,11 +463,6 @@ impl PauseClock {
         g.last_total = total;
         (g.count, total)
     }
-
-    /// Directions paused now.
-    pub fn paused_now(&self) -> u64 {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).count
-    }
 }
 
 /// Serves `GET /metrics` until `shutdown` fires. A plain HTTP/1.1 responder: the only

@@ -350,6 +350,9 @@ pub struct Relay<'a> {
     last_moved: Instant,
     /// Whether the caller has been told that one direction finished.
     half_reported: bool,
+    /// Timeouts the run enforces.
+    idle: Duration,
+    half_close: Duration,
 }
 
 impl<'a> Relay<'a> {
@@ -369,18 +372,16 @@ impl<'a> Relay<'a> {
             ],
             last_moved: Instant::now(),
             half_reported: false,
+            idle: config.idle,
+            half_close: config.half_close,
         }
     }
 
     /// Runs until both directions are done, a socket fails, a timeout fires, or
     /// `shutdown` is cancelled.
-    pub async fn run(&mut self, config: &RelayConfig, shutdown: &CancellationToken) -> Ending {
+    pub async fn run(&mut self, shutdown: &CancellationToken) -> Ending {
         let far = Duration::from_secs(86400 * 365);
-        let idle = if config.idle.is_zero() {
-            far
-        } else {
-            config.idle
-        };
+        let idle = if self.idle.is_zero() { far } else { self.idle };
         let idle_timer = sleep_until(self.last_moved + idle);
         let half_timer = sleep_until(self.last_moved + far);
         tokio::pin!(idle_timer, half_timer);
@@ -405,11 +406,9 @@ impl<'a> Relay<'a> {
                 Event::Finished => return Ending::Complete,
                 Event::Failed(ending) => return ending,
                 Event::HalfClosed => {
-                    if !half_closed && !config.half_close.is_zero() {
+                    if !half_closed && !self.half_close.is_zero() {
                         half_closed = true;
-                        half_timer
-                            .as_mut()
-                            .reset(Instant::now() + config.half_close);
+                        half_timer.as_mut().reset(Instant::now() + self.half_close);
                     }
                 }
             }
@@ -486,7 +485,7 @@ impl Drop for Relay<'_> {
 }
 
 /// Errors that mean the peer reset the connection or is gone.
-pub fn is_reset(e: &io::Error) -> bool {
+fn is_reset(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionReset
