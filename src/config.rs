@@ -51,6 +51,29 @@ pub struct Config {
     pub metrics: Metrics,
     #[serde(default)]
     pub log: Log,
+    #[serde(default)]
+    pub runtime: Runtime,
+}
+
+/// How the work is spread over threads.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    /// Worker threads, each an event loop of its own that accepts clients and keeps them
+    /// for their whole life; 0 means one per core the process may run on.
+    #[serde(default)]
+    pub workers: usize,
+}
+
+impl Runtime {
+    /// The number of worker threads to start: `workers`, or one per available core.
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
 }
 
 /// Where clients connect and how many may be served at once.
@@ -461,6 +484,12 @@ impl Config {
                 format!("`{}` is not an ip:port address", self.metrics.address),
             ));
         }
+        if self.runtime.workers > MAX_WORKERS {
+            return Err(err(
+                "runtime.workers",
+                format!("must be at most {MAX_WORKERS} (0 = one per core)"),
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(err(
                 "log.level",
@@ -500,6 +529,9 @@ impl Config {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
 }
+
+/// Most worker threads: past the number of cores, more only adds switching.
+pub const MAX_WORKERS: usize = 1024;
 
 /// Largest accepted per-direction bound: beyond this a "bounded" buffer stops meaning much.
 pub const MAX_BUFFER: u64 = 1 << 30;

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -72,6 +73,9 @@ impl Server {
         if new.metrics.address != old.metrics.address {
             return Err(ReloadError::Fixed("metrics.address"));
         }
+        if new.runtime.worker_count() != old.runtime.worker_count() {
+            return Err(ReloadError::Fixed("runtime.workers"));
+        }
         self.metrics.set_limits(new.bounds());
         self.config.send_replace(Arc::new(new));
         Ok(())
@@ -79,97 +83,89 @@ impl Server {
 
     /// Accepts and relays clients until `shutdown` fires, then lets live connections
     /// finish for up to `timeouts.shutdown_grace` and closes the rest.
+    ///
+    /// The work is done by `runtime.workers` threads, each running its own
+    /// single-threaded tokio runtime and accepting from the same listening socket: a
+    /// connection stays on the thread that accepted it, so its wake-ups never cross
+    /// threads (HAProxy's and nginx's shape). The limits, the drain and the metrics are
+    /// shared, so they stay process-wide and exact.
     pub async fn run(&self, listener: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
         let config = self.config();
         let local = listener.local_addr()?;
         // Accepted sockets inherit the listener's options (buffer sizes before their
         // handshake, nodelay, keepalive): set once here, not per client.
         Tuning::client(&config.socket).apply(&SockRef::from(&listener))?;
-        let mut tuned = config.clone();
-        // listen.allow, parsed once per configuration rather than per client.
-        let mut allowed = config.allow_list().unwrap_or_default();
-        tracing::info!(address = %local, upstream = %config.upstream.address, "sluice listening");
-
-        let tracker = TaskTracker::new();
-        let force_close = CancellationToken::new();
-        let per_client = Arc::new(PerClient::default());
+        let workers = config.runtime.worker_count();
+        // Runtimes are built before any thread starts, so a failure leaves nothing behind.
+        let runtimes = (0..workers)
+            .map(|_| {
+                // Sockets and timers only: signals are the control thread's, and a
+                // signal driver per worker would cost a descriptor each.
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .enable_time()
+                    .build()
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let listener = listener.into_std()?;
         let fd_cap = descriptor_cap();
-        let mut limit = Limit::new(config.listen.max_connections.min(fd_cap));
-        let mut errors = AcceptErrors::default();
-        let mut warned_fd_cap = false;
-
-        loop {
-            let config = self.config();
-            if !Arc::ptr_eq(&config, &tuned) {
-                // A reload: new clients get the new socket options.
-                if let Err(e) = Tuning::client(&config.socket).apply(&SockRef::from(&listener)) {
-                    tracing::warn!(error = %e, "cannot apply the reloaded [socket] options to the listener");
-                }
-                allowed = config.allow_list().unwrap_or_default();
-                tuned = config.clone();
-            }
-            if config.listen.max_connections > fd_cap && !warned_fd_cap {
-                warned_fd_cap = true;
-                tracing::warn!(
-                    max_connections = config.listen.max_connections,
-                    serving_at_most = fd_cap,
-                    max_fds = crate::process_metrics::max_fds(),
-                    "too few file descriptors for listen.max_connections (two per connection); raise the limit (ulimit -n, LimitNOFILE=) to serve more"
-                );
-            }
-            limit.resize(config.listen.max_connections.min(fd_cap));
-            let permit = match limit.permits.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    self.metrics.listener_paused.increment(1);
-                    tracing::debug!(
-                        max = config.listen.max_connections,
-                        "connection limit reached; accepting paused"
-                    );
-                    tokio::select! {
-                        p = limit.permits.clone().acquire_owned() => match p {
-                            Ok(p) => p,
-                            Err(_) => break,
-                        },
-                        _ = shutdown.cancelled() => break,
-                    }
-                }
-            };
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
-                _ = shutdown.cancelled() => break,
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => {
-                    errors.backoff = Duration::ZERO;
-                    a
-                }
-                Err(e) => {
-                    errors.record(&e);
-                    tokio::select! {
-                        _ = tokio::time::sleep(errors.backoff) => continue,
-                        _ = shutdown.cancelled() => break,
-                    }
-                }
-            };
-            let config = self.config();
-            let Some(client_slot) = self.admit(&config, &allowed, &per_client, &stream, peer)
-            else {
-                continue;
-            };
-            self.metrics.accepted.increment(1);
-            let metrics = self.metrics.clone();
-            // A debug span: connection-level events are debug, and an info span would cost
-            // every connection a formatted record (7 % of connections per second, 0.3 KiB).
-            let span =
-                tracing::debug_span!("conn", client = %peer, upstream = %config.upstream.address);
-            let served = connection::serve(stream, config, metrics.clone(), force_close.clone());
-            let held = (permit, client_slot);
-            tracker.spawn(supervise(served, metrics, peer, held).instrument(span));
+        let shared = Arc::new(Accepting {
+            metrics: self.metrics.clone(),
+            tracker: TaskTracker::new(),
+            force_close: CancellationToken::new(),
+            shutdown: shutdown.clone(),
+            per_client: Arc::new(PerClient::default()),
+            limit: Mutex::new(Limit::new(config.listen.max_connections.min(fd_cap))),
+            fd_cap,
+            warned_fd_cap: AtomicBool::new(false),
+        });
+        let mut stopped = Vec::with_capacity(workers);
+        let mut registered = Vec::with_capacity(workers);
+        for (i, runtime) in runtimes.into_iter().enumerate() {
+            let listener = listener.try_clone()?;
+            let (shared, config) = (shared.clone(), self.config.subscribe());
+            let (accepting, accepting_rx) = tokio::sync::oneshot::channel();
+            let (accepting_done, accepting_done_rx) = tokio::sync::oneshot::channel();
+            registered.push(accepting_rx);
+            stopped.push(accepting_done_rx);
+            std::thread::Builder::new()
+                .name(format!("sluice-worker-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let result = match TcpListener::from_std(listener) {
+                            Ok(l) => {
+                                let _ = accepting.send(());
+                                accept_loop(&shared, l, config).await
+                            }
+                            Err(e) => Err(e),
+                        };
+                        let _ = accepting_done.send(result);
+                        // This thread's connections live on its runtime: keep it turning
+                        // until every connection of every worker has ended.
+                        shared.tracker.wait().await;
+                    })
+                })?;
         }
-
-        // New clients are refused from here on: the listening socket is closed.
+        // The workers hold their own handles on the listening socket.
         drop(listener);
+        // "Listening" once every worker is accepting (a worker that failed to register
+        // reports why below).
+        for rx in registered {
+            let _ = rx.await;
+        }
+        tracing::info!(address = %local, upstream = %config.upstream.address, workers, "sluice listening");
+
+        let mut result = Ok(());
+        for rx in stopped {
+            match rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(io::Error::other("a worker thread died")),
+            }
+        }
+        // New clients are refused from here on: every handle on the listening socket is
+        // closed.
+        let tracker = &shared.tracker;
         tracker.close();
         let grace = self.config().timeouts.shutdown_grace;
         tracing::info!(live = tracker.len(), grace = %humantime::format_duration(grace), "shutdown begun");
@@ -178,20 +174,135 @@ impl Server {
                 live = tracker.len(),
                 "shutdown grace over; closing live connections"
             );
-            force_close.cancel();
+            shared.force_close.cancel();
             tracker.wait().await;
         }
         tracing::info!("shutdown finished");
-        Ok(())
+        result
     }
+}
 
+/// What the workers' accept loops share: one limit, one drain, one set of metrics.
+struct Accepting {
+    metrics: Arc<Metrics>,
+    /// Every connection task, whichever worker runs it, for the drain at shutdown.
+    tracker: TaskTracker,
+    /// Cut live connections short: fired when the shutdown grace is over.
+    force_close: CancellationToken,
+    /// Stop accepting.
+    shutdown: CancellationToken,
+    per_client: Arc<PerClient>,
+    /// `listen.max_connections`, resized by whichever worker first sees a reload.
+    limit: Mutex<Limit>,
+    /// Connections the descriptor limit leaves room for.
+    fd_cap: usize,
+    /// The descriptor warning is given once per process, not once per worker.
+    warned_fd_cap: AtomicBool,
+}
+
+/// One worker's accept loop: runs until `shutdown` fires (or the listener fails for
+/// good), spawning each admitted client on this worker's runtime.
+async fn accept_loop(
+    shared: &Accepting,
+    listener: TcpListener,
+    mut config_rx: watch::Receiver<Arc<Config>>,
+) -> io::Result<()> {
+    let shutdown = &shared.shutdown;
+    let mut tuned = config_rx.borrow_and_update().clone();
+    // listen.allow, parsed once per configuration rather than per client.
+    let mut allowed = tuned.allow_list().unwrap_or_default();
+    let mut errors = AcceptErrors::default();
+    // A reload: new clients get the new socket options and rules.
+    let follow = |config: &Arc<Config>, tuned: &mut Arc<Config>, allowed: &mut Vec<IpNet>| {
+        if !Arc::ptr_eq(config, tuned) {
+            if let Err(e) = Tuning::client(&config.socket).apply(&SockRef::from(&listener)) {
+                tracing::warn!(error = %e, "cannot apply the reloaded [socket] options to the listener");
+            }
+            *allowed = config.allow_list().unwrap_or_default();
+            *tuned = config.clone();
+        }
+    };
+    loop {
+        let config = config_rx.borrow_and_update().clone();
+        follow(&config, &mut tuned, &mut allowed);
+        if config.listen.max_connections > shared.fd_cap
+            && !shared.warned_fd_cap.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                max_connections = config.listen.max_connections,
+                serving_at_most = shared.fd_cap,
+                max_fds = crate::process_metrics::max_fds(),
+                "too few file descriptors for listen.max_connections (two per connection); raise the limit (ulimit -n, LimitNOFILE=) to serve more"
+            );
+        }
+        let permits = {
+            let mut limit = shared.limit.lock().unwrap_or_else(|e| e.into_inner());
+            limit.resize(config.listen.max_connections.min(shared.fd_cap));
+            limit.permits.clone()
+        };
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                shared.metrics.listener_paused.increment(1);
+                tracing::debug!(
+                    max = config.listen.max_connections,
+                    "connection limit reached; accepting paused"
+                );
+                tokio::select! {
+                    p = permits.acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                errors.backoff = Duration::ZERO;
+                a
+            }
+            Err(e) => {
+                errors.record(&e);
+                tokio::select! {
+                    _ = tokio::time::sleep(errors.backoff) => continue,
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        };
+        // The client gets the configuration in force when it was accepted, not the one
+        // in force when this loop began waiting.
+        let config = config_rx.borrow_and_update().clone();
+        follow(&config, &mut tuned, &mut allowed);
+        let Some(client_slot) = shared.admit(&config, &allowed, &stream, peer) else {
+            continue;
+        };
+        shared.metrics.accepted.increment(1);
+        let metrics = shared.metrics.clone();
+        // A debug span: connection-level events are debug, and an info span would cost
+        // every connection a formatted record (7 % of connections per second, 0.3 KiB).
+        let span =
+            tracing::debug_span!("conn", client = %peer, upstream = %config.upstream.address);
+        let served = connection::serve(stream, config, metrics.clone(), shared.force_close.clone());
+        let held = (permit, client_slot);
+        shared
+            .tracker
+            .spawn(supervise(served, metrics, peer, held).instrument(span));
+    }
+    Ok(())
+}
+
+impl Accepting {
     /// Applies `listen.allow` and `listen.max_connections_per_client`. A refused client
     /// is reset at once and counted; an admitted one gets a slot it holds until it closes.
     fn admit(
         &self,
         config: &Config,
         allowed: &[IpNet],
-        per_client: &Arc<PerClient>,
         stream: &TcpStream,
         peer: SocketAddr,
     ) -> Option<ClientSlot> {
@@ -202,7 +313,9 @@ impl Server {
             reset_on_close(SockRef::from(stream));
             return None;
         }
-        let slot = per_client.take(ip, config.listen.max_connections_per_client);
+        let slot = self
+            .per_client
+            .take(ip, config.listen.max_connections_per_client);
         if slot.is_none() {
             self.metrics.rejected_per_client.increment(1);
             tracing::debug!(client = %peer, "listen.max_connections_per_client reached; rejected");

@@ -14,23 +14,33 @@
 //! ```
 //!
 //! A direction reads only in `Streaming`, and never more than the room left, so
-//! `queued ≤ bound` holds at every instant. Its buffer is taken from a small per-thread
-//! pool when the source has data and given back as soon as it is empty and the source
-//! has nothing more, so an idle connection holds no buffer at all.
+//! `queued ≤ bound` holds at every instant. Its buffer is a ring of exactly `bound` bytes
+//! taken from a small per-thread pool when the source has data, and given back as soon
+//! as it is empty and the source has nothing more, so an idle connection holds no buffer
+//! at all. Being a ring, a partial write never makes the relay move queued bytes about.
+//!
+//! # One poll of a direction
+//!
+//! [`Direction::poll_transfer`] repeats two named steps until neither makes progress:
+//! [`Direction::poll_fill`] (read from the source into the room left: [`Filled`]) and
+//! [`Direction::poll_drain`] (write queued bytes to the destination: [`Drained`]). The
+//! only fairness budget is tokio's cooperative one, which every socket poll spends; when
+//! it runs out the sockets say `Pending` and wake the task again.
 //!
 //! # Counting a byte once
 //!
 //! A byte is counted in `sluice_queued_bytes` from the read that brought it in until the
 //! write that handed it to the destination's kernel; `sluice_bytes_total` counts it at
-//! that write. The relay batches both per poll, not per syscall.
+//! that write. The relay keeps its own tallies and [`Direction::report`] hands the
+//! differences to the metrics once per poll, not per syscall; pauses and drains are
+//! reported there too, from the transitions the poll recorded.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
-use std::io;
-use std::task::{Context, Poll};
-use std::time::Duration;
-
+use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -98,94 +108,193 @@ pub struct Totals {
     pub finished: [bool; 2],
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Where a direction stands; see the diagram at the top of this file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Reading from the source while there is room; writing what is queued.
     Streaming,
     /// The queue filled and the destination would not take more: no reading until the
-    /// queue falls to the resume mark. `since` is on the metrics clock.
-    Paused { since: f64 },
+    /// queue falls to the resume mark.
+    Paused,
     /// The source sent EOF; writing out what is queued before passing the EOF on.
     Flushing,
     /// EOF passed on (or never will be): nothing more to do.
     Done,
 }
 
-/// A direction's queue: `data[head..tail]` is queued. `data` exists only while
-/// something is queued or being read.
-#[derive(Default)]
-struct Queue {
-    data: Option<Box<[u8]>>,
-    head: usize,
-    tail: usize,
+/// What [`Direction::poll_fill`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Filled {
+    /// Read this many bytes into the queue.
+    Read(usize),
+    /// The source sent EOF.
+    Eof,
+    /// The source has nothing now (its waker is registered).
+    WouldBlock,
+    /// No room: the queue holds `bound` bytes.
+    Full,
 }
 
-impl Queue {
+/// What [`Direction::poll_drain`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Drained {
+    /// Wrote this many queued bytes to the destination.
+    Wrote(usize),
+    /// Nothing is queued.
+    Empty,
+    /// The destination takes nothing now (its waker is registered).
+    WouldBlock,
+}
+
+/// Which of a direction's two sockets failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Source,
+    Destination,
+}
+
+/// A socket error, with the socket it came from.
+#[derive(Debug)]
+struct Failure {
+    end: End,
+    error: io::Error,
+}
+
+impl Failure {
+    fn source(error: io::Error) -> Failure {
+        Failure {
+            end: End::Source,
+            error,
+        }
+    }
+    fn destination(error: io::Error) -> Failure {
+        Failure {
+            end: End::Destination,
+            error,
+        }
+    }
+}
+
+/// A source a direction can wait on before it takes a buffer, so an idle direction
+/// holds no memory while it waits.
+pub trait Source: AsyncRead + Unpin {
+    /// Ready when a read would not block (data, EOF or an error is there).
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Source for ReadHalf<'_> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.as_ref().poll_read_ready(cx)
+    }
+}
+
+/// A direction's queue: a ring of `bound` bytes holding `len` bytes from `head` on,
+/// wrapping at the end. The ring exists only while something is queued or being read.
+#[derive(Default)]
+struct Ring {
+    data: Option<Box<[u8]>>,
+    head: usize,
+    len: usize,
+}
+
+impl Ring {
     fn len(&self) -> usize {
-        self.tail - self.head
+        self.len
     }
 
-    /// Room to read into, at most `room` bytes, taking a buffer of `capacity` from the
-    /// pool if there is none and moving queued bytes to the front if they are in the way.
-    fn spare(&mut self, capacity: usize, room: usize) -> &mut [u8] {
+    /// The free bytes after the queued ones, up to the end of the ring or the start of
+    /// the queued bytes, whichever comes first; takes a ring of `capacity` from the pool
+    /// if there is none. Empty when the ring is full.
+    fn free(&mut self, capacity: usize) -> &mut [u8] {
         let data = self.data.get_or_insert_with(|| pool::take(capacity));
-        if self.head > 0 {
-            data.copy_within(self.head..self.tail, 0);
-            self.tail -= self.head;
-            self.head = 0;
-        }
-        let end = (self.tail + room).min(data.len());
-        &mut data[self.tail..end]
+        let cap = data.len();
+        let tail = (self.head + self.len) % cap.max(1);
+        let end = if tail >= self.head && self.len < cap {
+            cap
+        } else {
+            self.head
+        };
+        // When nothing is queued, `head` was reset to 0, so the whole ring is one run.
+        &mut data[tail..end.max(tail)]
     }
 
-    fn queued(&self) -> &[u8] {
-        match &self.data {
-            Some(d) => &d[self.head..self.tail],
-            None => &[],
-        }
+    /// `n` bytes were read into [`Ring::free`].
+    fn commit(&mut self, n: usize) {
+        self.len += n;
+        debug_assert!(self.len <= self.data.as_ref().map_or(0, |d| d.len()));
     }
 
+    /// The queued bytes, in order, as at most two runs (the second after a wrap).
+    fn queued(&self) -> (&[u8], &[u8]) {
+        let Some(data) = &self.data else {
+            return (&[], &[]);
+        };
+        let cap = data.len();
+        let first_end = (self.head + self.len).min(cap);
+        let first = &data[self.head..first_end];
+        let second = &data[..self.len - first.len()];
+        (first, second)
+    }
+
+    /// `n` queued bytes were written out.
     fn consume(&mut self, n: usize) {
-        self.head += n;
-        debug_assert!(self.head <= self.tail);
-        if self.head == self.tail {
+        debug_assert!(n <= self.len);
+        self.len -= n;
+        if self.len == 0 {
+            // Start over at the front: the next read gets the whole ring as one run.
             self.head = 0;
-            self.tail = 0;
+        } else {
+            let cap = self.data.as_ref().map_or(1, |d| d.len());
+            self.head = (self.head + n) % cap;
         }
     }
 
-    /// Gives the buffer back if nothing is queued.
+    /// Gives the ring back if nothing is queued.
     fn release_if_empty(&mut self) {
-        if self.len() == 0
+        if self.len == 0
             && let Some(d) = self.data.take()
         {
             pool::give(d);
         }
     }
+
+    /// Drops whatever is queued and gives the ring back.
+    fn clear(&mut self) {
+        self.head = 0;
+        self.len = 0;
+        self.release_if_empty();
+    }
+}
+
+/// What changed in a direction since the metrics were last told.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Transitions {
+    /// A pause ended (a drain).
+    resumed: bool,
+    /// A pause began.
+    paused: bool,
 }
 
 /// One direction: a source, a bounded queue, a destination.
 struct Direction {
     state: State,
-    queue: Queue,
+    queue: Ring,
     /// Most bytes this direction may hold.
     bound: usize,
     /// A paused direction reads again at or below this many queued bytes.
     resume: usize,
+    /// Bytes read from the source.
+    received: u64,
     /// Bytes delivered to the destination.
     delivered: u64,
     pauses: u64,
+    /// Pauses and drains since the last report.
+    transitions: Transitions,
+    /// When the running pause began, on the metrics clock; set by [`Direction::report`].
+    paused_since: Option<f64>,
     /// What the metrics have been told so far, so updates can be batched per poll.
     reported_queued: usize,
     reported_delivered: u64,
-}
-
-/// Progress one poll of a direction made.
-enum Step {
-    /// Nothing more can happen until a waker fires.
-    Blocked,
-    /// The direction passed its EOF on and is finished.
-    Done,
 }
 
 impl Direction {
@@ -193,121 +302,170 @@ impl Direction {
         let resume = ((bound as f64 * resume_at) as usize).min(bound.saturating_sub(1));
         Direction {
             state: State::Streaming,
-            queue: Queue::default(),
+            queue: Ring::default(),
             bound,
             resume,
+            received: 0,
             delivered: 0,
             pauses: 0,
+            transitions: Transitions::default(),
+            paused_since: None,
             reported_queued: 0,
             reported_delivered: 0,
         }
     }
 
-    /// Moves bytes from `src` to `dst` until both would block.
-    fn poll(
+    /// Moves bytes from `src` to `dst` until both would block (`Pending`), or until the
+    /// direction has passed its EOF on (`Ready(Ok)`).
+    fn poll_transfer<S: Source, D: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
-        src: &mut ReadHalf<'_>,
-        dst: &mut WriteHalf<'_>,
-        m: &DirectionMetrics,
-        clock: &Metrics,
-        moved: &mut bool,
-    ) -> Result<Step, (bool, io::Error)> {
-        // Bounded so one busy connection cannot starve the others on this worker.
-        for _ in 0..32 {
-            if self.state == State::Done {
-                return Ok(Step::Done);
-            }
-            let mut progress = false;
-
-            if self.state == State::Streaming && self.queue.len() < self.bound {
-                // Without a buffer, wait for the source to have something before taking
-                // one, so an idle direction holds no memory.
-                let ready = self.queue.data.is_some()
-                    || match src.as_ref().poll_read_ready(cx) {
-                        Poll::Ready(Ok(())) => true,
-                        Poll::Ready(Err(e)) => return Err((true, e)),
-                        Poll::Pending => false,
+        src: &mut S,
+        dst: &mut D,
+    ) -> Poll<Result<(), Failure>> {
+        loop {
+            match self.state {
+                State::Streaming | State::Paused => {
+                    let filled = match self.state {
+                        State::Streaming => self.poll_fill(cx, src)?,
+                        _ => Filled::Full,
                     };
-                if ready {
-                    let room = self.bound - self.queue.len();
-                    let mut buf = ReadBuf::new(self.queue.spare(self.bound, room));
-                    // tokio's poll_read clears readiness after a short read, which saves
-                    // the read that would only say "would block".
-                    match Pin::new(&mut *src).poll_read(cx, &mut buf) {
-                        Poll::Ready(Ok(())) => {
-                            let n = buf.filled().len();
-                            if n == 0 {
-                                self.state = State::Flushing;
-                            } else {
-                                self.queue.tail += n;
-                                debug_assert!(self.queue.len() <= self.bound);
-                                *moved = true;
-                            }
-                            progress = true;
-                        }
-                        Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {
-                            progress = true
-                        }
-                        Poll::Ready(Err(e)) => return Err((true, e)),
-                        Poll::Pending => {}
+                    if filled == Filled::Eof {
+                        self.state = State::Flushing;
+                        continue;
+                    }
+                    let drained = self.poll_drain(cx, dst)?;
+                    if let Drained::Wrote(_) = drained {
+                        self.resume_if_drained();
+                    }
+                    let progress =
+                        matches!(filled, Filled::Read(_)) || matches!(drained, Drained::Wrote(_));
+                    if !progress {
+                        self.pause_if_stuck(&filled, &drained);
+                        self.queue.release_if_empty();
+                        return Poll::Pending;
                     }
                 }
-            }
-
-            if self.queue.len() > 0 {
-                match Pin::new(&mut *dst).poll_write(cx, self.queue.queued()) {
-                    Poll::Ready(Ok(0)) => return Err((false, io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(n)) => {
-                        self.queue.consume(n);
-                        self.delivered += n as u64;
-                        *moved = true;
-                        progress = true;
-                        if let State::Paused { since } = self.state
-                            && self.queue.len() <= self.resume
-                        {
-                            self.state = State::Streaming;
-                            m.drains.increment(1);
-                            m.paused.stop(since, clock.now());
-                        }
+                State::Flushing => match self.poll_drain(cx, dst)? {
+                    Drained::Wrote(_) => {}
+                    Drained::WouldBlock => return Poll::Pending,
+                    Drained::Empty => {
+                        self.queue.release_if_empty();
+                        ready!(Pin::new(&mut *dst).poll_shutdown(cx))
+                            .map_err(Failure::destination)?;
+                        self.state = State::Done;
                     }
-                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {
-                        progress = true
-                    }
-                    Poll::Ready(Err(e)) => return Err((false, e)),
-                    Poll::Pending => {}
-                }
-            }
-
-            if self.state == State::Flushing && self.queue.len() == 0 {
-                self.queue.release_if_empty();
-                self.state = State::Done;
-                let shut = socket2::SockRef::from(dst.as_ref()).shutdown(std::net::Shutdown::Write);
-                return match shut {
-                    Ok(()) => Ok(Step::Done),
-                    Err(e) => Err((false, e)),
-                };
-            }
-
-            if !progress {
-                if self.state == State::Streaming && self.queue.len() >= self.bound {
-                    let now = clock.now();
-                    self.state = State::Paused { since: now };
-                    self.pauses += 1;
-                    m.pauses.increment(1);
-                    m.paused.start(now);
-                }
-                self.queue.release_if_empty();
-                return Ok(Step::Blocked);
+                },
+                State::Done => return Poll::Ready(Ok(())),
             }
         }
-        // Budget spent with work left: yield, and come back at once.
-        cx.waker().wake_by_ref();
-        Ok(Step::Blocked)
+    }
+
+    /// Reads from the source into the room left, never more.
+    fn poll_fill<S: Source>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut S,
+    ) -> Result<Filled, Failure> {
+        let room = self.bound - self.queue.len();
+        if room == 0 {
+            return Ok(Filled::Full);
+        }
+        // Without a buffer, wait for the source to have something before taking one, so
+        // an idle direction holds no memory.
+        if self.queue.data.is_none() {
+            match src.poll_readable(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Err(Failure::source(e)),
+                Poll::Pending => return Ok(Filled::WouldBlock),
+            }
+        }
+        let free = self.queue.free(self.bound);
+        debug_assert!(!free.is_empty() && free.len() <= room);
+        let mut buf = ReadBuf::new(free);
+        // tokio's poll_read clears readiness after a short read, which saves the read
+        // that would only say "would block".
+        match Pin::new(src).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len();
+                if n == 0 {
+                    return Ok(Filled::Eof);
+                }
+                self.queue.commit(n);
+                self.received += n as u64;
+                debug_assert!(self.queue.len() <= self.bound);
+                Ok(Filled::Read(n))
+            }
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => Ok(Filled::Read(0)),
+            Poll::Ready(Err(e)) => Err(Failure::source(e)),
+            Poll::Pending => Ok(Filled::WouldBlock),
+        }
+    }
+
+    /// Writes queued bytes to the destination: one write of the first run, or one
+    /// vectored write of both when the queue wraps.
+    fn poll_drain<D: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut D,
+    ) -> Result<Drained, Failure> {
+        let (first, second) = self.queue.queued();
+        if first.is_empty() {
+            return Ok(Drained::Empty);
+        }
+        let dst = Pin::new(dst);
+        // A plain write where it will do: tokio clears readiness after a short plain
+        // write (saving a write that would only say "would block"), not after a short
+        // vectored one.
+        let written = if second.is_empty() {
+            dst.poll_write(cx, first)
+        } else {
+            dst.poll_write_vectored(cx, &[IoSlice::new(first), IoSlice::new(second)])
+        };
+        match written {
+            Poll::Ready(Ok(0)) => Err(Failure::destination(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                self.queue.consume(n);
+                self.delivered += n as u64;
+                Ok(Drained::Wrote(n))
+            }
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => Ok(Drained::Wrote(0)),
+            Poll::Ready(Err(e)) => Err(Failure::destination(e)),
+            Poll::Pending => Ok(Drained::WouldBlock),
+        }
+    }
+
+    /// Bytes that have moved through this direction either way (read or written), so a
+    /// change means the connection was not idle.
+    fn moved(&self) -> u64 {
+        self.received + self.delivered
+    }
+
+    /// A paused direction that has drained to the resume mark reads again.
+    fn resume_if_drained(&mut self) {
+        if self.state == State::Paused && self.queue.len() <= self.resume {
+            self.state = State::Streaming;
+            self.transitions.resumed = true;
+        }
+    }
+
+    /// A streaming direction whose queue is full and whose destination would block
+    /// pauses. A destination that said `Pending` only because the task's cooperative
+    /// budget ran out is a yield, not a pause.
+    fn pause_if_stuck(&mut self, filled: &Filled, drained: &Drained) {
+        if self.state == State::Streaming
+            && *filled == Filled::Full
+            && *drained == Drained::WouldBlock
+            && tokio::task::coop::has_budget_remaining()
+        {
+            self.state = State::Paused;
+            self.pauses += 1;
+            self.transitions.paused = true;
+        }
     }
 
     /// Tells the metrics what changed since the last report.
-    fn report(&mut self, m: &DirectionMetrics) {
+    fn report(&mut self, m: &DirectionMetrics, clock: &Metrics) {
         let queued = self.queue.len();
         if queued != self.reported_queued {
             m.queued
@@ -318,22 +476,40 @@ impl Direction {
             m.bytes.increment(self.delivered - self.reported_delivered);
             self.reported_delivered = self.delivered;
         }
+        let t = std::mem::take(&mut self.transitions);
+        if t == Transitions::default() {
+            return;
+        }
+        let now = clock.now();
+        // A drain ends the pause that was running before this poll; a pause that began
+        // in this poll starts after it.
+        if t.resumed
+            && let Some(since) = self.paused_since.take()
+        {
+            m.drains.increment(1);
+            m.paused.stop(since, now);
+        }
+        if t.paused {
+            m.pauses.increment(1);
+            m.paused.start(now);
+            self.paused_since = Some(now);
+        }
     }
 
     /// Ends the direction for good: reports, ends a running pause, drops the queue.
     fn finish(&mut self, m: &DirectionMetrics, clock: &Metrics) {
-        self.report(m);
-        if let State::Paused { since } = self.state {
+        self.report(m, clock);
+        if let Some(since) = self.paused_since.take() {
             m.paused.stop(since, clock.now());
         }
-        self.state = State::Done;
+        if self.state != State::Done {
+            self.state = State::Done;
+        }
         if self.reported_queued > 0 {
             m.queued.decrement(self.reported_queued as f64);
             self.reported_queued = 0;
         }
-        self.queue.head = 0;
-        self.queue.tail = 0;
-        self.queue.release_if_empty();
+        self.queue.clear();
     }
 }
 
@@ -346,6 +522,8 @@ pub struct Relay<'a> {
     upstream: (ReadHalf<'a>, WriteHalf<'a>),
     metrics: &'a Metrics,
     dirs: [Direction; 2],
+    /// Whether each direction passed its EOF on, so a done direction is not polled.
+    done: [bool; 2],
     /// When a byte last moved either way, for the idle timeout.
     last_moved: Instant,
     /// Whether the caller has been told that one direction finished.
@@ -353,6 +531,15 @@ pub struct Relay<'a> {
     /// Timeouts the run enforces.
     idle: Duration,
     half_close: Duration,
+}
+
+/// What one poll of both directions came to.
+enum Event {
+    /// Both directions passed their EOF on.
+    Finished,
+    /// One direction passed its EOF on; the other goes on.
+    HalfClosed,
+    Failed(Ending),
 }
 
 impl<'a> Relay<'a> {
@@ -370,6 +557,7 @@ impl<'a> Relay<'a> {
                 Direction::new(config.bounds[0], config.resume_at),
                 Direction::new(config.bounds[1], config.resume_at),
             ],
+            done: [false; 2],
             last_moved: Instant::now(),
             half_reported: false,
             idle: config.idle,
@@ -384,7 +572,8 @@ impl<'a> Relay<'a> {
         let idle = if self.idle.is_zero() { far } else { self.idle };
         let idle_timer = sleep_until(self.last_moved + idle);
         let half_timer = sleep_until(self.last_moved + far);
-        tokio::pin!(idle_timer, half_timer);
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(idle_timer, half_timer, cancelled);
         let mut half_closed = false;
         loop {
             let event = tokio::select! {
@@ -400,7 +589,7 @@ impl<'a> Relay<'a> {
                     continue;
                 }
                 _ = &mut half_timer, if half_closed => return Ending::HalfCloseTimeout,
-                _ = shutdown.cancelled() => return Ending::Shutdown,
+                _ = &mut cancelled => return Ending::Shutdown,
             };
             match event {
                 Event::Finished => return Ending::Complete,
@@ -418,35 +607,44 @@ impl<'a> Relay<'a> {
     /// Polls both directions once; reports to the metrics before returning.
     fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         let m = self.metrics;
-        let mut moved = false;
-        let mut done = [false; 2];
+        let before = self.dirs.each_ref().map(Direction::moved);
+        let mut failed = None;
         for i in [CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT] {
+            if self.done[i] {
+                continue;
+            }
             let (src, dst) = if i == CLIENT_TO_UPSTREAM {
                 (&mut self.client.0, &mut self.upstream.1)
             } else {
                 (&mut self.upstream.0, &mut self.client.1)
             };
-            let dm = &m.directions[i];
-            let step = self.dirs[i].poll(cx, src, dst, dm, m, &mut moved);
-            self.dirs[i].report(dm);
+            let step = self.dirs[i].poll_transfer(cx, src, dst);
+            self.dirs[i].report(&m.directions[i], m);
             match step {
-                Ok(Step::Done) => done[i] = true,
-                Ok(Step::Blocked) => {}
-                Err((on_source, error)) => {
-                    // Direction 0 reads the client; direction 1 reads the upstream.
-                    let side = match (i, on_source) {
-                        (CLIENT_TO_UPSTREAM, true) | (UPSTREAM_TO_CLIENT, false) => Side::Client,
-                        _ => Side::Upstream,
-                    };
-                    let reset = is_reset(&error);
-                    return Poll::Ready(Event::Failed(Ending::Failed { side, reset, error }));
+                Poll::Ready(Ok(())) => self.done[i] = true,
+                Poll::Pending => {}
+                Poll::Ready(Err(failure)) => {
+                    failed = Some((i, failure));
+                    break;
                 }
             }
         }
-        if moved {
+        let after = self.dirs.each_ref().map(Direction::moved);
+        if before != after {
             self.last_moved = Instant::now();
         }
-        match done {
+        if let Some((i, Failure { end, error })) = failed {
+            // Direction 0 reads the client; direction 1 reads the upstream.
+            let side = match (i, end) {
+                (CLIENT_TO_UPSTREAM, End::Source) | (UPSTREAM_TO_CLIENT, End::Destination) => {
+                    Side::Client
+                }
+                _ => Side::Upstream,
+            };
+            let reset = is_reset(&error);
+            return Poll::Ready(Event::Failed(Ending::Failed { side, reset, error }));
+        }
+        match self.done {
             [true, true] => Poll::Ready(Event::Finished),
             [true, false] | [false, true] if !self.half_reported => {
                 self.half_reported = true;
@@ -459,21 +657,12 @@ impl<'a> Relay<'a> {
     /// What the relay did; call after [`Relay::run`].
     pub fn totals(&self) -> Totals {
         Totals {
-            bytes: [self.dirs[0].delivered, self.dirs[1].delivered],
-            pauses: [self.dirs[0].pauses, self.dirs[1].pauses],
-            queued: [self.dirs[0].queue.len(), self.dirs[1].queue.len()],
-            finished: [
-                self.dirs[0].state == State::Done,
-                self.dirs[1].state == State::Done,
-            ],
+            bytes: self.dirs.each_ref().map(|d| d.delivered),
+            pauses: self.dirs.each_ref().map(|d| d.pauses),
+            queued: self.dirs.each_ref().map(|d| d.queue.len()),
+            finished: self.dirs.each_ref().map(|d| d.state == State::Done),
         }
     }
-}
-
-enum Event {
-    Finished,
-    HalfClosed,
-    Failed(Ending),
 }
 
 impl Drop for Relay<'_> {
@@ -527,3 +716,6 @@ mod pool {
         });
     }
 }
+
+#[cfg(test)]
+mod tests;

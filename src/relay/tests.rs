@@ -1,0 +1,1 @@
+//! Unit tests of a direction's states with in-memory I/O.
