@@ -231,7 +231,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
     };
     let throughput_1_tool = match (plan.iperf_seconds, iperf::version()) {
         (Some(secs), Some(version)) => {
-            format!("{version} (`iperf3 -c -t {secs} -O 1`, first second omitted)")
+            format!("{version} (`iperf3 -c -t {secs}`)")
         }
         _ if args.quick => "sluice-stress (--quick does not run iperf3)".into(),
         _ if args.no_iperf3 => "sluice-stress (--no-iperf3)".into(),
