@@ -18,28 +18,62 @@ fn number(cell: &str) -> f64 {
         .unwrap_or_else(|_| panic!("not a number: {cell:?}"))
 }
 
-/// Checks one table row; `has_process` says whether it must carry memory figures.
+/// Column headers, in order; a row has one cell per header.
+const COLUMNS: [&str; 13] = [
+    "subject",
+    "1 stream Gbit/s",
+    "CPU s/GB, 1 stream",
+    "8 streams Gbit/s",
+    "RTT p50 / p99 µs, 1 conn",
+    "RTT p50 / p99 µs, 64 conns",
+    "CPU s/100k round trips, 64 conns",
+    "HTTP req/s",
+    "HTTP p50 / p99 µs",
+    "conn/s",
+    "CPU s/10k conns",
+    "idle KiB/conn",
+    "slow reader KiB/conn",
+];
+
+/// Cells that only a subject with a process has (memory and CPU); a direct connection shows
+/// "–" there.
+const PROCESS_ONLY: [usize; 5] = [2, 6, 10, 11, 12];
+
+/// A `p50 / p99` cell.
+fn percentiles(cell: &str, row: &str) {
+    let (p50, p99) = cell.split_once('/').expect("`p50 / p99`");
+    let (p50, p99) = (number(p50), number(p99));
+    assert!(p50 > 0.0 && p99 >= p50, "p50 / p99 `{cell}`: {row}");
+}
+
+/// Checks one table row; `has_process` says whether it must carry memory and CPU figures.
 fn check_row(row: &str, has_process: bool) {
     let cells: Vec<&str> = row.trim().trim_matches('|').split('|').collect();
-    assert_eq!(cells.len(), 8, "row has 8 columns: {row}");
+    assert_eq!(
+        cells.len(),
+        COLUMNS.len(),
+        "row has {} columns: {row}",
+        COLUMNS.len()
+    );
     // The table rounds to 0.1: a 200 ms quick window on a loaded machine may show 0.0.
     // The JSON below must be positive.
     assert!(number(cells[1]) >= 0.0, "1 stream: {row}");
-    assert!(number(cells[2]) >= 0.0, "8 streams: {row}");
-    for rtt in &cells[3..5] {
-        let (p50, p99) = rtt.split_once('/').expect("RTT is `p50 / p99`");
-        let (p50, p99) = (number(p50), number(p99));
-        assert!(p50 > 0.0 && p99 >= p50, "RTT: {row}");
-    }
-    assert!(number(cells[5]) > 0.0, "conn/s: {row}");
-    for memory in &cells[6..8] {
+    assert!(number(cells[3]) >= 0.0, "8 streams: {row}");
+    percentiles(cells[4], row);
+    percentiles(cells[5], row);
+    assert!(number(cells[7]) > 0.0, "HTTP req/s: {row}");
+    percentiles(cells[8], row);
+    assert!(number(cells[9]) > 0.0, "conn/s: {row}");
+    for i in PROCESS_ONLY {
         if has_process {
-            assert!(number(memory) >= 0.0, "memory: {row}");
+            // CPU figures of a quick run may be 0 (10 ms ticks); present is what counts.
+            assert!(number(cells[i]) >= 0.0, "{}: {row}", COLUMNS[i]);
         } else {
             assert_eq!(
-                memory.trim(),
+                cells[i].trim(),
                 "–",
-                "no memory figure for a direct connection: {row}"
+                "no {} for a direct connection: {row}",
+                COLUMNS[i]
             );
         }
     }
@@ -79,6 +113,20 @@ fn quick_bench_reports_every_subject() {
         output.status
     );
 
+    let header = stdout
+        .lines()
+        .find(|l| l.starts_with("| subject"))
+        .unwrap_or_else(|| panic!("no table in:\n{stdout}"));
+    let headers: Vec<&str> = header.trim_matches('|').split('|').map(str::trim).collect();
+    assert_eq!(headers, COLUMNS, "the table's columns");
+    let machine = stdout
+        .lines()
+        .find(|l| l.starts_with("Machine:"))
+        .expect("a Machine line above the table");
+    for part in ["CPU ", " cores", "kernel Linux "] {
+        assert!(machine.contains(part), "{part:?} in {machine}");
+    }
+
     let rows: Vec<&str> = stdout
         .lines()
         .filter(|l| l.starts_with("| ") && !l.starts_with("| subject"))
@@ -115,13 +163,28 @@ fn quick_bench_reports_every_subject() {
             "/latency_64_p50_us/median",
             "/latency_64_p99_us/median",
             "/connections_per_sec/median",
+            "/http_requests_per_sec/median",
+            "/http_p50_us/median",
+            "/http_p99_us/median",
         ] {
             positive(subject, figure);
         }
+        let process_only = [
+            "idle_kib_per_conn",
+            "slow_reader_kib_per_conn",
+            "cpu_s_per_gb_1_stream",
+            "cpu_s_per_100k_round_trips_64_conns",
+            "cpu_s_per_10k_conns",
+        ];
         if subject["id"] == "direct" {
-            assert!(subject["idle_kib_per_conn"].is_null());
-            assert!(subject["slow_reader_kib_per_conn"].is_null());
+            for field in process_only {
+                assert!(subject[field].is_null(), "{field} for direct: {subject}");
+            }
         } else {
+            for field in &process_only[2..] {
+                // 10 ms ticks: a quick run may measure 0, never less.
+                non_negative(subject, &format!("/{field}/median"));
+            }
             // RSS deltas of a quick run are small and may round to nothing; present is
             // what counts here.
             non_negative(subject, "/idle_kib_per_conn/median");
@@ -130,4 +193,17 @@ fn quick_bench_reports_every_subject() {
         }
     }
     assert!(report["machine"]["cpus"].as_u64().unwrap() >= 1);
+    for field in ["cpu_model", "kernel"] {
+        let text = report["machine"][field].as_str().unwrap_or_default();
+        assert!(!text.is_empty(), "machine.{field} in {}", report["machine"]);
+    }
+    let settings = &report["settings"];
+    assert!(settings["clock_ticks_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(settings["http_seconds"].as_f64().unwrap() > 0.0);
+    assert!(
+        !settings["http_tool"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty()
+    );
 }

@@ -57,8 +57,16 @@ impl Drop for Server {
     }
 }
 
-/// Run `iperf3 -c` against `target` for `seconds`; Gbit/s received, as iperf3 reports it.
-pub async fn client(target: SocketAddr, seconds: u32) -> Result<f64> {
+/// What one `iperf3 -c` run reported.
+pub struct Transfer {
+    pub gbps: f64,
+    /// Bytes the server received.
+    pub bytes: u64,
+}
+
+/// Run `iperf3 -c` against `target` for `seconds`; Gbit/s and bytes received, as iperf3
+/// reports them.
+pub async fn client(target: SocketAddr, seconds: u32) -> Result<Transfer> {
     let output = tokio::process::Command::new("iperf3")
         .args([
             "-c",
@@ -80,5 +88,12 @@ pub async fn client(target: SocketAddr, seconds: u32) -> Result<f64> {
         .pointer("/end/sum_received/bits_per_second")
         .and_then(|v| v.as_f64())
         .context("iperf3's JSON has no end.sum_received.bits_per_second")?;
-    Ok(bps / 1e9)
+    let bytes = report
+        .pointer("/end/sum_received/bytes")
+        .and_then(|v| v.as_u64())
+        .context("iperf3's JSON has no end.sum_received.bytes")?;
+    Ok(Transfer {
+        gbps: bps / 1e9,
+        bytes,
+    })
 }

@@ -6,8 +6,11 @@
 //!   process-tree RSS, stopping.
 //! - `relay.rs`: the copy_bidirectional relay, served from a child process (hidden flag).
 //! - `upstreams.rs`: in-process sink, echo and source upstreams.
-//! - `load.rs`: the traffic: streams, ping-pong, connection churn, idle conns, slow readers.
+//! - `load.rs`: the traffic: streams, ping-pong, connection churn, HTTP requests (built-in
+//!   client), idle conns, slow readers; each speed case reads the subject's CPU time.
 //! - `iperf.rs`: iperf3 through the proxy for the one-stream figure.
+//! - `http.rs`: wrk through the proxy to a real nginx for the request/response figure.
+//! - `cpu.rs`: CPU seconds of a subject's process tree from `/proc/PID/stat`.
 //! - `memory.rs`: memory per connection on a fresh process.
 //! - `report.rs`: medians, the Markdown table, the JSON.
 //!
@@ -15,6 +18,8 @@
 //! subjects every round, so slow drift of a shared machine spreads over all of them; the
 //! figures quoted are medians of the rounds.
 
+mod cpu;
+mod http;
 mod iperf;
 mod load;
 mod memory;
@@ -30,6 +35,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
+use cpu::CpuMeter;
 use memory::MemoryFigure;
 use report::{Machine, Report, Series, Settings, SubjectResult};
 use subjects::{Profile, Subject, SubjectKind};
@@ -62,6 +68,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub no_iperf3: bool,
 
+    /// Use sluice-stress's own HTTP client and upstream for the request/response figure even
+    /// when wrk and nginx are installed.
+    #[arg(long)]
+    pub no_wrk: bool,
+
     /// Internal: serve tokio's copy_bidirectional in front of UPSTREAM (a bench subject).
     #[arg(long, hide = true, value_name = "UPSTREAM")]
     pub serve_copy_bidirectional: Option<SocketAddr>,
@@ -86,6 +97,8 @@ struct Plan {
     window: Duration,
     latency: Duration,
     connect: Duration,
+    /// The request/response window (wrk counts whole seconds).
+    http: Duration,
     idle_conns: usize,
     idle_hold: Duration,
     slow_readers: usize,
@@ -108,6 +121,7 @@ impl Plan {
                 window: Duration::from_millis(200),
                 latency: Duration::from_millis(200),
                 connect: Duration::from_millis(200),
+                http: Duration::from_secs(1),
                 idle_conns: 100,
                 idle_hold: Duration::from_millis(100),
                 slow_readers: 20,
@@ -121,10 +135,53 @@ impl Plan {
                 window: Duration::from_secs(3),
                 latency: Duration::from_secs(2),
                 connect: Duration::from_secs(2),
+                http: Duration::from_secs(3),
                 idle_conns: 2000,
                 idle_hold: Duration::from_millis(500),
                 slow_readers: 200,
                 slow_duration: Duration::from_secs(4),
+            }
+        }
+    }
+
+    fn http_seconds(&self) -> u32 {
+        self.http.as_secs().max(1) as u32
+    }
+}
+
+/// Where the request/response figure comes from.
+enum HttpCase {
+    /// wrk against a real nginx serving the file.
+    Wrk(http::NginxUpstream),
+    /// The built-in client against the built-in upstream.
+    Own,
+}
+
+impl HttpCase {
+    /// wrk and nginx when both are there (and not refused); the built-in pair otherwise, with
+    /// the reason in the report.
+    fn choose(args: &BenchArgs) -> (HttpCase, String) {
+        let own = "sluice-stress's own client and HTTP upstream";
+        if args.no_wrk {
+            return (HttpCase::Own, format!("{own} (--no-wrk)"));
+        }
+        let Some(version) = http::wrk_version() else {
+            return (HttpCase::Own, format!("{own} (wrk is not installed)"));
+        };
+        match http::NginxUpstream::start() {
+            Ok(upstream) => (
+                HttpCase::Wrk(upstream),
+                format!(
+                    "{version} (`wrk -t{} -c{} --latency`) against nginx (HTTP, worker_processes \
+                     {}, keep-alive, access_log off) serving a 1 KiB file",
+                    http::WRK_THREADS,
+                    load::HTTP_CONNS,
+                    http::NGINX_WORKERS
+                ),
+            ),
+            Err(e) => {
+                eprintln!("the HTTP case runs without wrk: {e:#}");
+                (HttpCase::Own, format!("{own} (nginx: {e:#})"))
             }
         }
     }
@@ -174,12 +231,14 @@ async fn bench(args: BenchArgs) -> Result<()> {
     };
     let throughput_1_tool = match (plan.iperf_seconds, iperf::version()) {
         (Some(secs), Some(version)) => {
-            format!("{version} (`iperf3 -c -t {secs} -O 1`, first second omitted)")
+            format!("{version} (`iperf3 -c -t {secs}`)")
         }
         _ if args.quick => "sluice-stress (--quick does not run iperf3)".into(),
         _ if args.no_iperf3 => "sluice-stress (--no-iperf3)".into(),
         _ => "sluice-stress (iperf3 is not installed)".into(),
     };
+
+    let (http_case, http_tool) = tokio::task::block_in_place(|| HttpCase::choose(&args));
 
     let mut results: Vec<SubjectResult> = subjects
         .iter()
@@ -198,7 +257,15 @@ async fn bench(args: BenchArgs) -> Result<()> {
             let i = (k + round) % n;
             let (subject, result) = (&subjects[i], &mut results[i]);
             let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
-            speed_round(subject, result, &plan, iperf_server.as_ref(), &tag).await;
+            speed_round(
+                subject,
+                result,
+                &plan,
+                iperf_server.as_ref(),
+                &http_case,
+                &tag,
+            )
+            .await;
         }
     }
     // Memory: a fresh process per measurement, the same rotation, medians again.
@@ -240,6 +307,11 @@ async fn bench(args: BenchArgs) -> Result<()> {
         }
     }
     drop(iperf_server);
+    let http_seconds = match http_case {
+        HttpCase::Wrk(_) => f64::from(plan.http_seconds()),
+        HttpCase::Own => plan.http.as_secs_f64(),
+    };
+    tokio::task::block_in_place(|| drop(http_case));
 
     let report = Report {
         command: std::env::args()
@@ -261,6 +333,10 @@ async fn bench(args: BenchArgs) -> Result<()> {
             latency_seconds: plan.latency.as_secs_f64(),
             connect_seconds: plan.connect.as_secs_f64(),
             connect_concurrency: load::CONNECT_CONCURRENCY,
+            http_tool,
+            http_seconds,
+            http_conns: load::HTTP_CONNS,
+            clock_ticks_per_sec: cpu::ticks_per_second(),
             idle_conns: plan.idle_conns,
             slow_readers: plan.slow_readers,
             slow_reader_rate_bytes_per_sec: SLOW_RATE,
@@ -288,24 +364,70 @@ fn failed(result: &mut SubjectResult, what: &str, error: &anyhow::Error) {
     result.errors.push(format!("{what}: {error:#}"));
 }
 
-/// Start `subject` in front of `upstream`, run `measure` against it, stop it.
+/// Start `subject` in front of `upstream`, run `measure` against its address with a reader of
+/// its CPU time, stop it.
 async fn with_subject<F, Fut, T>(subject: &Subject, upstream: SocketAddr, measure: F) -> Result<T>
 where
-    F: FnOnce(SocketAddr) -> Fut,
+    F: FnOnce(SocketAddr, CpuMeter) -> Fut,
     Fut: Future<Output = Result<T>>,
 {
     let mut running = tokio::task::block_in_place(|| subject.launch(upstream, Profile::Defaults))?;
-    let outcome = measure(running.addr).await;
+    let outcome = measure(running.addr, running.cpu_meter()).await;
     tokio::task::block_in_place(|| running.stop());
     outcome
 }
 
-async fn own_streams(subject: &Subject, streams: usize, plan: &Plan) -> Result<f64> {
+/// Gbit/s, and CPU seconds per GB when the subject has a process.
+struct Stream {
+    gbps: f64,
+    cpu_per_gb: Option<f64>,
+}
+
+async fn own_streams(subject: &Subject, streams: usize, plan: &Plan) -> Result<Stream> {
     let sink = Upstream::start(Mode::Sink).await?;
-    with_subject(subject, sink.addr, |target| {
-        load::throughput(target, &sink, streams, plan.warmup, plan.window)
+    with_subject(subject, sink.addr, |target, meter| async move {
+        let s = load::throughput(target, &sink, streams, plan.warmup, plan.window, &meter).await?;
+        Ok(Stream {
+            gbps: s.gbps,
+            cpu_per_gb: cpu::cost(&meter, s.cpu_seconds, s.bytes as f64, 1e9),
+        })
     })
     .await
+}
+
+async fn iperf_stream(subject: &Subject, server: &iperf::Server, secs: u32) -> Result<Stream> {
+    with_subject(subject, server.addr, |target, meter| async move {
+        let before = meter.seconds();
+        let t = iperf::client(target, secs).await?;
+        Ok(Stream {
+            gbps: t.gbps,
+            cpu_per_gb: cpu::cost(&meter, meter.seconds() - before, t.bytes as f64, 1e9),
+        })
+    })
+    .await
+}
+
+async fn http_requests(subject: &Subject, case: &HttpCase, plan: &Plan) -> Result<load::Requests> {
+    match case {
+        HttpCase::Wrk(nginx) => {
+            let secs = plan.http_seconds();
+            with_subject(subject, nginx.addr, |target, _| http::wrk(target, secs)).await
+        }
+        HttpCase::Own => {
+            let upstream = Upstream::start(Mode::Http).await?;
+            with_subject(subject, upstream.addr, |target, _| {
+                load::http_requests(target, plan.http)
+            })
+            .await
+        }
+    }
+}
+
+/// Record a CPU cost: a number when measured, nothing for a subject without a process.
+fn record_cost(result: &mut SubjectResult, tag: &str, what: &str, slot: Slot, cost: Option<f64>) {
+    if let Some(cost) = cost {
+        record(result, tag, what, slot, Ok(cost));
+    }
 }
 
 fn record(result: &mut SubjectResult, tag: &str, what: &str, slot: Slot, value: Result<f64>) {
@@ -360,6 +482,12 @@ enum Slot {
     Latency64P50,
     Latency64P99,
     ConnectRate,
+    Cpu1Stream,
+    Cpu64Conns,
+    CpuConnect,
+    HttpRate,
+    HttpP50,
+    HttpP99,
 }
 
 impl Slot {
@@ -372,6 +500,12 @@ impl Slot {
             Slot::Latency64P50 => &mut r.latency_64_p50_us,
             Slot::Latency64P99 => &mut r.latency_64_p99_us,
             Slot::ConnectRate => &mut r.connections_per_sec,
+            Slot::Cpu1Stream => &mut r.cpu_s_per_gb_1_stream,
+            Slot::Cpu64Conns => &mut r.cpu_s_per_100k_round_trips_64_conns,
+            Slot::CpuConnect => &mut r.cpu_s_per_10k_conns,
+            Slot::HttpRate => &mut r.http_requests_per_sec,
+            Slot::HttpP50 => &mut r.http_p50_us,
+            Slot::HttpP99 => &mut r.http_p99_us,
         }
     }
 }
@@ -382,16 +516,28 @@ async fn speed_round(
     result: &mut SubjectResult,
     plan: &Plan,
     iperf_server: Option<&iperf::Server>,
+    http_case: &HttpCase,
     tag: &str,
 ) {
     let one = match (iperf_server, plan.iperf_seconds) {
-        (Some(server), Some(secs)) => {
-            with_subject(subject, server.addr, |target| iperf::client(target, secs)).await
-        }
+        (Some(server), Some(secs)) => iperf_stream(subject, server, secs).await,
         _ => own_streams(subject, 1, plan).await,
     };
-    record(result, tag, "1 stream Gbit/s", Slot::Throughput1, one);
-    let eight = own_streams(subject, 8, plan).await;
+    match one {
+        Ok(one) => {
+            record(
+                result,
+                tag,
+                "1 stream Gbit/s",
+                Slot::Throughput1,
+                Ok(one.gbps),
+            );
+            let what = "1 stream CPU s/GB";
+            record_cost(result, tag, what, Slot::Cpu1Stream, one.cpu_per_gb);
+        }
+        Err(e) => failed(result, "1 stream Gbit/s", &e),
+    }
+    let eight = own_streams(subject, 8, plan).await.map(|s| s.gbps);
     record(result, tag, "8 streams Gbit/s", Slot::Throughput8, eight);
 
     for (conns, p50, p99) in [
@@ -400,30 +546,53 @@ async fn speed_round(
     ] {
         let measured = async {
             let echo = Upstream::start(Mode::Echo).await?;
-            with_subject(subject, echo.addr, |target| {
-                load::latency(target, conns, plan.latency)
+            with_subject(subject, echo.addr, |target, meter| async move {
+                let pings = load::latency(target, conns, plan.latency, &meter).await?;
+                let cost = cpu::cost(&meter, pings.cpu_seconds, pings.round_trips as f64, 1e5);
+                Ok((pings.samples, cost))
             })
             .await
         }
         .await;
         let what = format!("RTT {conns} conn(s) p50 µs");
         match measured {
-            Ok(samples) => {
+            Ok((samples, cost)) => {
                 let q99 = load::quantile(&samples, 0.99);
                 record(result, tag, &what, p50, Ok(load::quantile(&samples, 0.5)));
                 record(result, tag, "      p99 µs", p99, Ok(q99));
+                if conns == 64 {
+                    let what = "      CPU s/100k round trips";
+                    record_cost(result, tag, what, Slot::Cpu64Conns, cost);
+                }
             }
             Err(e) => failed(result, &what, &e),
         }
     }
 
-    let rate = async {
-        let echo = Upstream::start(Mode::Echo).await?;
-        with_subject(subject, echo.addr, |target| {
-            load::connect_rate(target, plan.connect)
+    match http_requests(subject, http_case, plan).await {
+        Ok(r) => {
+            record(result, tag, "HTTP req/s", Slot::HttpRate, Ok(r.per_sec));
+            record(result, tag, "     p50 µs", Slot::HttpP50, Ok(r.p50_us));
+            record(result, tag, "     p99 µs", Slot::HttpP99, Ok(r.p99_us));
+        }
+        Err(e) => failed(result, "HTTP req/s", &e),
+    }
+
+    let churn = async {
+        let greeter = Upstream::start(Mode::Greet).await?;
+        with_subject(subject, greeter.addr, |target, meter| async move {
+            let churn = load::connect_rate(target, plan.connect, &meter).await?;
+            let cost = cpu::cost(&meter, churn.cpu_seconds, churn.conns as f64, 1e4);
+            Ok((churn.per_sec, cost))
         })
         .await
     }
     .await;
-    record(result, tag, "conn/s", Slot::ConnectRate, rate);
+    match churn {
+        Ok((per_sec, cost)) => {
+            record(result, tag, "conn/s", Slot::ConnectRate, Ok(per_sec));
+            record_cost(result, tag, "CPU s/10k conns", Slot::CpuConnect, cost);
+        }
+        Err(e) => failed(result, "conn/s", &e),
+    }
 }

@@ -42,7 +42,19 @@ pub struct SubjectResult {
     pub latency_1_p99_us: Option<Series>,
     pub latency_64_p50_us: Option<Series>,
     pub latency_64_p99_us: Option<Series>,
+    /// HTTP/1.1 keep-alive requests for a 1 KiB file, 64 connections.
+    pub http_requests_per_sec: Option<Series>,
+    pub http_p50_us: Option<Series>,
+    pub http_p99_us: Option<Series>,
+    /// Connection churn against an upstream that sends one byte and closes.
     pub connections_per_sec: Option<Series>,
+    /// The subject's CPU seconds (utime + stime of all its processes) per GB relayed in the
+    /// 1-stream case. None for a direct connection.
+    pub cpu_s_per_gb_1_stream: Option<Series>,
+    /// CPU seconds per 100,000 round trips in the 64-connection ping-pong.
+    pub cpu_s_per_100k_round_trips_64_conns: Option<Series>,
+    /// CPU seconds per 10,000 connections in the churn case: the proxy-bound figure.
+    pub cpu_s_per_10k_conns: Option<Series>,
     /// Idle memory per connection, median over fresh processes.
     pub idle_kib_per_conn: Option<Series>,
     /// The raw numbers of each idle run.
@@ -111,6 +123,11 @@ pub struct Settings {
     pub latency_seconds: f64,
     pub connect_seconds: f64,
     pub connect_concurrency: usize,
+    pub http_tool: String,
+    pub http_seconds: f64,
+    pub http_conns: usize,
+    /// Unit of the CPU figures as the kernel counts them (`sysconf(_SC_CLK_TCK)`).
+    pub clock_ticks_per_sec: f64,
     pub idle_conns: usize,
     pub slow_readers: usize,
     pub slow_reader_rate_bytes_per_sec: f64,
@@ -154,6 +171,22 @@ fn kib(m: &Option<Series>, has_process: bool) -> String {
     }
 }
 
+/// CPU seconds per unit of work: three significant figures, whatever the size.
+fn cpu(m: &Option<Series>, has_process: bool) -> String {
+    match m {
+        Some(m) if m.median >= 10.0 => format!("{:.1}", m.median),
+        Some(m) if m.median >= 1.0 => format!("{:.2}", m.median),
+        Some(m) => format!("{:.3}", m.median),
+        None if has_process => "err".into(),
+        None => "–".into(),
+    }
+}
+
+fn whole(s: &Option<Series>) -> String {
+    s.as_ref()
+        .map_or("err".into(), |s| format!("{:.0}", s.median))
+}
+
 impl Report {
     /// The table and the notes that say how each column was measured.
     pub fn markdown(&self) -> String {
@@ -162,10 +195,10 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "Machine: {} CPUs ({}), Linux {}, {} GiB RAM; loopback; load average {:.1} at \
-             the start, {:.1} at the end. {}{} interleaved.\n",
-            m.cpus,
+            "Machine: CPU {}, {} cores available; kernel Linux {}; {} GiB RAM; loopback; load \
+             average {:.1} at the start, {:.1} at the end. {}{} interleaved.\n",
             m.cpu_model,
+            m.cpus,
             m.kernel,
             m.memory_gib,
             m.load_before,
@@ -182,25 +215,28 @@ impl Report {
             },
         );
         out.push_str(
-            "| subject | 1 stream Gbit/s | 8 streams Gbit/s | RTT p50 / p99 µs, 1 conn \
-             | RTT p50 / p99 µs, 64 conns | conn/s | idle KiB/conn | slow reader KiB/conn |\n\
-             |---|---|---|---|---|---|---|---|\n",
+            "| subject | 1 stream Gbit/s | CPU s/GB, 1 stream | 8 streams Gbit/s \
+             | RTT p50 / p99 µs, 1 conn | RTT p50 / p99 µs, 64 conns \
+             | CPU s/100k round trips, 64 conns | HTTP req/s | HTTP p50 / p99 µs \
+             | conn/s | CPU s/10k conns | idle KiB/conn | slow reader KiB/conn |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for r in &self.subjects {
             let has_process = r.id != "direct";
-            let cps = r
-                .connections_per_sec
-                .as_ref()
-                .map_or("err".into(), |s| format!("{:.0}", s.median));
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.name,
                 gbps(&r.throughput_1_gbps),
+                cpu(&r.cpu_s_per_gb_1_stream, has_process),
                 gbps(&r.throughput_8_gbps),
                 rtt(&r.latency_1_p50_us, &r.latency_1_p99_us),
                 rtt(&r.latency_64_p50_us, &r.latency_64_p99_us),
-                cps,
+                cpu(&r.cpu_s_per_100k_round_trips_64_conns, has_process),
+                whole(&r.http_requests_per_sec),
+                rtt(&r.http_p50_us, &r.http_p99_us),
+                whole(&r.connections_per_sec),
+                cpu(&r.cpu_s_per_10k_conns, has_process),
                 kib(&r.idle_kib_per_conn, has_process),
                 kib(&r.slow_reader_kib_per_conn, has_process),
             );
@@ -213,9 +249,35 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "- RTT: 64-byte messages echoed by the upstream, one outstanding per connection, {} s. \
-             conn/s: connect, send 1 byte, read it back, close; {} loops at once, {} s.",
-            s.latency_seconds, s.connect_concurrency, s.connect_seconds
+            "- RTT: 64-byte messages echoed by the upstream, one outstanding per connection, {} s.",
+            s.latency_seconds
+        );
+        let _ = writeln!(
+            out,
+            "- HTTP: HTTP/1.1 keep-alive GET of a 1 KiB response, {} connections, one request \
+             outstanding on each, {} s; {}. req/s and the 50 % / 99 % latency, in µs. Client, \
+             upstream and proxy share this machine's cores, so the direct row is the same load \
+             with one hop less rather than a ceiling.",
+            s.http_conns, s.http_seconds, s.http_tool
+        );
+        let _ = writeln!(
+            out,
+            "- conn/s: {} loops at once, each connecting, reading the one byte the upstream \
+             sends, reading its close, closing; {} s. The client never writes and the upstream \
+             never reads, so the proxy does most of the work per connection; but client, \
+             upstream and proxy share this machine's cores, so conn/s moves only with the \
+             proxy's share. CPU s/10k conns is the proxy-bound figure: its own CPU time per \
+             connection, whatever the client could do.",
+            s.connect_concurrency, s.connect_seconds
+        );
+        let _ = writeln!(
+            out,
+            "- CPU: utime + stime of all the proxy's processes (nginx: master and workers) from \
+             /proc/PID/stat, read before and after each case (kernel ticks of {:.0} ms, so short \
+             windows read coarse figures, possibly 0): per GB the 1-stream case relayed, per \
+             100,000 round trips of the 64-connection ping-pong, per 10,000 connections of the \
+             churn case. A direct connection has no proxy: \"–\".",
+            1000.0 / s.clock_ticks_per_sec
         );
         let _ = writeln!(
             out,

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use tempfile::TempDir;
 
+use super::cpu::CpuMeter;
 use crate::proxy_process::{self, ProxyConfig, ProxyProcess};
 
 /// How long a subject may take to start listening before we give up on it.
@@ -389,7 +390,7 @@ fn find_nginx() -> Result<Subject, String> {
     })
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .chain(["/usr/sbin".into(), "/sbin".into()])
@@ -496,6 +497,12 @@ impl Running {
     /// The subject's process and all its descendants.
     pub fn pids(&self) -> Vec<u32> {
         self.root_pid().map(process_tree).unwrap_or_default()
+    }
+
+    /// A reader of the CPU time of the whole process tree as it is now (every process a
+    /// subject runs exists once it is ready).
+    pub fn cpu_meter(&self) -> CpuMeter {
+        CpuMeter::new(self.pids())
     }
 
     /// Resident memory of the whole process tree, KiB.

@@ -1,5 +1,6 @@
 //! The stand-in upstreams behind every subject, served in-process on 127.0.0.1:0: a sink that
-//! counts what it reads, an echo server, and a source that writes as fast as it can.
+//! counts what it reads, an echo server, a source that writes as fast as it can, a greeter that
+//! speaks first and hangs up, and a minimal HTTP/1.1 keep-alive server.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +20,26 @@ pub enum Mode {
     Echo,
     /// Write as fast as the connection takes it (slow readers).
     Source,
+    /// Write one byte and close (connection churn: the cheapest upstream that still proves
+    /// the connection went end to end).
+    Greet,
+    /// Answer every request (anything up to a blank line) with `HTTP_RESPONSE`, keep-alive
+    /// (the request/response case when wrk or nginx is missing).
+    Http,
+}
+
+/// Size of the body the HTTP upstreams serve: the "small response" of users' traffic.
+pub const HTTP_BODY: usize = 1024;
+
+/// The built-in HTTP upstream's whole answer to every request, headers and 1 KiB body.
+pub fn http_response() -> Vec<u8> {
+    let mut response = format!(
+        "HTTP/1.1 200 OK\r\nServer: sluice-stress\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {HTTP_BODY}\r\n\r\n"
+    )
+    .into_bytes();
+    response.extend((0..HTTP_BODY).map(|i| b'a' + (i % 26) as u8));
+    response
 }
 
 /// A running upstream; dropping it stops it and every connection it holds.
@@ -89,6 +110,32 @@ async fn serve(mut stream: TcpStream, mode: Mode, received: Arc<AtomicU64>) {
         Mode::Source => {
             let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
             while stream.write_all(&chunk).await.is_ok() {}
+        }
+        Mode::Greet => {
+            // Dropping the stream closes it: the upstream hangs up first, so its TIME_WAIT
+            // sockets hold no ephemeral port the proxy needs for the next connection.
+            let _ = stream.write_all(b"x").await;
+        }
+        Mode::Http => serve_http(stream, received).await,
+    }
+}
+
+/// Answer each request, found by its blank line, with the fixed response; requests that
+/// arrive together (pipelined) are answered together.
+async fn serve_http(mut stream: TcpStream, received: Arc<AtomicU64>) {
+    let response = http_response();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+        received.fetch_add(n as u64, Ordering::Relaxed);
+        pending.extend_from_slice(&buf[..n]);
+        let mut answers = Vec::new();
+        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            pending.drain(..end + 4);
+            answers.extend_from_slice(&response);
+        }
+        if !answers.is_empty() && stream.write_all(&answers).await.is_err() {
+            return;
         }
     }
 }
