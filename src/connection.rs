@@ -63,8 +63,11 @@ async fn serve_inner(
     }
 
     let _client_guard = ResetOnPanic::new(client);
+    // Boxed: the connect's state (resolver, timeout, handshake) is needed only until
+    // the upstream answers; inline it would size every connection's task for its whole
+    // life (about 300 bytes of an idle connection's 2 KiB).
     let upstream = tokio::select! {
-        r = connect_upstream(config, metrics) => r,
+        r = Box::pin(connect_upstream(config, metrics)) => r,
         _ = force_close.cancelled() => {
             // Cut off before any reply: a reset, not an empty stream that looks complete.
             reset_on_close(SockRef::from(&*client));
@@ -83,13 +86,17 @@ async fn serve_inner(
     };
 
     let _upstream_guard = ResetOnPanic::new(&upstream);
-    let relay_config = RelayConfig {
-        bounds: config.bounds(),
-        resume_at: config.buffer.resume_at,
-        idle: config.timeouts.idle,
-        half_close: config.timeouts.half_close,
+    // In a block, so the settings are not kept in the task across the await: the relay
+    // has copied what it needs.
+    let mut relay = {
+        let relay_config = RelayConfig {
+            bounds: config.bounds(),
+            resume_at: config.buffer.resume_at,
+            idle: config.timeouts.idle,
+            half_close: config.timeouts.half_close,
+        };
+        Relay::new(client, &mut upstream, &relay_config, metrics)
     };
-    let mut relay = Relay::new(client, &mut upstream, &relay_config, metrics);
     let ending = relay.run(force_close).await;
     let totals = relay.totals();
     drop(relay);

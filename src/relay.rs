@@ -567,40 +567,54 @@ impl<'a> Relay<'a> {
 
     /// Runs until both directions are done, a socket fails, a timeout fires, or
     /// `shutdown` is cancelled.
+    ///
+    /// One timer serves both timeouts: it is set for the earlier of the idle deadline
+    /// and the half-close deadline, and on firing the relay checks which one passed
+    /// (the idle deadline moves with every byte without touching the timer). A second
+    /// timer would cost every connection 112 bytes.
     pub async fn run(&mut self, shutdown: &CancellationToken) -> Ending {
-        let far = Duration::from_secs(86400 * 365);
-        let idle = if self.idle.is_zero() { far } else { self.idle };
-        let idle_timer = sleep_until(self.last_moved + idle);
-        let half_timer = sleep_until(self.last_moved + far);
+        let timer = sleep_until(self.next_deadline(None));
         let cancelled = shutdown.cancelled();
-        tokio::pin!(idle_timer, half_timer, cancelled);
-        let mut half_closed = false;
+        tokio::pin!(timer, cancelled);
+        let mut half_closed_at: Option<Instant> = None;
         loop {
-            let event = tokio::select! {
+            tokio::select! {
                 biased;
-                e = poll_fn(|cx| self.poll_step(cx)) => e,
-                _ = &mut idle_timer => {
-                    // The timer is not moved per byte; on firing, see whether bytes moved since.
-                    let quiet_until = self.last_moved + idle;
-                    if quiet_until <= Instant::now() {
+                event = poll_fn(|cx| self.poll_step(cx)) => match event {
+                    Event::Finished => return Ending::Complete,
+                    Event::Failed(ending) => return ending,
+                    Event::HalfClosed => {
+                        if half_closed_at.is_none() && !self.half_close.is_zero() {
+                            half_closed_at = Some(Instant::now());
+                            timer.as_mut().reset(self.next_deadline(half_closed_at));
+                        }
+                    }
+                },
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if !self.idle.is_zero() && self.last_moved + self.idle <= now {
                         return Ending::IdleTimeout;
                     }
-                    idle_timer.as_mut().reset(quiet_until);
-                    continue;
-                }
-                _ = &mut half_timer, if half_closed => return Ending::HalfCloseTimeout,
-                _ = &mut cancelled => return Ending::Shutdown,
-            };
-            match event {
-                Event::Finished => return Ending::Complete,
-                Event::Failed(ending) => return ending,
-                Event::HalfClosed => {
-                    if !half_closed && !self.half_close.is_zero() {
-                        half_closed = true;
-                        half_timer.as_mut().reset(Instant::now() + self.half_close);
+                    if half_closed_at.is_some_and(|t| t + self.half_close <= now) {
+                        return Ending::HalfCloseTimeout;
                     }
+                    // Bytes moved since the timer was set: the idle deadline moved on.
+                    timer.as_mut().reset(self.next_deadline(half_closed_at));
                 }
+                _ = &mut cancelled => return Ending::Shutdown,
             }
+        }
+    }
+
+    /// The earlier of the idle deadline and (once half-closed at `half_closed_at`) the
+    /// half-close deadline; far in the future when both timeouts are off.
+    fn next_deadline(&self, half_closed_at: Option<Instant>) -> Instant {
+        let idle = (!self.idle.is_zero()).then(|| self.last_moved + self.idle);
+        let half = half_closed_at.map(|t| t + self.half_close);
+        match (idle, half) {
+            (Some(i), Some(h)) => i.min(h),
+            (Some(d), None) | (None, Some(d)) => d,
+            (None, None) => Instant::now() + Duration::from_secs(86400 * 365),
         }
     }
 
