@@ -31,7 +31,9 @@ fn main() -> ExitCode {
     sluice::logging::init(&config.log);
     let max_fds = sluice::listener::raise_descriptor_limit();
     tracing::debug!(max_fds, "file descriptor limit");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The control thread: signals, reloads and the metrics endpoint. Connections run on
+    // the `runtime.workers` threads that `Server::run` starts.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

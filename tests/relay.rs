@@ -532,3 +532,40 @@ async fn every_series_exists_at_start_up() {
     assert!(value(&m, "process_open_fds") > 0.0);
     proxy.shutdown().await;
 }
+
+/// A burst of clients is spread over the worker threads (each connection stays on the
+/// one that serves it), and every one of them, handed over or not, relays intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_clients_is_spread_over_the_workers() {
+    let proxy = Proxy::start(echo_upstream().await, |c| c.runtime.workers = 2).await;
+    // All at once, as a burst: handshakes complete in the kernel before sluice accepts.
+    let connects = (0..16).map(|_| TcpStream::connect(proxy.addr));
+    let mut clients: Vec<TcpStream> = futures_util::future::join_all(connects)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    for (i, s) in clients.iter_mut().enumerate() {
+        let msg = [i as u8; 100];
+        s.write_all(&msg).await.unwrap();
+        let mut back = [0u8; 100];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg, "client {i} got its own bytes back");
+    }
+    let loads = proxy.server.worker_connections();
+    assert_eq!(loads.len(), 2);
+    assert_eq!(
+        loads.iter().sum::<usize>(),
+        16,
+        "every live client is counted once"
+    );
+    let (lo, hi) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+    assert!(
+        hi - lo <= 2,
+        "16 clients spread over 2 workers as {loads:?}"
+    );
+    drop(clients);
+    proxy.settled().await;
+    assert_eq!(proxy.server.worker_connections(), vec![0, 0]);
+    proxy.shutdown().await;
+}
