@@ -59,10 +59,28 @@ pub struct Config {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Runtime {
-    /// Worker threads, each an event loop of its own that accepts clients and keeps them
-    /// for their whole life; 0 means one per core the process may run on.
+    /// Worker threads that run the connections; 0 means one per core the process may
+    /// run on.
     #[serde(default)]
     pub workers: usize,
+    /// How connections are placed on the workers.
+    #[serde(default)]
+    pub scheduler: Scheduler,
+}
+
+/// How connections are placed on the worker threads.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// Each worker is an event loop of its own; a connection is placed on the worker
+    /// with the fewest live connections and stays there (HAProxy's and nginx's shape):
+    /// its wake-ups never cross threads.
+    #[default]
+    Pinned,
+    /// One work-stealing pool (tokio's multi-thread runtime): a connection's task runs on
+    /// whichever worker is free, so a worker whose core is busy with something else does
+    /// not hold its connections back, at the price of wake-ups that cross threads.
+    Stealing,
 }
 
 impl Runtime {

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{Config, Scheduler};
 use crate::connection;
 use crate::metrics::{CloseReason, Metrics};
 use crate::socket::{Tuning, reset_on_close};
@@ -87,6 +87,9 @@ impl Server {
         if new.runtime.worker_count() != old.runtime.worker_count() {
             return Err(ReloadError::Fixed("runtime.workers"));
         }
+        if new.runtime.scheduler != old.runtime.scheduler {
+            return Err(ReloadError::Fixed("runtime.scheduler"));
+        }
         self.metrics.set_limits(new.bounds());
         self.config.send_replace(Arc::new(new));
         Ok(())
@@ -95,29 +98,43 @@ impl Server {
     /// Accepts and relays clients until `shutdown` fires, then lets live connections
     /// finish for up to `timeouts.shutdown_grace` and closes the rest.
     ///
-    /// The work is done by `runtime.workers` threads, each running its own
-    /// single-threaded tokio runtime and accepting from the same listening socket: a
-    /// connection stays on the thread that accepted it, so its wake-ups never cross
-    /// threads (HAProxy's and nginx's shape). The limits, the drain and the metrics are
-    /// shared, so they stay process-wide and exact.
+    /// The work is done by `runtime.workers` threads. With `runtime.scheduler =
+    /// "pinned"` each runs its own single-threaded tokio runtime and accept loop on the
+    /// shared listening socket, and a connection stays on one of them (the least busy)
+    /// for its whole life, so its wake-ups never cross threads (HAProxy's and nginx's
+    /// shape). With `"stealing"` one accept loop runs on one work-stealing runtime of
+    /// that many threads. Either way the limits, the drain and the metrics are shared,
+    /// so they stay process-wide and exact.
     pub async fn run(&self, listener: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
         let config = self.config();
         let local = listener.local_addr()?;
         // Accepted sockets inherit the listener's options (buffer sizes before their
         // handshake, nodelay, keepalive): set once here, not per client.
         Tuning::client(&config.socket).apply(&SockRef::from(&listener))?;
-        let workers = config.runtime.worker_count();
+        let threads = config.runtime.worker_count();
         // Runtimes are built before any thread starts, so a failure leaves nothing behind.
-        let runtimes = (0..workers)
-            .map(|_| {
-                // Sockets and timers only: signals are the control thread's, and a
-                // signal driver per worker would cost a descriptor each.
-                tokio::runtime::Builder::new_current_thread()
+        // Sockets and timers only: signals are the control thread's, and a signal driver
+        // per runtime would cost a descriptor each.
+        let runtimes = match config.runtime.scheduler {
+            Scheduler::Pinned => (0..threads)
+                .map(|_| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_io()
+                        .enable_time()
+                        .build()
+                })
+                .collect::<io::Result<Vec<_>>>()?,
+            Scheduler::Stealing => vec![
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(threads)
+                    .thread_name("sluice-worker")
                     .enable_io()
                     .enable_time()
-                    .build()
-            })
-            .collect::<io::Result<Vec<_>>>()?;
+                    .build()?,
+            ],
+        };
+        // One accept loop (and one balancing slot) per runtime.
+        let workers = runtimes.len();
         let listener = listener.into_std()?;
         let fd_cap = descriptor_cap();
         let shared = Arc::new(Accepting {
@@ -180,7 +197,7 @@ impl Server {
         for rx in registered {
             let _ = rx.await;
         }
-        tracing::info!(address = %local, upstream = %config.upstream.address, workers, "sluice listening");
+        tracing::info!(address = %local, upstream = %config.upstream.address, workers = threads, scheduler = ?config.runtime.scheduler, "sluice listening");
 
         let mut result = Ok(());
         for rx in stopped {

@@ -62,11 +62,23 @@ async fn sixty_four_mib_each_way_at_once() {
 /// 200 concurrent connections, each with its own data, through an echo upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_connections_each_intact() {
+    two_hundred_concurrent_connections(sluice::config::Scheduler::Pinned).await;
+}
+
+/// The same on the work-stealing scheduler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections_each_intact_when_stealing() {
+    two_hundred_concurrent_connections(sluice::config::Scheduler::Stealing).await;
+}
+
+async fn two_hundred_concurrent_connections(scheduler: sluice::config::Scheduler) {
     const CONNS: u64 = 200;
     const LEN: usize = 256 << 10;
     let proxy = Proxy::start(echo_upstream().await, |c| {
         c.buffer.client_to_upstream = bytesize::ByteSize::kib(16);
         c.buffer.upstream_to_client = bytesize::ByteSize::kib(16);
+        c.runtime.workers = 2;
+        c.runtime.scheduler = scheduler;
     })
     .await;
     let mut tasks = Vec::new();
