@@ -88,6 +88,7 @@ async fn serve_inner(
         resume_at: config.buffer.resume_at,
         idle: config.timeouts.idle,
         half_close: config.timeouts.half_close,
+        mode: config.relay.mode,
     };
     let mut relay = Relay::new(client, &mut upstream, &relay_config, metrics);
     let ending = relay.run(force_close).await;
