@@ -60,18 +60,28 @@ impl Pipe {
             }
         };
         LIVE.fetch_add(1, Ordering::Relaxed);
+        let size = pipe.resize(bound);
+        Ok((pipe, size))
+    }
+
+    /// Asks for room for `bound` bytes (the kernel rounds up to a power of two pages) and
+    /// returns what the pipe holds now. Over `fs.pipe-max-size`, or past the user's
+    /// `fs.pipe-user-pages-soft` without CAP_SYS_RESOURCE, the kernel refuses and the
+    /// pipe keeps its size.
+    fn resize(&self, bound: usize) -> usize {
+        let fd = self.write.as_raw_fd();
         let want = bound.min(i32::MAX as usize) as libc::c_int;
         // SAFETY: plain fcntl calls on a descriptor we own.
         let size = unsafe {
-            let set = libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, want);
+            let set = libc::fcntl(fd, libc::F_SETPIPE_SZ, want);
             if set >= 0 {
                 set
             } else {
                 tracing::debug!(bound, error = %io::Error::last_os_error(), "cannot size a pipe to the bound; using a smaller one");
-                libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ)
+                libc::fcntl(fd, libc::F_GETPIPE_SZ)
             }
         };
-        Ok((pipe, size.max(0) as usize))
+        size.max(0) as usize
     }
 }
 
@@ -244,6 +254,10 @@ fn is_unsupported(e: &io::Error) -> bool {
 }
 
 /// One non-blocking splice(2) of at most `len` bytes.
+///
+/// A splice into a socket whose peer has gone raises SIGPIPE (the kernel sends without
+/// MSG_NOSIGNAL); Rust programs ignore SIGPIPE from the start, so it comes back as EPIPE,
+/// as a write's would.
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: both descriptors are open for the duration of the call; null offsets mean
     // "the current position", as pipes and sockets require.
@@ -297,14 +311,19 @@ mod stock {
         static STOCK: RefCell<Vec<(Pipe, usize)>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// An empty pipe holding at least `bound` bytes if one is in stock, else a new one.
+    /// An empty pipe from the stock, one holding at least `bound` bytes if there is one
+    /// (another is resized: an empty pipe resizes cheaply), else a new one.
     pub(super) fn take(bound: usize) -> io::Result<(Pipe, usize)> {
         let stocked = STOCK.with(|s| {
             let mut s = s.borrow_mut();
-            let i = s.iter().rposition(|(_, size)| *size >= bound)?;
-            Some(s.swap_remove(i))
+            let i = s.iter().rposition(|(_, size)| *size >= bound);
+            i.map(|i| s.swap_remove(i)).or_else(|| s.pop())
         });
         let p = match stocked {
+            Some((pipe, size)) if size < bound => {
+                let size = pipe.resize(bound);
+                (pipe, size)
+            }
             Some(p) => p,
             None => Pipe::new(bound)?,
         };
