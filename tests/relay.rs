@@ -606,3 +606,61 @@ async fn every_series_exists_at_start_up() {
     assert!(value(&m, "process_open_fds") > 0.0);
     proxy.shutdown().await;
 }
+
+/// Thousands of tiny segments while the client is not reading: in splice mode each
+/// segment can take a pipe slot of its own, so the pipe runs out of slots long before it
+/// holds the bound. Nothing may stall or be lost, and the bound still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_segments_to_a_stalled_reader_arrive_intact() {
+    tiny_segments_to_a_stalled_reader_arrive_intact_in(RelayMode::Copy).await;
+}
+
+/// The same with `relay.mode = "splice"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_segments_to_a_stalled_reader_arrive_intact_spliced() {
+    tiny_segments_to_a_stalled_reader_arrive_intact_in(RelayMode::Splice).await;
+}
+
+async fn tiny_segments_to_a_stalled_reader_arrive_intact_in(mode: RelayMode) {
+    const SEGMENTS: usize = 20_000;
+    const SEGMENT: usize = 7;
+    const BOUND: u64 = 64 << 10;
+    let expect = data(31, SEGMENTS * SEGMENT);
+    let up = {
+        let expect = expect.clone();
+        upstream(move |mut s| {
+            let expect = expect.clone();
+            async move {
+                s.set_nodelay(true).unwrap();
+                for chunk in expect.chunks(SEGMENT) {
+                    s.write_all(chunk).await.unwrap();
+                    // Let each write leave as a segment of its own.
+                    tokio::task::yield_now().await;
+                }
+                s.shutdown().await.unwrap();
+            }
+        })
+        .await
+    };
+    let proxy = Proxy::start(up, |c| {
+        c.relay.mode = mode;
+        c.buffer.upstream_to_client = bytesize::ByteSize::b(BOUND);
+        c.socket.client_send_buffer = bytesize::ByteSize::kib(4);
+    })
+    .await;
+    let (watch, stop) = watch_queue(&proxy, U2C);
+    let mut s = connect_small_rcvbuf(proxy.addr, 4096).await;
+    // Not reading yet: the segments pile up in the proxy and the sockets.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (hash, len) = tokio::time::timeout(Duration::from_secs(20), read_hash(&mut s))
+        .await
+        .expect("the relay does not stall")
+        .unwrap();
+    stop.cancel();
+    let max = watch.await.unwrap();
+    assert_eq!((hash, len), (sha(&expect), expect.len()));
+    assert!(max <= BOUND as f64, "queued bytes peaked at {max}");
+    drop(s);
+    proxy.settled().await;
+    proxy.shutdown().await;
+}
