@@ -44,6 +44,8 @@ pub struct Config {
     #[serde(default)]
     pub buffer: Buffer,
     #[serde(default)]
+    pub relay: Relay,
+    #[serde(default)]
     pub socket: SocketOptions,
     #[serde(default)]
     pub timeouts: Timeouts,
@@ -143,6 +145,28 @@ pub struct Buffer {
     /// bound: the hysteresis keeps a slow reader from costing a wake-up per segment.
     #[serde(default = "default_resume_at")]
     pub resume_at: f64,
+}
+
+/// How the relay moves bytes.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Relay {
+    /// `copy` through a ring in user space, or `splice` through a pipe in the kernel.
+    #[serde(default)]
+    pub mode: RelayMode,
+}
+
+/// How a direction moves bytes from its source to its destination; the bound, the
+/// states and the metrics are the same in both.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayMode {
+    /// read() into a ring of `bound` bytes, write() out of it.
+    #[default]
+    Copy,
+    /// splice() into a pipe holding at most `bound` bytes, splice() out of it: the bytes
+    /// never enter user space. Costs two descriptors per direction with bytes queued.
+    Splice,
 }
 
 /// Socket tuning applied to accepted sockets and, before connect(), to upstream sockets.
@@ -638,6 +662,25 @@ mod tests {
         let e = c.validate("t.toml", Some(&text)).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("buffer.resume_at"));
         assert_eq!(e.line, Some(6));
+    }
+
+    #[test]
+    fn relay_mode_defaults_to_copy_and_parses_splice() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.relay.mode, RelayMode::Copy);
+        let text = format!("{MINIMAL}[relay]\nmode = \"splice\"\n");
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert_eq!(c.relay.mode, RelayMode::Splice);
+        assert!(c.to_toml().contains("mode = \"splice\""), "{}", c.to_toml());
+    }
+
+    #[test]
+    fn bad_relay_mode_names_the_key() {
+        let text = format!("{MINIMAL}[relay]\nmode = \"zerocopy\"\n");
+        let e = Config::parse(&text, "t.toml").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("relay.mode"), "{e}");
+        assert_eq!(e.line, Some(6), "{e}");
+        assert!(e.to_string().contains("splice"), "{e}");
     }
 
     #[test]

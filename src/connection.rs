@@ -94,6 +94,7 @@ async fn serve_inner(
             resume_at: config.buffer.resume_at,
             idle: config.timeouts.idle,
             half_close: config.timeouts.half_close,
+            mode: config.relay.mode,
         };
         Relay::new(client, &mut upstream, &relay_config, metrics)
     };

@@ -34,6 +34,13 @@
 //! that write. The relay keeps its own tallies and [`Direction::report`] hands the
 //! differences to the metrics once per poll, not per syscall; pauses and drains are
 //! reported there too, from the transitions the poll recorded.
+//!
+//! # Copy or splice
+//!
+//! With `relay.mode = "splice"` the queue is a pipe instead of a ring ([`pipe`]): fill
+//! splices from the source socket into it, drain splices from it into the destination.
+//! Everything else (states, the bound, when a byte is counted) is the same code. A
+//! direction holds a pipe (two descriptors) only while it holds bytes, as with the ring.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -48,7 +55,11 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::config::RelayMode;
 use crate::metrics::{DirectionMetrics, Metrics};
+
+pub mod pipe;
+use pipe::{PipeQueue, SplicedIn};
 
 /// Which end of the connection an event happened on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +84,8 @@ pub struct RelayConfig {
     pub idle: Duration,
     /// One direction done and the other still open this long ends it; zero disables.
     pub half_close: Duration,
+    /// Whether bytes go through a ring (copy) or a pipe (splice).
+    pub mode: RelayMode,
 }
 
 /// How the relay ended.
@@ -180,11 +193,34 @@ impl Failure {
 pub trait Source: AsyncRead + Unpin {
     /// Ready when a read would not block (data, EOF or an error is there).
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// The socket underneath, for splice; `None` where there is none (test doubles).
+    fn socket(&self) -> Option<&TcpStream> {
+        None
+    }
 }
 
 impl Source for ReadHalf<'_> {
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.as_ref().poll_read_ready(cx)
+    }
+
+    fn socket(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+/// A destination a direction writes to, which may be a socket splice can write to.
+pub trait Sink: AsyncWrite + Unpin {
+    /// The socket underneath, for splice; `None` where there is none (test doubles).
+    fn socket(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl Sink for WriteHalf<'_> {
+    fn socket(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
     }
 }
 
@@ -279,6 +315,10 @@ struct Transitions {
 struct Direction {
     state: State,
     queue: Ring,
+    /// The queue in splice mode, used instead of `queue`; at most one holds bytes.
+    pipe: PipeQueue,
+    /// How this direction moves bytes; splice falls back to copy if the kernel refuses.
+    mode: RelayMode,
     /// Most bytes this direction may hold.
     bound: usize,
     /// A paused direction reads again at or below this many queued bytes.
@@ -303,6 +343,8 @@ impl Direction {
         Direction {
             state: State::Streaming,
             queue: Ring::default(),
+            pipe: PipeQueue::default(),
+            mode: RelayMode::Copy,
             bound,
             resume,
             received: 0,
@@ -315,9 +357,26 @@ impl Direction {
         }
     }
 
+    /// The same direction moving its bytes the `mode` way.
+    fn with_mode(mut self, mode: RelayMode) -> Direction {
+        self.mode = mode;
+        self
+    }
+
+    /// Bytes queued, in whichever queue holds them.
+    fn queued(&self) -> usize {
+        self.queue.len() + self.pipe.len()
+    }
+
+    /// Gives the ring or the pipe back if nothing is queued.
+    fn release_if_empty(&mut self) {
+        self.queue.release_if_empty();
+        self.pipe.release_if_empty();
+    }
+
     /// Moves bytes from `src` to `dst` until both would block (`Pending`), or until the
     /// direction has passed its EOF on (`Ready(Ok)`).
-    fn poll_transfer<S: Source, D: AsyncWrite + Unpin>(
+    fn poll_transfer<S: Source, D: Sink>(
         &mut self,
         cx: &mut Context<'_>,
         src: &mut S,
@@ -342,7 +401,7 @@ impl Direction {
                         matches!(filled, Filled::Read(_)) || matches!(drained, Drained::Wrote(_));
                     if !progress {
                         self.pause_if_stuck(&filled, &drained);
-                        self.queue.release_if_empty();
+                        self.release_if_empty();
                         return Poll::Pending;
                     }
                 }
@@ -350,7 +409,7 @@ impl Direction {
                     Drained::Wrote(_) => {}
                     Drained::WouldBlock => return Poll::Pending,
                     Drained::Empty => {
-                        self.queue.release_if_empty();
+                        self.release_if_empty();
                         ready!(Pin::new(&mut *dst).poll_shutdown(cx))
                             .map_err(Failure::destination)?;
                         self.state = State::Done;
@@ -367,17 +426,31 @@ impl Direction {
         cx: &mut Context<'_>,
         src: &mut S,
     ) -> Result<Filled, Failure> {
-        let room = self.bound - self.queue.len();
+        let room = self.bound - self.queued();
         if room == 0 {
             return Ok(Filled::Full);
         }
         // Without a buffer, wait for the source to have something before taking one, so
-        // an idle direction holds no memory.
-        if self.queue.data.is_none() {
+        // an idle direction holds no memory (and no pipe).
+        if self.queue.data.is_none() && !self.pipe.has_pipe() {
             match src.poll_readable(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Err(Failure::source(e)),
                 Poll::Pending => return Ok(Filled::WouldBlock),
+            }
+        }
+        if self.mode == RelayMode::Splice
+            && let Some(socket) = src.socket()
+        {
+            match self.pipe.poll_splice_in(cx, socket, self.bound, room) {
+                Poll::Ready(Ok(spliced)) => return self.spliced_in(spliced),
+                Poll::Pending => return Ok(Filled::WouldBlock),
+                Poll::Ready(Err(unsupported)) => {
+                    // Nothing was queued yet: go on as a copying direction.
+                    pipe::log_fallback(&unsupported);
+                    tracing::debug!(?unsupported, "splice unusable; copying instead");
+                    self.mode = RelayMode::Copy;
+                }
             }
         }
         let free = self.queue.free(self.bound);
@@ -402,13 +475,36 @@ impl Direction {
         }
     }
 
-    /// Writes queued bytes to the destination: one write of the first run, or one
-    /// vectored write of both when the queue wraps.
-    fn poll_drain<D: AsyncWrite + Unpin>(
+    /// What a splice into the pipe came to, as a fill.
+    fn spliced_in(&mut self, spliced: io::Result<SplicedIn>) -> Result<Filled, Failure> {
+        match spliced {
+            Ok(SplicedIn::Moved(0)) => Ok(Filled::Eof),
+            Ok(SplicedIn::Moved(n)) => {
+                self.received += n as u64;
+                debug_assert!(self.queued() <= self.bound);
+                Ok(Filled::Read(n))
+            }
+            // Not a full queue (that is `bound` bytes): no pause, the drain makes room.
+            Ok(SplicedIn::PipeFull) => Ok(Filled::WouldBlock),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Filled::Read(0)),
+            Err(e) => Err(Failure::source(e)),
+        }
+    }
+
+    /// Writes queued bytes to the destination: from the pipe by splice, or from the
+    /// ring by one write of the first run, or one vectored write of both when it wraps.
+    fn poll_drain<D: Sink>(
         &mut self,
         cx: &mut Context<'_>,
         dst: &mut D,
     ) -> Result<Drained, Failure> {
+        if self.pipe.len() > 0 {
+            let socket = dst
+                .socket()
+                .expect("bytes are spliced only between two sockets");
+            let written = self.pipe.poll_splice_out(cx, socket);
+            return self.wrote(written);
+        }
         let (first, second) = self.queue.queued();
         if first.is_empty() {
             return Ok(Drained::Empty);
@@ -422,10 +518,18 @@ impl Direction {
         } else {
             dst.poll_write_vectored(cx, &[IoSlice::new(first), IoSlice::new(second)])
         };
+        if let Poll::Ready(Ok(n)) = written {
+            self.queue.consume(n);
+        }
+        self.wrote(written)
+    }
+
+    /// What a write (or splice) of queued bytes came to, as a drain; the queue has
+    /// already given up the bytes written.
+    fn wrote(&mut self, written: Poll<io::Result<usize>>) -> Result<Drained, Failure> {
         match written {
             Poll::Ready(Ok(0)) => Err(Failure::destination(io::ErrorKind::WriteZero.into())),
             Poll::Ready(Ok(n)) => {
-                self.queue.consume(n);
                 self.delivered += n as u64;
                 Ok(Drained::Wrote(n))
             }
@@ -443,7 +547,7 @@ impl Direction {
 
     /// A paused direction that has drained to the resume mark reads again.
     fn resume_if_drained(&mut self) {
-        if self.state == State::Paused && self.queue.len() <= self.resume {
+        if self.state == State::Paused && self.queued() <= self.resume {
             self.state = State::Streaming;
             self.transitions.resumed = true;
         }
@@ -466,7 +570,7 @@ impl Direction {
 
     /// Tells the metrics what changed since the last report.
     fn report(&mut self, m: &DirectionMetrics, clock: &Metrics) {
-        let queued = self.queue.len();
+        let queued = self.queued();
         if queued != self.reported_queued {
             m.queued
                 .increment(queued as f64 - self.reported_queued as f64);
@@ -510,6 +614,7 @@ impl Direction {
             self.reported_queued = 0;
         }
         self.queue.clear();
+        self.pipe.clear();
     }
 }
 
@@ -554,8 +659,8 @@ impl<'a> Relay<'a> {
             upstream: upstream.split(),
             metrics,
             dirs: [
-                Direction::new(config.bounds[0], config.resume_at),
-                Direction::new(config.bounds[1], config.resume_at),
+                Direction::new(config.bounds[0], config.resume_at).with_mode(config.mode),
+                Direction::new(config.bounds[1], config.resume_at).with_mode(config.mode),
             ],
             done: [false; 2],
             last_moved: Instant::now(),
@@ -673,7 +778,7 @@ impl<'a> Relay<'a> {
         Totals {
             bytes: self.dirs.each_ref().map(|d| d.delivered),
             pauses: self.dirs.each_ref().map(|d| d.pauses),
-            queued: self.dirs.each_ref().map(|d| d.queue.len()),
+            queued: self.dirs.each_ref().map(Direction::queued),
             finished: self.dirs.each_ref().map(|d| d.state == State::Done),
         }
     }

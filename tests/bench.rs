@@ -6,9 +6,10 @@ use std::process::Command;
 
 /// Subjects that need nothing installed, as they appear at the start of their table row and
 /// as their JSON id.
-const ALWAYS: [(&str, &str); 3] = [
+const ALWAYS: [(&str, &str); 4] = [
     ("direct connection", "direct"),
     ("sluice", "sluice"),
+    ("sluice (splice)", "sluice_splice"),
     ("tokio copy_bidirectional", "copy_bidirectional"),
 ];
 

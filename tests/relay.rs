@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use sluice::config::{RelayMode, Scheduler};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -17,6 +18,16 @@ const U2C: &str = "upstream_to_client";
 /// counters equal what crossed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_each_way_at_once() {
+    sixty_four_mib_each_way_at_once_in(RelayMode::Copy).await;
+}
+
+/// The same with `relay.mode = "splice"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_each_way_at_once_spliced() {
+    sixty_four_mib_each_way_at_once_in(RelayMode::Splice).await;
+}
+
+async fn sixty_four_mib_each_way_at_once_in(mode: RelayMode) {
     const LEN: usize = 64 << 20;
     let down = data(2, LEN);
     let down_hash = sha(&down);
@@ -37,7 +48,7 @@ async fn sixty_four_mib_each_way_at_once() {
         })
         .await
     };
-    let proxy = Proxy::start(up_addr, |_| {}).await;
+    let proxy = Proxy::start(up_addr, |c| c.relay.mode = mode).await;
     let up = data(1, LEN);
     let s = TcpStream::connect(proxy.addr).await.unwrap();
     let (mut r, mut w) = s.into_split();
@@ -62,19 +73,26 @@ async fn sixty_four_mib_each_way_at_once() {
 /// 200 concurrent connections, each with its own data, through an echo upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_connections_each_intact() {
-    two_hundred_concurrent_connections(sluice::config::Scheduler::Pinned).await;
+    two_hundred_concurrent_connections_each_intact_in(RelayMode::Copy, Scheduler::Pinned).await;
+}
+
+/// The same with `relay.mode = "splice"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections_each_intact_spliced() {
+    two_hundred_concurrent_connections_each_intact_in(RelayMode::Splice, Scheduler::Pinned).await;
 }
 
 /// The same on the work-stealing scheduler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_connections_each_intact_when_stealing() {
-    two_hundred_concurrent_connections(sluice::config::Scheduler::Stealing).await;
+    two_hundred_concurrent_connections_each_intact_in(RelayMode::Copy, Scheduler::Stealing).await;
 }
 
-async fn two_hundred_concurrent_connections(scheduler: sluice::config::Scheduler) {
+async fn two_hundred_concurrent_connections_each_intact_in(mode: RelayMode, scheduler: Scheduler) {
     const CONNS: u64 = 200;
     const LEN: usize = 256 << 10;
     let proxy = Proxy::start(echo_upstream().await, |c| {
+        c.relay.mode = mode;
         c.buffer.client_to_upstream = bytesize::ByteSize::kib(16);
         c.buffer.upstream_to_client = bytesize::ByteSize::kib(16);
         c.runtime.workers = 2;
@@ -119,6 +137,16 @@ async fn two_hundred_concurrent_connections(scheduler: sluice::config::Scheduler
 /// The client half-closes first and still receives the whole reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_half_closes_and_still_gets_the_whole_reply() {
+    client_half_closes_and_still_gets_the_whole_reply_in(RelayMode::Copy).await;
+}
+
+/// The same with `relay.mode = "splice"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_half_closes_and_still_gets_the_whole_reply_spliced() {
+    client_half_closes_and_still_gets_the_whole_reply_in(RelayMode::Splice).await;
+}
+
+async fn client_half_closes_and_still_gets_the_whole_reply_in(mode: RelayMode) {
     const REPLY: usize = 3 << 20;
     let up = upstream(|mut s| async move {
         // Read the whole request (to EOF), then answer at length.
@@ -129,7 +157,7 @@ async fn client_half_closes_and_still_gets_the_whole_reply() {
         s.shutdown().await.unwrap();
     })
     .await;
-    let proxy = Proxy::start(up, |_| {}).await;
+    let proxy = Proxy::start(up, |c| c.relay.mode = mode).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(b"request").await.unwrap();
     s.shutdown().await.unwrap();
@@ -143,6 +171,16 @@ async fn client_half_closes_and_still_gets_the_whole_reply() {
 /// The upstream half-closes first and still receives everything the client sends after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_half_closes_and_still_gets_the_whole_upload() {
+    upstream_half_closes_and_still_gets_the_whole_upload_in(RelayMode::Copy).await;
+}
+
+/// The same with `relay.mode = "splice"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_half_closes_and_still_gets_the_whole_upload_spliced() {
+    upstream_half_closes_and_still_gets_the_whole_upload_in(RelayMode::Splice).await;
+}
+
+async fn upstream_half_closes_and_still_gets_the_whole_upload_in(mode: RelayMode) {
     const UPLOAD: usize = 3 << 20;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let tx = std::sync::Mutex::new(Some(tx));
@@ -156,7 +194,7 @@ async fn upstream_half_closes_and_still_gets_the_whole_upload() {
         }
     })
     .await;
-    let proxy = Proxy::start(up, |_| {}).await;
+    let proxy = Proxy::start(up, |c| c.relay.mode = mode).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     let mut greeting = Vec::new();
     s.read_to_end(&mut greeting).await.unwrap();
@@ -199,6 +237,16 @@ fn watch_queue(
 /// never exceeds the bound, pauses and drains are counted, the data is exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_reader_is_held_to_the_bound() {
+    slow_reader_is_held_to_the_bound_in(RelayMode::Copy).await;
+}
+
+/// The same with `relay.mode = "splice"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_is_held_to_the_bound_spliced() {
+    slow_reader_is_held_to_the_bound_in(RelayMode::Splice).await;
+}
+
+async fn slow_reader_is_held_to_the_bound_in(mode: RelayMode) {
     const LEN: usize = 64 << 10;
     const BOUND: u64 = 16 << 10;
     let up = upstream(|mut s| async move {
@@ -207,6 +255,7 @@ async fn slow_reader_is_held_to_the_bound() {
     })
     .await;
     let proxy = Proxy::start(up, |c| {
+        c.relay.mode = mode;
         c.buffer.upstream_to_client = bytesize::ByteSize::b(BOUND);
         c.socket.client_send_buffer = bytesize::ByteSize::kib(4);
         c.socket.upstream_recv_buffer = bytesize::ByteSize::kib(4);
@@ -253,6 +302,16 @@ async fn slow_reader_is_held_to_the_bound() {
 /// A fast client and an upstream reading 16 KiB/s: the same in the other direction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_is_held_to_the_bound() {
+    slow_upstream_is_held_to_the_bound_in(RelayMode::Copy).await;
+}
+
+/// The same with `relay.mode = "splice"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upstream_is_held_to_the_bound_spliced() {
+    slow_upstream_is_held_to_the_bound_in(RelayMode::Splice).await;
+}
+
+async fn slow_upstream_is_held_to_the_bound_in(mode: RelayMode) {
     const LEN: usize = 64 << 10;
     const BOUND: u64 = 16 << 10;
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -266,6 +325,7 @@ async fn slow_upstream_is_held_to_the_bound() {
     })
     .await;
     let proxy = Proxy::start(up, |c| {
+        c.relay.mode = mode;
         c.buffer.client_to_upstream = bytesize::ByteSize::b(BOUND);
         c.socket.upstream_send_buffer = bytesize::ByteSize::kib(4);
         c.socket.upstream_recv_buffer = bytesize::ByteSize::kib(4);
@@ -350,6 +410,16 @@ async fn connect_timeout_closes_the_client() {
 /// upstream as a reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resets_are_passed_on_as_resets() {
+    resets_are_passed_on_as_resets_in(RelayMode::Copy).await;
+}
+
+/// The same with `relay.mode = "splice"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_are_passed_on_as_resets_spliced() {
+    resets_are_passed_on_as_resets_in(RelayMode::Splice).await;
+}
+
+async fn resets_are_passed_on_as_resets_in(mode: RelayMode) {
     // Upstream resets after a greeting.
     let up = upstream(|mut s| async move {
         s.write_all(b"hello").await.unwrap();
@@ -361,7 +431,7 @@ async fn resets_are_passed_on_as_resets() {
         drop(s);
     })
     .await;
-    let proxy = Proxy::start(up, |_| {}).await;
+    let proxy = Proxy::start(up, |c| c.relay.mode = mode).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     let mut b = [0u8; 5];
     s.read_exact(&mut b).await.unwrap();
@@ -389,7 +459,7 @@ async fn resets_are_passed_on_as_resets() {
         }
     })
     .await;
-    let proxy = Proxy::start(up, |_| {}).await;
+    let proxy = Proxy::start(up, |c| c.relay.mode = mode).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     let mut b = [0u8; 5];
     s.read_exact(&mut b).await.unwrap();
@@ -579,5 +649,63 @@ async fn a_burst_of_clients_is_spread_over_the_workers() {
     drop(clients);
     proxy.settled().await;
     assert_eq!(proxy.server.worker_connections(), vec![0, 0]);
+    proxy.shutdown().await;
+}
+
+/// Thousands of tiny segments while the client is not reading: in splice mode each
+/// segment can take a pipe slot of its own, so the pipe runs out of slots long before it
+/// holds the bound. Nothing may stall or be lost, and the bound still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_segments_to_a_stalled_reader_arrive_intact() {
+    tiny_segments_to_a_stalled_reader_arrive_intact_in(RelayMode::Copy).await;
+}
+
+/// The same with `relay.mode = "splice"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_segments_to_a_stalled_reader_arrive_intact_spliced() {
+    tiny_segments_to_a_stalled_reader_arrive_intact_in(RelayMode::Splice).await;
+}
+
+async fn tiny_segments_to_a_stalled_reader_arrive_intact_in(mode: RelayMode) {
+    const SEGMENTS: usize = 20_000;
+    const SEGMENT: usize = 7;
+    const BOUND: u64 = 64 << 10;
+    let expect = data(31, SEGMENTS * SEGMENT);
+    let up = {
+        let expect = expect.clone();
+        upstream(move |mut s| {
+            let expect = expect.clone();
+            async move {
+                s.set_nodelay(true).unwrap();
+                for chunk in expect.chunks(SEGMENT) {
+                    s.write_all(chunk).await.unwrap();
+                    // Let each write leave as a segment of its own.
+                    tokio::task::yield_now().await;
+                }
+                s.shutdown().await.unwrap();
+            }
+        })
+        .await
+    };
+    let proxy = Proxy::start(up, |c| {
+        c.relay.mode = mode;
+        c.buffer.upstream_to_client = bytesize::ByteSize::b(BOUND);
+        c.socket.client_send_buffer = bytesize::ByteSize::kib(4);
+    })
+    .await;
+    let (watch, stop) = watch_queue(&proxy, U2C);
+    let mut s = connect_small_rcvbuf(proxy.addr, 4096).await;
+    // Not reading yet: the segments pile up in the proxy and the sockets.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (hash, len) = tokio::time::timeout(Duration::from_secs(20), read_hash(&mut s))
+        .await
+        .expect("the relay does not stall")
+        .unwrap();
+    stop.cancel();
+    let max = watch.await.unwrap();
+    assert_eq!((hash, len), (sha(&expect), expect.len()));
+    assert!(max <= BOUND as f64, "queued bytes peaked at {max}");
+    drop(s);
+    proxy.settled().await;
     proxy.shutdown().await;
 }

@@ -179,6 +179,9 @@ impl ScriptedSink {
     }
 }
 
+/// No socket underneath: a scripted direction always copies.
+impl Sink for ScriptedSink {}
+
 impl AsyncWrite for ScriptedSink {
     fn poll_write(
         mut self: Pin<&mut Self>,

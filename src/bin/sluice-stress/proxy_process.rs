@@ -47,6 +47,8 @@ pub struct ProxyConfig {
     pub max_connections: u64,
     /// `[log] level`; `info` is needed for the listening lines we parse.
     pub log_level: String,
+    /// `[relay] mode`: `copy` (the default) or `splice`.
+    pub relay_mode: &'static str,
 }
 
 impl ProxyConfig {
@@ -60,6 +62,7 @@ impl ProxyConfig {
             socket_buffer: 16 * 1024,
             max_connections: 100_000,
             log_level: "info".to_string(),
+            relay_mode: "copy",
         }
     }
 
@@ -79,6 +82,9 @@ connect_timeout = "5s"
 client_to_upstream = {c2u}
 upstream_to_client = {u2c}
 resume_at = {resume}
+
+[relay]
+mode = "{mode}"
 
 [socket]
 client_recv_buffer = {sb}
@@ -105,6 +111,7 @@ format = "text"
             c2u = self.client_to_upstream,
             u2c = self.upstream_to_client,
             resume = self.resume_at,
+            mode = self.relay_mode,
             sb = self.socket_buffer,
             level = self.log_level,
         )

@@ -37,6 +37,9 @@ pub enum SubjectKind {
     Direct,
     /// The real sluice binary with a generated config.
     Sluice,
+    /// The same, with `relay.mode = "splice"`.
+    #[value(name = "sluice_splice")]
+    SluiceSplice,
     /// tokio's `copy_bidirectional`, the naive Rust relay, in its own child process.
     CopyBidirectional,
     /// HAProxy in `mode tcp`, 2 threads, no splice.
@@ -46,9 +49,10 @@ pub enum SubjectKind {
 }
 
 impl SubjectKind {
-    pub const ALL: [SubjectKind; 5] = [
+    pub const ALL: [SubjectKind; 6] = [
         SubjectKind::Direct,
         SubjectKind::Sluice,
+        SubjectKind::SluiceSplice,
         SubjectKind::CopyBidirectional,
         SubjectKind::Haproxy,
         SubjectKind::Nginx,
@@ -59,6 +63,7 @@ impl SubjectKind {
         match self {
             SubjectKind::Direct => "direct",
             SubjectKind::Sluice => "sluice",
+            SubjectKind::SluiceSplice => "sluice_splice",
             SubjectKind::CopyBidirectional => "copy_bidirectional",
             SubjectKind::Haproxy => "haproxy",
             SubjectKind::Nginx => "nginx",
@@ -105,6 +110,7 @@ impl Subject {
         match self.kind {
             SubjectKind::Direct => "direct connection (the limit)".into(),
             SubjectKind::Sluice => format!("sluice {}", self.version),
+            SubjectKind::SluiceSplice => format!("sluice (splice) {}", self.version),
             SubjectKind::CopyBidirectional => "tokio copy_bidirectional".into(),
             SubjectKind::Haproxy => format!("HAProxy {}, mode tcp, 2 threads", self.version),
             SubjectKind::Nginx => format!("nginx {} stream, 2 workers", self.version),
@@ -117,6 +123,9 @@ impl Subject {
             SubjectKind::Direct => "client connects straight to the upstream",
             SubjectKind::Sluice => {
                 "generated config; speed: default 64 KiB bounds; memory: 16 KiB bounds each way"
+            }
+            SubjectKind::SluiceSplice => {
+                "as sluice, with relay.mode = \"splice\" (a pipe per direction with bytes queued)"
             }
             SubjectKind::CopyBidirectional => {
                 "tokio::io::copy_bidirectional in a child process, 2 worker threads; \
@@ -135,7 +144,8 @@ impl Subject {
     pub fn launch(&self, upstream: SocketAddr, profile: Profile) -> Result<Running> {
         match self.kind {
             SubjectKind::Direct => Ok(Running::direct(upstream)),
-            SubjectKind::Sluice => self.launch_sluice(upstream, profile),
+            SubjectKind::Sluice => self.launch_sluice(upstream, profile, "copy"),
+            SubjectKind::SluiceSplice => self.launch_sluice(upstream, profile, "splice"),
             SubjectKind::CopyBidirectional => self.launch_copy_bidirectional(upstream, profile),
             SubjectKind::Haproxy => self.launch_haproxy(upstream),
             SubjectKind::Nginx => self.launch_nginx(upstream),
@@ -143,11 +153,17 @@ impl Subject {
         .with_context(|| format!("starting {}", self.kind.id()))
     }
 
-    fn launch_sluice(&self, upstream: SocketAddr, profile: Profile) -> Result<Running> {
+    fn launch_sluice(
+        &self,
+        upstream: SocketAddr,
+        profile: Profile,
+        relay_mode: &'static str,
+    ) -> Result<Running> {
         // The stress tool's generated config, with the kernel's socket buffers left alone
         // (as every other subject has them) and the bounds of the profile.
         let mut config = ProxyConfig::new(upstream);
         config.socket_buffer = 0;
+        config.relay_mode = relay_mode;
         if profile == Profile::Memory {
             config.client_to_upstream = MEMORY_BUFFER as u64;
             config.upstream_to_client = MEMORY_BUFFER as u64;
@@ -275,6 +291,10 @@ pub fn discover(
                 version: String::new(),
             }),
             SubjectKind::Sluice => Ok(find_sluice(sluice)?),
+            SubjectKind::SluiceSplice => Ok(Subject {
+                kind,
+                ..find_sluice(sluice)?
+            }),
             SubjectKind::CopyBidirectional => Ok(Subject {
                 kind,
                 exe: std::env::current_exe().context("finding sluice-stress itself")?,
