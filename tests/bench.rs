@@ -6,10 +6,11 @@ use std::process::Command;
 
 /// Subjects that need nothing installed, as they appear at the start of their table row and
 /// as their JSON id.
-const ALWAYS: [(&str, &str); 4] = [
+const ALWAYS: [(&str, &str); 5] = [
     ("direct connection", "direct"),
     ("sluice", "sluice"),
     ("sluice (splice)", "sluice_splice"),
+    ("sluice (stealing)", "sluice_stealing"),
     ("tokio copy_bidirectional", "copy_bidirectional"),
 ];
 

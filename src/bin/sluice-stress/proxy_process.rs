@@ -49,6 +49,8 @@ pub struct ProxyConfig {
     pub log_level: String,
     /// `[relay] mode`: `copy` (the default) or `splice`.
     pub relay_mode: &'static str,
+    /// `[runtime] scheduler`: `pinned` (the default) or `stealing`.
+    pub scheduler: &'static str,
 }
 
 impl ProxyConfig {
@@ -63,6 +65,7 @@ impl ProxyConfig {
             max_connections: 100_000,
             log_level: "info".to_string(),
             relay_mode: "copy",
+            scheduler: "pinned",
         }
     }
 
@@ -85,6 +88,9 @@ resume_at = {resume}
 
 [relay]
 mode = "{mode}"
+
+[runtime]
+scheduler = "{scheduler}"
 
 [socket]
 client_recv_buffer = {sb}
@@ -112,6 +118,7 @@ format = "text"
             u2c = self.upstream_to_client,
             resume = self.resume_at,
             mode = self.relay_mode,
+            scheduler = self.scheduler,
             sb = self.socket_buffer,
             level = self.log_level,
         )

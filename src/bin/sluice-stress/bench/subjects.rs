@@ -40,6 +40,9 @@ pub enum SubjectKind {
     /// The same, with `relay.mode = "splice"`.
     #[value(name = "sluice_splice")]
     SluiceSplice,
+    /// The same, with `runtime.scheduler = "stealing"`.
+    #[value(name = "sluice_stealing")]
+    SluiceStealing,
     /// tokio's `copy_bidirectional`, the naive Rust relay, in its own child process.
     CopyBidirectional,
     /// HAProxy in `mode tcp`, 2 threads, no splice.
@@ -49,10 +52,11 @@ pub enum SubjectKind {
 }
 
 impl SubjectKind {
-    pub const ALL: [SubjectKind; 6] = [
+    pub const ALL: [SubjectKind; 7] = [
         SubjectKind::Direct,
         SubjectKind::Sluice,
         SubjectKind::SluiceSplice,
+        SubjectKind::SluiceStealing,
         SubjectKind::CopyBidirectional,
         SubjectKind::Haproxy,
         SubjectKind::Nginx,
@@ -64,6 +68,7 @@ impl SubjectKind {
             SubjectKind::Direct => "direct",
             SubjectKind::Sluice => "sluice",
             SubjectKind::SluiceSplice => "sluice_splice",
+            SubjectKind::SluiceStealing => "sluice_stealing",
             SubjectKind::CopyBidirectional => "copy_bidirectional",
             SubjectKind::Haproxy => "haproxy",
             SubjectKind::Nginx => "nginx",
@@ -111,6 +116,7 @@ impl Subject {
             SubjectKind::Direct => "direct connection (the limit)".into(),
             SubjectKind::Sluice => format!("sluice {}", self.version),
             SubjectKind::SluiceSplice => format!("sluice (splice) {}", self.version),
+            SubjectKind::SluiceStealing => format!("sluice (stealing) {}", self.version),
             SubjectKind::CopyBidirectional => "tokio copy_bidirectional".into(),
             SubjectKind::Haproxy => format!("HAProxy {}, mode tcp, 2 threads", self.version),
             SubjectKind::Nginx => format!("nginx {} stream, 2 workers", self.version),
@@ -126,6 +132,9 @@ impl Subject {
             }
             SubjectKind::SluiceSplice => {
                 "as sluice, with relay.mode = \"splice\" (a pipe per direction with bytes queued)"
+            }
+            SubjectKind::SluiceStealing => {
+                "as sluice, with runtime.scheduler = \"stealing\" (one work-stealing pool)"
             }
             SubjectKind::CopyBidirectional => {
                 "tokio::io::copy_bidirectional in a child process, 2 worker threads; \
@@ -144,8 +153,11 @@ impl Subject {
     pub fn launch(&self, upstream: SocketAddr, profile: Profile) -> Result<Running> {
         match self.kind {
             SubjectKind::Direct => Ok(Running::direct(upstream)),
-            SubjectKind::Sluice => self.launch_sluice(upstream, profile, "copy"),
-            SubjectKind::SluiceSplice => self.launch_sluice(upstream, profile, "splice"),
+            SubjectKind::Sluice => self.launch_sluice(upstream, profile, "copy", "pinned"),
+            SubjectKind::SluiceSplice => self.launch_sluice(upstream, profile, "splice", "pinned"),
+            SubjectKind::SluiceStealing => {
+                self.launch_sluice(upstream, profile, "copy", "stealing")
+            }
             SubjectKind::CopyBidirectional => self.launch_copy_bidirectional(upstream, profile),
             SubjectKind::Haproxy => self.launch_haproxy(upstream),
             SubjectKind::Nginx => self.launch_nginx(upstream),
@@ -158,12 +170,14 @@ impl Subject {
         upstream: SocketAddr,
         profile: Profile,
         relay_mode: &'static str,
+        scheduler: &'static str,
     ) -> Result<Running> {
         // The stress tool's generated config, with the kernel's socket buffers left alone
         // (as every other subject has them) and the bounds of the profile.
         let mut config = ProxyConfig::new(upstream);
         config.socket_buffer = 0;
         config.relay_mode = relay_mode;
+        config.scheduler = scheduler;
         if profile == Profile::Memory {
             config.client_to_upstream = MEMORY_BUFFER as u64;
             config.upstream_to_client = MEMORY_BUFFER as u64;
@@ -291,7 +305,7 @@ pub fn discover(
                 version: String::new(),
             }),
             SubjectKind::Sluice => Ok(find_sluice(sluice)?),
-            SubjectKind::SluiceSplice => Ok(Subject {
+            SubjectKind::SluiceSplice | SubjectKind::SluiceStealing => Ok(Subject {
                 kind,
                 ..find_sluice(sluice)?
             }),
