@@ -71,18 +71,21 @@ pub struct Runtime {
 }
 
 /// How connections are placed on the worker threads.
+///
+/// The default is the one `sluice-stress bench` measured ahead on more figures on the
+/// hosts it ran on (2 cores shared with the load generators): see README, Benchmarks.
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Scheduler {
-    /// Each worker is an event loop of its own; a connection is placed on the worker
-    /// with the fewest live connections and stays there (HAProxy's and nginx's shape):
-    /// its wake-ups never cross threads.
-    #[default]
-    Pinned,
     /// One work-stealing pool (tokio's multi-thread runtime): a connection's task runs on
     /// whichever worker is free, so a worker whose core is busy with something else does
     /// not hold its connections back, at the price of wake-ups that cross threads.
+    #[default]
     Stealing,
+    /// Each worker is an event loop of its own; a connection is placed on the worker
+    /// with the fewest live connections and stays there (HAProxy's and nginx's shape):
+    /// its wake-ups never cross threads.
+    Pinned,
 }
 
 impl Runtime {

@@ -10,7 +10,7 @@ const ALWAYS: [(&str, &str); 5] = [
     ("direct connection", "direct"),
     ("sluice", "sluice"),
     ("sluice (splice)", "sluice_splice"),
-    ("sluice (stealing)", "sluice_stealing"),
+    ("sluice (pinned)", "sluice_pinned"),
     ("tokio copy_bidirectional", "copy_bidirectional"),
 ];
 

@@ -49,7 +49,7 @@ pub struct ProxyConfig {
     pub log_level: String,
     /// `[relay] mode`: `copy` (the default) or `splice`.
     pub relay_mode: &'static str,
-    /// `[runtime] scheduler`: `pinned` (the default) or `stealing`.
+    /// `[runtime] scheduler`: `stealing` (the default) or `pinned`.
     pub scheduler: &'static str,
 }
 
@@ -65,7 +65,7 @@ impl ProxyConfig {
             max_connections: 100_000,
             log_level: "info".to_string(),
             relay_mode: "copy",
-            scheduler: "pinned",
+            scheduler: "stealing",
         }
     }
 

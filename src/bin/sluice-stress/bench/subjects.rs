@@ -40,9 +40,9 @@ pub enum SubjectKind {
     /// The same, with `relay.mode = "splice"`.
     #[value(name = "sluice_splice")]
     SluiceSplice,
-    /// The same, with `runtime.scheduler = "stealing"`.
-    #[value(name = "sluice_stealing")]
-    SluiceStealing,
+    /// The same, with `runtime.scheduler = "pinned"`.
+    #[value(name = "sluice_pinned")]
+    SluicePinned,
     /// tokio's `copy_bidirectional`, the naive Rust relay, in its own child process.
     CopyBidirectional,
     /// HAProxy in `mode tcp`, 2 threads, no splice.
@@ -56,7 +56,7 @@ impl SubjectKind {
         SubjectKind::Direct,
         SubjectKind::Sluice,
         SubjectKind::SluiceSplice,
-        SubjectKind::SluiceStealing,
+        SubjectKind::SluicePinned,
         SubjectKind::CopyBidirectional,
         SubjectKind::Haproxy,
         SubjectKind::Nginx,
@@ -68,7 +68,7 @@ impl SubjectKind {
             SubjectKind::Direct => "direct",
             SubjectKind::Sluice => "sluice",
             SubjectKind::SluiceSplice => "sluice_splice",
-            SubjectKind::SluiceStealing => "sluice_stealing",
+            SubjectKind::SluicePinned => "sluice_pinned",
             SubjectKind::CopyBidirectional => "copy_bidirectional",
             SubjectKind::Haproxy => "haproxy",
             SubjectKind::Nginx => "nginx",
@@ -116,7 +116,7 @@ impl Subject {
             SubjectKind::Direct => "direct connection (the limit)".into(),
             SubjectKind::Sluice => format!("sluice {}", self.version),
             SubjectKind::SluiceSplice => format!("sluice (splice) {}", self.version),
-            SubjectKind::SluiceStealing => format!("sluice (stealing) {}", self.version),
+            SubjectKind::SluicePinned => format!("sluice (pinned) {}", self.version),
             SubjectKind::CopyBidirectional => "tokio copy_bidirectional".into(),
             SubjectKind::Haproxy => format!("HAProxy {}, mode tcp, 2 threads", self.version),
             SubjectKind::Nginx => format!("nginx {} stream, 2 workers", self.version),
@@ -128,13 +128,13 @@ impl Subject {
         match self.kind {
             SubjectKind::Direct => "client connects straight to the upstream",
             SubjectKind::Sluice => {
-                "generated config; speed: default 64 KiB bounds; memory: 16 KiB bounds each way"
+                "generated config (default relay.mode and runtime.scheduler); speed: default 64 KiB bounds; memory: 16 KiB bounds each way"
             }
             SubjectKind::SluiceSplice => {
                 "as sluice, with relay.mode = \"splice\" (a pipe per direction with bytes queued)"
             }
-            SubjectKind::SluiceStealing => {
-                "as sluice, with runtime.scheduler = \"stealing\" (one work-stealing pool)"
+            SubjectKind::SluicePinned => {
+                "as sluice, with runtime.scheduler = \"pinned\" (a connection stays on one worker's event loop)"
             }
             SubjectKind::CopyBidirectional => {
                 "tokio::io::copy_bidirectional in a child process, 2 worker threads; \
@@ -153,11 +153,11 @@ impl Subject {
     pub fn launch(&self, upstream: SocketAddr, profile: Profile) -> Result<Running> {
         match self.kind {
             SubjectKind::Direct => Ok(Running::direct(upstream)),
-            SubjectKind::Sluice => self.launch_sluice(upstream, profile, "copy", "pinned"),
-            SubjectKind::SluiceSplice => self.launch_sluice(upstream, profile, "splice", "pinned"),
-            SubjectKind::SluiceStealing => {
-                self.launch_sluice(upstream, profile, "copy", "stealing")
+            SubjectKind::Sluice => self.launch_sluice(upstream, profile, "copy", "stealing"),
+            SubjectKind::SluiceSplice => {
+                self.launch_sluice(upstream, profile, "splice", "stealing")
             }
+            SubjectKind::SluicePinned => self.launch_sluice(upstream, profile, "copy", "pinned"),
             SubjectKind::CopyBidirectional => self.launch_copy_bidirectional(upstream, profile),
             SubjectKind::Haproxy => self.launch_haproxy(upstream),
             SubjectKind::Nginx => self.launch_nginx(upstream),
@@ -305,7 +305,7 @@ pub fn discover(
                 version: String::new(),
             }),
             SubjectKind::Sluice => Ok(find_sluice(sluice)?),
-            SubjectKind::SluiceSplice | SubjectKind::SluiceStealing => Ok(Subject {
+            SubjectKind::SluiceSplice | SubjectKind::SluicePinned => Ok(Subject {
                 kind,
                 ..find_sluice(sluice)?
             }),
