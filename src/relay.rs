@@ -233,13 +233,14 @@ impl Sink for WriteHalf<'_> {
 #[derive(Default)]
 struct Ring {
     data: Option<Box<[MaybeUninit<u8>]>>,
-    head: usize,
-    len: usize,
+    /// 32 bits: bounds are at most 1 GiB, and every byte of a connection counts.
+    head: u32,
+    len: u32,
 }
 
 impl Ring {
     fn len(&self) -> usize {
-        self.len
+        self.len as usize
     }
 
     /// The free bytes after the queued ones, up to the end of the ring or the start of
@@ -247,21 +248,17 @@ impl Ring {
     /// if there is none. Empty when the ring is full.
     fn free(&mut self, capacity: usize) -> &mut [MaybeUninit<u8>] {
         let data = self.data.get_or_insert_with(|| pool::take(capacity));
-        let cap = data.len();
-        let tail = (self.head + self.len) % cap.max(1);
-        let end = if tail >= self.head && self.len < cap {
-            cap
-        } else {
-            self.head
-        };
+        let (head, len, cap) = (self.head as usize, self.len as usize, data.len());
+        let tail = (head + len) % cap.max(1);
+        let end = if tail >= head && len < cap { cap } else { head };
         // When nothing is queued, `head` was reset to 0, so the whole ring is one run.
         &mut data[tail..end.max(tail)]
     }
 
     /// `n` bytes were written into the start of [`Ring::free`].
     fn commit(&mut self, n: usize) {
-        self.len += n;
-        debug_assert!(self.len <= self.data.as_ref().map_or(0, |d| d.len()));
+        self.len += n as u32;
+        debug_assert!(self.len() <= self.data.as_ref().map_or(0, |d| d.len()));
     }
 
     /// The queued bytes, in order, as at most two runs (the second after a wrap).
@@ -269,10 +266,10 @@ impl Ring {
         let Some(data) = &self.data else {
             return (&[], &[]);
         };
-        let cap = data.len();
-        let first_end = (self.head + self.len).min(cap);
-        let first = &data[self.head..first_end];
-        let second = &data[..self.len - first.len()];
+        let (head, len, cap) = (self.head as usize, self.len as usize, data.len());
+        let first_end = (head + len).min(cap);
+        let first = &data[head..first_end];
+        let second = &data[..len - first.len()];
         // SAFETY: the queued bytes are exactly those reads wrote (`commit` counts only
         // what a read filled in), so they are initialised.
         unsafe { (assume_init(first), assume_init(second)) }
@@ -280,14 +277,14 @@ impl Ring {
 
     /// `n` queued bytes were written out.
     fn consume(&mut self, n: usize) {
-        debug_assert!(n <= self.len);
-        self.len -= n;
+        debug_assert!(n <= self.len());
+        self.len -= n as u32;
         if self.len == 0 {
             // Start over at the front: the next read gets the whole ring as one run.
             self.head = 0;
         } else {
             let cap = self.data.as_ref().map_or(1, |d| d.len());
-            self.head = (self.head + n) % cap;
+            self.head = ((self.head as usize + n) % cap) as u32;
         }
     }
 
@@ -331,7 +328,8 @@ struct Direction {
     state: State,
     queue: Ring,
     /// The queue in splice mode, used instead of `queue`; at most one holds bytes.
-    pipe: PipeQueue,
+    /// Boxed, and only in splice mode: a copying connection does not carry its room.
+    pipe: Option<Box<PipeQueue>>,
     /// How this direction moves bytes; splice falls back to copy if the kernel refuses.
     mode: RelayMode,
     /// Most bytes this direction may hold.
@@ -358,7 +356,7 @@ impl Direction {
         Direction {
             state: State::Streaming,
             queue: Ring::default(),
-            pipe: PipeQueue::default(),
+            pipe: None,
             mode: RelayMode::Copy,
             bound,
             resume,
@@ -375,18 +373,21 @@ impl Direction {
     /// The same direction moving its bytes the `mode` way.
     fn with_mode(mut self, mode: RelayMode) -> Direction {
         self.mode = mode;
+        self.pipe = (mode == RelayMode::Splice).then(Box::default);
         self
     }
 
     /// Bytes queued, in whichever queue holds them.
     fn queued(&self) -> usize {
-        self.queue.len() + self.pipe.len()
+        self.queue.len() + self.pipe.as_ref().map_or(0, |p| p.len())
     }
 
     /// Gives the ring or the pipe back if nothing is queued.
     fn release_if_empty(&mut self) {
         self.queue.release_if_empty();
-        self.pipe.release_if_empty();
+        if let Some(pipe) = &mut self.pipe {
+            pipe.release_if_empty();
+        }
     }
 
     /// Moves bytes from `src` to `dst` until both would block (`Pending`), or until the
@@ -447,7 +448,7 @@ impl Direction {
         }
         // Without a buffer, wait for the source to have something before taking one, so
         // an idle direction holds no memory (and no pipe).
-        if self.queue.data.is_none() && !self.pipe.has_pipe() {
+        if self.queue.data.is_none() && !self.pipe.as_ref().is_some_and(|p| p.has_pipe()) {
             match src.poll_readable(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Err(Failure::source(e)),
@@ -456,8 +457,9 @@ impl Direction {
         }
         if self.mode == RelayMode::Splice
             && let Some(socket) = src.socket()
+            && let Some(pipe) = self.pipe.as_mut()
         {
-            match self.pipe.poll_splice_in(cx, socket, self.bound, room) {
+            match pipe.poll_splice_in(cx, socket, self.bound, room) {
                 Poll::Ready(Ok(spliced)) => return self.spliced_in(spliced),
                 Poll::Pending => return Ok(Filled::WouldBlock),
                 Poll::Ready(Err(unsupported)) => {
@@ -513,11 +515,13 @@ impl Direction {
         cx: &mut Context<'_>,
         dst: &mut D,
     ) -> Result<Drained, Failure> {
-        if self.pipe.len() > 0 {
+        if let Some(pipe) = self.pipe.as_mut()
+            && pipe.len() > 0
+        {
             let socket = dst
                 .socket()
                 .expect("bytes are spliced only between two sockets");
-            let written = self.pipe.poll_splice_out(cx, socket);
+            let written = pipe.poll_splice_out(cx, socket);
             return self.wrote(written);
         }
         let (first, second) = self.queue.queued();
@@ -629,7 +633,9 @@ impl Direction {
             self.reported_queued = 0;
         }
         self.queue.clear();
-        self.pipe.clear();
+        if let Some(pipe) = &mut self.pipe {
+            pipe.clear();
+        }
     }
 }
 
