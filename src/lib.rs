@@ -5,9 +5,11 @@
 //!
 //! - [`config`]: the configuration file's schema, defaults and validation.
 //! - [`cli`]: the command line, and how it overrides the file.
-//! - [`listener`]: [`Server`], the accept loop, limits, reloads and graceful shutdown.
+//! - [`listener`]: [`Server`], the worker threads and their accept loops, limits, reloads
+//!   and graceful shutdown.
 //! - [`connection`]: one client: connect upstream, relay, record why it closed.
-//! - [`relay`]: the bounded duplex copy, where pauses and drains happen.
+//! - [`relay`]: the bounded duplex copy, where pauses and drains happen (its `pipe`
+//!   submodule is the splice mode's queue; `tests` drive its states with scripted I/O).
 //! - [`socket`]: socket2 tuning (buffer sizes, nodelay, keepalive, resets).
 //! - [`metrics`]: every metric name and help text, and the `/metrics` endpoint.
 //! - [`process_metrics`]: the `process_*` metrics from /proc.
