@@ -77,35 +77,14 @@ impl NginxUpstream {
              \x20   server {{\n        listen 127.0.0.1:{port};\n        root {d}/www;\n\
              \x20       location = /1k {{ }}\n    }}\n}}\n"
         )?;
-        let path = dir.path().join("nginx.conf");
-        std::fs::write(&path, config)?;
-        let log = dir.path().join("error.log");
-        let mut child = subjects::die_with_parent(Command::new(&exe))
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&path)
-            .arg("-e")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("stderr.log"))?)
-            .spawn()
-            .with_context(|| format!("running {}", exe.display()))?;
-        let deadline = Instant::now() + NGINX_TIMEOUT;
-        while !subjects::listening_on(port) {
-            if let Some(status) = child.try_wait()? {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!(
-                    "nginx (HTTP upstream) exited early with {status}: {}",
-                    text.trim()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("nginx (HTTP upstream) is not listening after {NGINX_TIMEOUT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let (mut child, log) = subjects::spawn_nginx(&exe, dir.path(), &config)?;
+        subjects::wait_for_listener(
+            &mut child,
+            port,
+            NGINX_TIMEOUT,
+            "nginx (HTTP upstream)",
+            Some(&log),
+        )?;
         Ok(NginxUpstream {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child,

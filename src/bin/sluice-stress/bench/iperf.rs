@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -33,16 +33,7 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .context("running iperf3 -s")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !subjects::listening_on(port) {
-            if let Some(status) = child.try_wait()? {
-                bail!("iperf3 -s exited early with {status}");
-            }
-            if Instant::now() > deadline {
-                bail!("iperf3 -s is not listening after 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        subjects::wait_for_listener(&mut child, port, Duration::from_secs(10), "iperf3 -s", None)?;
         Ok(Server {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child,

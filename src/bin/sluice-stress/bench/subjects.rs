@@ -264,21 +264,7 @@ impl Subject {
              \x20       proxy_pass {upstream};\n        proxy_half_close on;\n\
              \x20       proxy_buffer_size 16k;\n        proxy_timeout 10m;\n    }}\n}}\n"
         )?;
-        let path = dir.path().join("nginx.conf");
-        std::fs::write(&path, config)?;
-        let log = dir.path().join("error.log");
-        let child = die_with_parent(Command::new(&self.exe))
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&path)
-            .arg("-e")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("stderr.log"))?)
-            .spawn()
-            .with_context(|| format!("running {}", self.exe.display()))?;
+        let (child, log) = spawn_nginx(&self.exe, dir.path(), &config)?;
         // The master and its two workers.
         let mut running = Running::process(child, Some(dir), 3);
         running.wait_listening(port, &log)?;
@@ -581,6 +567,52 @@ impl Drop for Running {
 
 /// Make `command`'s child die with this process (the thread that spawns it lives for the whole
 /// run), so an interrupted bench leaves no proxy behind.
+/// Starts nginx (`exe`) with `config` written into `dir`, its error log there too.
+/// Returns the child and the error log's path.
+pub fn spawn_nginx(exe: &Path, dir: &Path, config: &str) -> Result<(Child, PathBuf)> {
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, config)?;
+    let log = dir.join("error.log");
+    let child = die_with_parent(Command::new(exe))
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&path)
+        .arg("-e")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr.log"))?)
+        .spawn()
+        .with_context(|| format!("running {}", exe.display()))?;
+    Ok((child, log))
+}
+
+/// Waits until something listens on loopback `port`, failing early (with `log`'s text,
+/// if any) when `child`, called `what`, exits first.
+pub fn wait_for_listener(
+    child: &mut Child,
+    port: u16,
+    timeout: Duration,
+    what: &str,
+    log: Option<&Path>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !listening_on(port) {
+        if let Some(status) = child.try_wait()? {
+            let text = log
+                .and_then(|l| std::fs::read_to_string(l).ok())
+                .unwrap_or_default();
+            bail!("{what} exited early with {status}: {}", text.trim());
+        }
+        if Instant::now() > deadline {
+            bail!("{what} is not listening after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 pub fn die_with_parent(mut command: Command) -> Command {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
