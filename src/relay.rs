@@ -825,14 +825,14 @@ fn is_reset(e: &io::Error) -> bool {
 }
 
 /// A small per-thread stock of buffers, so a connection that goes quiet and busy again
-/// does not pay for an allocation (and its zeroing) each time.
+/// does not pay for an allocation each time.
 mod pool {
     use super::*;
 
     /// Most bytes a thread keeps in stock: a fixed cost, not a per-connection one. A
     /// ring is given back within the poll that emptied it, so a request/response
-    /// workload needs one or two per thread at a time; 1 MiB showed up as up to 1 KiB
-    /// per connection in the idle-connection figure.
+    /// workload needs one or two per thread at a time, and rings are not zeroed, so a
+    /// miss costs an allocation only.
     const STOCK_BYTES: usize = 256 << 10;
 
     thread_local! {
