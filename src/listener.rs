@@ -178,7 +178,12 @@ impl Server {
                                 let _ = accepting.send(());
                                 accept_loop(&shared, i, l, config, inboxes).await
                             }
-                            Err(e) => Err(e),
+                            Err(e) => {
+                                // Nothing to wait for from this worker: let `run` go on
+                                // and the other workers' inboxes close when they stop.
+                                drop((accepting, inboxes));
+                                Err(e)
+                            }
                         };
                         let _ = accepting_done.send(result);
                         // This thread's connections live on its runtime: keep it turning
@@ -329,19 +334,23 @@ async fn accept_loop(
                 "too few file descriptors for listen.max_connections (two per connection); raise the limit (ulimit -n, LimitNOFILE=) to serve more"
             );
         }
-        let permits = {
+        let (permits, size) = {
             let mut limit = shared.limit.lock().unwrap_or_else(|e| e.into_inner());
             limit.resize(config.listen.max_connections.min(shared.fd_cap));
-            limit.permits.clone()
+            (limit.permits.clone(), limit.size)
         };
         let permit = match permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                shared.metrics.listener_paused.increment(1);
-                tracing::debug!(
-                    max = config.listen.max_connections,
-                    "connection limit reached; accepting paused"
-                );
+                // Other workers' accept loops each hold a permit while they wait for a
+                // client: only a limit reached by live connections is a pause.
+                if shared.live_total() >= size {
+                    shared.metrics.listener_paused.increment(1);
+                    tracing::debug!(
+                        max = config.listen.max_connections,
+                        "connection limit reached; accepting paused"
+                    );
+                }
                 tokio::select! {
                     p = permits.acquire_owned() => match p {
                         Ok(p) => p,
@@ -412,6 +421,11 @@ async fn accept_loop(
 }
 
 impl Accepting {
+    /// Live connections on all workers.
+    fn live_total(&self) -> usize {
+        self.live.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+
     /// The worker with the fewest live connections, `me` on a tie.
     fn least_busy(&self, me: usize) -> usize {
         let load = |i: usize| self.live[i].load(Ordering::Relaxed);

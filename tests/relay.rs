@@ -714,3 +714,37 @@ async fn tiny_segments_to_a_stalled_reader_arrive_intact_in(mode: RelayMode) {
     proxy.settled().await;
     proxy.shutdown().await;
 }
+
+/// With several pinned workers, an accept loop waiting for a client holds a permit; a
+/// worker that finds none free because of that is not paused by the limit, so nothing is
+/// counted until live connections reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_pauses_are_counted_only_at_the_limit_with_pinned_workers() {
+    let proxy = Proxy::start(echo_upstream().await, |c| {
+        c.runtime.workers = 2;
+        c.runtime.scheduler = Scheduler::Pinned;
+        c.listen.max_connections = 2;
+    })
+    .await;
+    let mut first = TcpStream::connect(proxy.addr).await.unwrap();
+    first.write_all(b"1").await.unwrap();
+    let mut b = [0u8; 1];
+    first.read_exact(&mut b).await.unwrap();
+    assert_eq!(
+        proxy.value("sluice_listener_paused_total"),
+        0.0,
+        "one live connection of two allowed is no pause"
+    );
+    let mut second = TcpStream::connect(proxy.addr).await.unwrap();
+    second.write_all(b"2").await.unwrap();
+    second.read_exact(&mut b).await.unwrap();
+    eventually(
+        "the listener pauses at the limit",
+        Duration::from_secs(5),
+        || proxy.value("sluice_listener_paused_total") >= 1.0,
+    )
+    .await;
+    drop((first, second));
+    proxy.settled().await;
+    proxy.shutdown().await;
+}
