@@ -328,10 +328,9 @@ struct Direction {
     state: State,
     queue: Ring,
     /// The queue in splice mode, used instead of `queue`; at most one holds bytes.
-    /// Boxed, and only in splice mode: a copying connection does not carry its room.
+    /// `None` is copy mode (also after splice fell back to copying). Boxed: a copying
+    /// connection does not carry its room.
     pipe: Option<Box<PipeQueue>>,
-    /// How this direction moves bytes; splice falls back to copy if the kernel refuses.
-    mode: RelayMode,
     /// Most bytes this direction may hold.
     bound: usize,
     /// A paused direction reads again at or below this many queued bytes.
@@ -357,7 +356,6 @@ impl Direction {
             state: State::Streaming,
             queue: Ring::default(),
             pipe: None,
-            mode: RelayMode::Copy,
             bound,
             resume,
             received: 0,
@@ -372,7 +370,6 @@ impl Direction {
 
     /// The same direction moving its bytes the `mode` way.
     fn with_mode(mut self, mode: RelayMode) -> Direction {
-        self.mode = mode;
         self.pipe = (mode == RelayMode::Splice).then(Box::default);
         self
     }
@@ -455,9 +452,8 @@ impl Direction {
                 Poll::Pending => return Ok(Filled::WouldBlock),
             }
         }
-        if self.mode == RelayMode::Splice
+        if let Some(pipe) = self.pipe.as_mut()
             && let Some(socket) = src.socket()
-            && let Some(pipe) = self.pipe.as_mut()
         {
             match pipe.poll_splice_in(cx, socket, self.bound, room) {
                 Poll::Ready(Ok(spliced)) => return self.spliced_in(spliced),
@@ -466,7 +462,7 @@ impl Direction {
                     // Nothing was queued yet: go on as a copying direction.
                     pipe::log_fallback(&unsupported);
                     tracing::debug!(?unsupported, "splice unusable; copying instead");
-                    self.mode = RelayMode::Copy;
+                    self.pipe = None;
                 }
             }
         }
