@@ -152,15 +152,14 @@ impl Server {
                 .clone(),
         });
         // Each worker's inbox, for clients another worker accepted and handed over.
-        let (inboxes, mut inbox_rxs): (Vec<_>, Vec<_>) =
+        let (inboxes, inbox_rxs): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
-        let mut inbox_rxs = inbox_rxs.drain(..);
         let mut stopped = Vec::with_capacity(workers);
         let mut registered = Vec::with_capacity(workers);
-        for (i, runtime) in runtimes.into_iter().enumerate() {
+        for (i, (runtime, inbox)) in runtimes.into_iter().zip(inbox_rxs).enumerate() {
             let listener = listener.try_clone()?;
-            let (shared, config) = (shared.clone(), self.config.subscribe());
-            let (inboxes, inbox) = (inboxes.clone(), inbox_rxs.next().expect("one per worker"));
+            let (shared, config, inboxes) =
+                (shared.clone(), self.config.subscribe(), inboxes.clone());
             let (accepting, accepting_rx) = tokio::sync::oneshot::channel();
             let (accepting_done, accepting_done_rx) = tokio::sync::oneshot::channel();
             registered.push(accepting_rx);
@@ -303,27 +302,14 @@ async fn accept_loop(
     shared: &Arc<Accepting>,
     me: usize,
     listener: TcpListener,
-    mut config_rx: watch::Receiver<Arc<Config>>,
+    config_rx: watch::Receiver<Arc<Config>>,
     inboxes: Vec<mpsc::UnboundedSender<Handoff>>,
 ) -> io::Result<()> {
     let shutdown = &shared.shutdown;
-    let mut tuned = config_rx.borrow_and_update().clone();
-    // listen.allow, parsed once per configuration rather than per client.
-    let mut allowed = tuned.allow_list().unwrap_or_default();
+    let mut rules = Followed::new(config_rx);
     let mut errors = AcceptErrors::default();
-    // A reload: new clients get the new socket options and rules.
-    let follow = |config: &Arc<Config>, tuned: &mut Arc<Config>, allowed: &mut Vec<IpNet>| {
-        if !Arc::ptr_eq(config, tuned) {
-            if let Err(e) = Tuning::client(&config.socket).apply(&SockRef::from(&listener)) {
-                tracing::warn!(error = %e, "cannot apply the reloaded [socket] options to the listener");
-            }
-            *allowed = config.allow_list().unwrap_or_default();
-            *tuned = config.clone();
-        }
-    };
     loop {
-        let config = config_rx.borrow_and_update().clone();
-        follow(&config, &mut tuned, &mut allowed);
+        let config = rules.current(&listener);
         if config.listen.max_connections > shared.fd_cap
             && !shared.warned_fd_cap.swap(true, Ordering::Relaxed)
         {
@@ -379,45 +365,50 @@ async fn accept_loop(
         };
         // The client gets the configuration in force when it was accepted, not the one
         // in force when this loop began waiting.
-        let config = config_rx.borrow_and_update().clone();
-        follow(&config, &mut tuned, &mut allowed);
-        let Some(client_slot) = shared.admit(&config, &allowed, &stream, peer) else {
+        let config = rules.current(&listener);
+        let Some(client_slot) = shared.admit(&config, &rules.allowed, &stream, peer) else {
             continue;
         };
         shared.metrics.accepted.increment(1);
-        // Connections stay on the worker that serves them: hand this one to the worker
-        // with the fewest live connections if that is not this one. A burst of clients
-        // otherwise lands on whichever worker woke first (all 8 of 8 streams, measured).
-        // The target's count goes up now, not on arrival, so the next decision sees it.
-        let target = shared.least_busy(me);
-        let held = (
-            permit,
-            client_slot,
-            LiveOn::new(shared.live.clone(), target),
-        );
-        if target == me {
-            shared.spawn(stream, peer, config, held);
-            continue;
-        }
-        let handoff = stream.into_std().map(|stream| Handoff {
-            stream,
-            peer,
-            config,
-            held,
-        });
-        match handoff {
-            Ok(h) => {
-                if let Err(mpsc::error::SendError(h)) = inboxes[target].send(h) {
-                    // That worker has stopped (shutdown): serve the client here.
-                    if let Ok(stream) = TcpStream::from_std(h.stream) {
-                        shared.spawn(stream, h.peer, h.config, h.held);
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(client = %peer, error = %e, "cannot hand a client over"),
-        }
+        let admitted = (permit, client_slot);
+        shared.place(me, stream, peer, config, admitted, &inboxes);
     }
     Ok(())
+}
+
+/// The configuration an accept loop works with, followed across reloads.
+struct Followed {
+    rx: watch::Receiver<Arc<Config>>,
+    /// The configuration the listener's options and `allowed` were taken from.
+    config: Arc<Config>,
+    /// `listen.allow`, parsed once per configuration rather than per client.
+    allowed: Vec<IpNet>,
+}
+
+impl Followed {
+    fn new(mut rx: watch::Receiver<Arc<Config>>) -> Followed {
+        let config = rx.borrow_and_update().clone();
+        let allowed = config.allow_list().unwrap_or_default();
+        Followed {
+            rx,
+            config,
+            allowed,
+        }
+    }
+
+    /// The configuration in force now. After a reload, new clients get the new socket
+    /// options (set on `listener`, which accepted sockets inherit) and access rules.
+    fn current(&mut self, listener: &TcpListener) -> Arc<Config> {
+        let config = self.rx.borrow_and_update().clone();
+        if !Arc::ptr_eq(&config, &self.config) {
+            if let Err(e) = Tuning::client(&config.socket).apply(&SockRef::from(listener)) {
+                tracing::warn!(error = %e, "cannot apply the reloaded [socket] options to the listener");
+            }
+            self.allowed = config.allow_list().unwrap_or_default();
+            self.config = config.clone();
+        }
+        config
+    }
 }
 
 impl Accepting {
@@ -430,6 +421,45 @@ impl Accepting {
     fn least_busy(&self, me: usize) -> usize {
         let load = |i: usize| self.live[i].load(Ordering::Relaxed);
         (0..self.live.len()).fold(me, |best, i| if load(i) < load(best) { i } else { best })
+    }
+
+    /// Places an admitted client, accepted by worker `me`, on the worker with the fewest
+    /// live connections: spawned here, or handed over through that worker's inbox.
+    /// Connections stay on the worker that serves them, and a burst of clients otherwise
+    /// lands on whichever worker woke first (all 8 of 8 streams, measured). The target's
+    /// count goes up now, not on arrival, so the next decision sees it.
+    fn place(
+        &self,
+        me: usize,
+        stream: TcpStream,
+        peer: SocketAddr,
+        config: Arc<Config>,
+        (permit, client_slot): (OwnedSemaphorePermit, ClientSlot),
+        inboxes: &[mpsc::UnboundedSender<Handoff>],
+    ) {
+        let target = self.least_busy(me);
+        let held = (permit, client_slot, LiveOn::new(self.live.clone(), target));
+        if target == me {
+            self.spawn(stream, peer, config, held);
+            return;
+        }
+        let handoff = stream.into_std().map(|stream| Handoff {
+            stream,
+            peer,
+            config,
+            held,
+        });
+        match handoff {
+            Ok(h) => {
+                if let Err(mpsc::error::SendError(h)) = inboxes[target].send(h) {
+                    // That worker has stopped (shutdown): serve the client here.
+                    if let Ok(stream) = TcpStream::from_std(h.stream) {
+                        self.spawn(stream, h.peer, h.config, h.held);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(client = %peer, error = %e, "cannot hand a client over"),
+        }
     }
 
     /// Spawns an admitted client's connection on the current worker. The live count
