@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, split_host_port};
 use crate::metrics::{CloseReason, ConnectErrorKind, Metrics};
+use crate::registry::Entry;
 use crate::relay::{Ending, Relay, RelayConfig, Side};
 use crate::socket::{Tuning, effective_buffers, reset_on_close};
 
@@ -35,13 +36,24 @@ impl Drop for ActiveGuard<'_> {
 /// shutdown deadline. Returns why it closed (already counted).
 pub async fn serve(
     mut client: TcpStream,
+    peer: SocketAddr,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     force_close: CancellationToken,
 ) -> CloseReason {
     let started = Instant::now();
     let _active = ActiveGuard::new(&metrics);
-    let reason = serve_inner(&mut client, &config, &metrics, &force_close, started).await;
+    // Dropped before `client` closes (locals drop before parameters), as it must be.
+    let entry = metrics.connections.register(peer, client.as_raw_fd());
+    let reason = serve_inner(
+        &mut client,
+        &entry,
+        &config,
+        &metrics,
+        &force_close,
+        started,
+    )
+    .await;
     metrics.closed(reason).increment(1);
     metrics
         .connection_duration
@@ -51,6 +63,7 @@ pub async fn serve(
 
 async fn serve_inner(
     client: &mut TcpStream,
+    entry: &Entry,
     config: &Config,
     metrics: &Metrics,
     force_close: &CancellationToken,
@@ -74,7 +87,7 @@ async fn serve_inner(
             return CloseReason::Shutdown;
         }
     };
-    let mut upstream = match upstream {
+    let (mut upstream, upstream_addr) = match upstream {
         Ok(u) => u,
         Err((kind, error)) => {
             metrics.connect_error(kind).increment(1);
@@ -86,6 +99,8 @@ async fn serve_inner(
     };
 
     let _upstream_guard = ResetOnPanic::new(&upstream);
+    // The caller's registration ends before this socket closes (it outlives this call).
+    entry.connected(upstream_addr, upstream.as_raw_fd());
     // In a block, so the settings are not kept in the task across the await: the relay
     // has copied what it needs.
     let mut relay = {
@@ -96,11 +111,13 @@ async fn serve_inner(
             half_close: config.timeouts.half_close,
             mode: config.relay.mode,
         };
-        Relay::new(client, &mut upstream, &relay_config, metrics)
+        Relay::new(client, &mut upstream, &relay_config, metrics, entry)
     };
     let ending = relay.run(force_close).await;
     let totals = relay.totals();
     drop(relay);
+    // What the kernel still held when the relay ended, for the close log line.
+    let kernel = tracing::enabled!(tracing::Level::DEBUG).then(|| entry.kernel_bytes());
 
     let reason = match &ending {
         Ending::Complete => CloseReason::Complete,
@@ -152,6 +169,8 @@ async fn serve_inner(
         bytes_upstream_to_client = totals.bytes[1],
         pauses_client_to_upstream = totals.pauses[0],
         pauses_upstream_to_client = totals.pauses[1],
+        kernel_client_to_upstream = kernel.map(|k| k[0].total()),
+        kernel_upstream_to_client = kernel.map(|k| k[1].total()),
         duration_ms = started.elapsed().as_millis() as u64,
         error,
         "connection closed"
@@ -188,7 +207,7 @@ impl Drop for ResetOnPanic {
 async fn connect_upstream(
     config: &Config,
     metrics: &Metrics,
-) -> Result<TcpStream, (ConnectErrorKind, io::Error)> {
+) -> Result<(TcpStream, SocketAddr), (ConnectErrorKind, io::Error)> {
     let started = Instant::now();
     let timeout = config.upstream.connect_timeout;
     let result = tokio::time::timeout(timeout, async {
@@ -197,7 +216,7 @@ async fn connect_upstream(
         let mut last = None;
         for addr in addrs {
             match connect_one(addr, &tuning).await {
-                Ok(s) => return Ok(s),
+                Ok(s) => return Ok((s, addr)),
                 Err(e) => last = Some((classify(&e), e)),
             }
         }

@@ -13,6 +13,8 @@
 //! - [`socket`]: socket2 tuning (buffer sizes, nodelay, keepalive, resets).
 //! - [`metrics`]: every metric name and help text, and the `/metrics` endpoint.
 //! - [`process_metrics`]: the `process_*` metrics from /proc.
+//! - [`registry`]: the live connections, what each holds in sluice and in the kernel
+//!   (`sluice_kernel_queued_bytes`, `GET /connections`).
 //! - [`shutdown`]: signals (SIGTERM/SIGINT to stop, SIGHUP to reload).
 //! - [`logging`]: tracing subscriber set-up.
 //!
@@ -25,6 +27,7 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod process_metrics;
+pub mod registry;
 pub mod relay;
 pub mod shutdown;
 pub mod socket;

@@ -471,7 +471,13 @@ impl Accepting {
         // every connection a formatted record (7 % of connections per second, 0.3 KiB).
         let span =
             tracing::debug_span!("conn", client = %peer, upstream = %config.upstream.address);
-        let served = connection::serve(stream, config, metrics.clone(), self.force_close.clone());
+        let served = connection::serve(
+            stream,
+            peer,
+            config,
+            metrics.clone(),
+            self.force_close.clone(),
+        );
         self.tracker
             .spawn(supervise(served, metrics, peer, held).instrument(span));
     }

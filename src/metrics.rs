@@ -1,4 +1,5 @@
-//! Every metric sluice exports, its help text, and the `/metrics` endpoint.
+//! Every metric sluice exports, its help text, and the endpoint that serves them
+//! (`/metrics`, and the live connection list `/connections`).
 //!
 //! Each proxy instance owns its own Prometheus recorder (no global state), so tests can
 //! run several proxies in one process and read each one's numbers. Handles are created
@@ -13,6 +14,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+
+use crate::registry::{Registry, SortBy};
 
 /// The two directions of a connection, in label order.
 pub const DIRECTIONS: [&str; 2] = ["client_to_upstream", "upstream_to_client"];
@@ -129,6 +132,8 @@ pub struct Metrics {
     pub reloads_failure: Counter,
     pub panics: Counter,
     pub directions: [DirectionMetrics; 2],
+    /// The live connections, asked at each scrape for the kernel's bytes.
+    pub connections: Arc<Registry>,
 }
 
 /// Buckets for the upstream handshake: loopback is tens of microseconds, a far upstream
@@ -315,6 +320,7 @@ impl Metrics {
             reloads_failure: counter("sluice_config_reloads_total", label("result", "failure")),
             panics: counter("sluice_connection_panics_total", vec![]),
             directions: [direction(0), direction(1)],
+            connections: Arc::default(),
             handle,
         };
         gauge(
@@ -378,6 +384,16 @@ impl Metrics {
             out.push_str(&format!(
                 "sluice_paused_seconds_total{{direction=\"{dir}\"}} {}\n",
                 s.1
+            ));
+        }
+        let kernel = self.connections.kernel_queued();
+        out.push_str(
+            "# HELP sluice_kernel_queued_bytes Bytes the kernel holds for live connections, by direction: unread in the source sockets plus unacknowledged in the destination sockets (sampled every second).\n\
+             # TYPE sluice_kernel_queued_bytes gauge\n",
+        );
+        for (dir, k) in DIRECTIONS.iter().zip(kernel) {
+            out.push_str(&format!(
+                "sluice_kernel_queued_bytes{{direction=\"{dir}\"}} {k}\n"
             ));
         }
         crate::process_metrics::render(&mut out);
@@ -465,8 +481,9 @@ impl PauseClock {
     }
 }
 
-/// Serves `GET /metrics` until `shutdown` fires. A plain HTTP/1.1 responder: the only
-/// client is a scraper, and each scrape renders fresh numbers.
+/// Serves `GET /metrics` and `GET /connections` until `shutdown` fires. A plain HTTP/1.1
+/// responder: the clients are a scraper and an operator's tool, and each request is
+/// answered with fresh numbers.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let upkeep = {
         let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
@@ -502,6 +519,31 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
     upkeep.abort();
 }
 
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// `sort` and `limit` from a `/connections` query string, with an error that says what
+/// is accepted.
+fn connections_query(query: &str) -> Result<(SortBy, usize), String> {
+    let (mut sort, mut limit) = (SortBy::Queued, usize::MAX);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "sort" => {
+                sort = SortBy::parse(value).ok_or_else(|| {
+                    format!("sort={value}: expected sort=queued, sort=kernel or sort=age")
+                })?
+            }
+            "limit" => {
+                limit = value
+                    .parse()
+                    .map_err(|_| format!("limit={value}: expected a number of connections"))?
+            }
+            _ => return Err(format!("{key}: unknown parameter; try sort= and limit=")),
+        }
+    }
+    Ok((sort, limit))
+}
+
 /// Reads one request head and answers it.
 async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
@@ -519,14 +561,24 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
         parts.next().unwrap_or_default(),
         parts.next().unwrap_or_default(),
     );
-    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    let target = String::from_utf8_lossy(target);
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let (status, ctype, body) = match (method, path) {
-        (b"GET" | b"HEAD", b"/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render(),
+        (b"GET" | b"HEAD", "/metrics") => ("200 OK", PROMETHEUS_TEXT, metrics.render()),
+        (b"GET" | b"HEAD", "/connections") => match connections_query(query) {
+            Ok((sort, limit)) => {
+                let listing = metrics.connections.list(sort, limit);
+                let mut body = serde_json::to_string(&listing).expect("plain data serializes");
+                body.push('\n');
+                ("200 OK", "application/json", body)
+            }
+            Err(e) => ("400 Bad Request", "text/plain", format!("{e}\n")),
+        },
+        (b"GET" | b"HEAD", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics or /connections\n".to_string(),
         ),
-        (b"GET" | b"HEAD", _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
         _ => (
             "405 Method Not Allowed",
             "text/plain",

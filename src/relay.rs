@@ -58,6 +58,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::config::RelayMode;
 use crate::metrics::{DirectionMetrics, Metrics};
+use crate::registry::{DirectionFigures, Entry};
+use std::sync::atomic::Ordering::Relaxed;
 
 pub mod pipe;
 use pipe::{PipeQueue, SplicedIn};
@@ -323,6 +325,22 @@ struct Transitions {
     paused: bool,
 }
 
+/// Where a direction reports its figures for `GET /connections`.
+struct Live<'a> {
+    figures: &'a DirectionFigures,
+    /// When the connection started: pause times are kept relative to it.
+    started: std::time::Instant,
+}
+
+impl Live<'_> {
+    fn of(entry: &Entry, direction: usize) -> Live<'_> {
+        Live {
+            figures: &entry.directions[direction],
+            started: entry.started,
+        }
+    }
+}
+
 /// One direction: a source, a bounded queue, a destination.
 struct Direction {
     state: State,
@@ -583,16 +601,19 @@ impl Direction {
         }
     }
 
-    /// Tells the metrics what changed since the last report.
-    fn report(&mut self, m: &DirectionMetrics, clock: &Metrics) {
+    /// Tells the metrics, and the connection's entry in the registry, what changed since
+    /// the last report.
+    fn report(&mut self, m: &DirectionMetrics, clock: &Metrics, live: &Live<'_>) {
         let queued = self.queued();
         if queued != self.reported_queued {
             m.queued
                 .increment(queued as f64 - self.reported_queued as f64);
+            live.figures.queued.store(queued as u64, Relaxed);
             self.reported_queued = queued;
         }
         if self.delivered != self.reported_delivered {
             m.bytes.increment(self.delivered - self.reported_delivered);
+            live.figures.delivered.store(self.delivered, Relaxed);
             self.reported_delivered = self.delivered;
         }
         let t = std::mem::take(&mut self.transitions);
@@ -607,17 +628,20 @@ impl Direction {
         {
             m.drains.increment(1);
             m.paused.stop(since, now);
+            live.figures.set_paused(live.started, None);
         }
         if t.paused {
             m.pauses.increment(1);
             m.paused.start(now);
             self.paused_since = Some(now);
+            live.figures
+                .set_paused(live.started, Some(std::time::Instant::now()));
         }
     }
 
     /// Ends the direction for good: reports, ends a running pause, drops the queue.
-    fn finish(&mut self, m: &DirectionMetrics, clock: &Metrics) {
-        self.report(m, clock);
+    fn finish(&mut self, m: &DirectionMetrics, clock: &Metrics, live: &Live<'_>) {
+        self.report(m, clock, live);
         if let Some(since) = self.paused_since.take() {
             m.paused.stop(since, clock.now());
         }
@@ -643,6 +667,8 @@ pub struct Relay<'a> {
     client: (ReadHalf<'a>, WriteHalf<'a>),
     upstream: (ReadHalf<'a>, WriteHalf<'a>),
     metrics: &'a Metrics,
+    /// The connection's entry in the registry, kept current with the metrics.
+    entry: &'a Entry,
     dirs: [Direction; 2],
     /// Whether each direction passed its EOF on, so a done direction is not polled.
     done: [bool; 2],
@@ -670,11 +696,13 @@ impl<'a> Relay<'a> {
         upstream: &'a mut TcpStream,
         config: &RelayConfig,
         metrics: &'a Metrics,
+        entry: &'a Entry,
     ) -> Relay<'a> {
         Relay {
             client: client.split(),
             upstream: upstream.split(),
             metrics,
+            entry,
             dirs: [
                 Direction::new(config.bounds[0], config.resume_at).with_mode(config.mode),
                 Direction::new(config.bounds[1], config.resume_at).with_mode(config.mode),
@@ -755,7 +783,7 @@ impl<'a> Relay<'a> {
                 (&mut self.upstream.0, &mut self.client.1)
             };
             let step = self.dirs[i].poll_transfer(cx, src, dst);
-            self.dirs[i].report(&m.directions[i], m);
+            self.dirs[i].report(&m.directions[i], m, &Live::of(self.entry, i));
             match step {
                 Poll::Ready(Ok(())) => self.done[i] = true,
                 Poll::Pending => {}
@@ -803,8 +831,13 @@ impl<'a> Relay<'a> {
 
 impl Drop for Relay<'_> {
     fn drop(&mut self) {
-        for (d, dm) in self.dirs.iter_mut().zip(&self.metrics.directions) {
-            d.finish(dm, self.metrics);
+        for (i, (d, dm)) in self
+            .dirs
+            .iter_mut()
+            .zip(&self.metrics.directions)
+            .enumerate()
+        {
+            d.finish(dm, self.metrics, &Live::of(self.entry, i));
         }
     }
 }

@@ -862,42 +862,62 @@ fn numbers(m: &Metrics, direction: usize) -> [f64; 5] {
     .map(|name| sample(&text, name, direction))
 }
 
+/// A registry entry for a connection with no real sockets (nothing asks the kernel).
+fn entry(m: &Metrics) -> crate::registry::Registered<'_> {
+    m.connections.register("127.0.0.1:1".parse().unwrap(), -1)
+}
+
+/// (queued, delivered, paused) as the connection's registry entry shows them.
+fn entry_figures(e: &Entry, direction: usize) -> (u64, u64, bool) {
+    let queued = e.directions[direction].queued.load(Relaxed);
+    let delivered = e.directions[direction].delivered.load(Relaxed);
+    (queued, delivered, e.directions[direction].is_paused())
+}
+
 #[test]
 fn report_counts_a_pause_and_its_drain() {
     let m = Metrics::new([BOUND, BOUND]);
+    let e = entry(&m);
+    let live = Live::of(&e, CLIENT_TO_UPSTREAM);
     let dm = &m.directions[CLIENT_TO_UPSTREAM];
     let (mut dir, mut src, mut dst) = paused();
-    dir.report(dm, &m);
+    dir.report(dm, &m, &live);
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 0.0, 8.0, 1.0, 0.0]);
+    assert_eq!(entry_figures(&e, CLIENT_TO_UPSTREAM), (8, 0, true));
     assert_eq!(dir.transitions, Transitions::default(), "report takes them");
 
     // Still paused: nothing new.
     dst.give(2);
     expect_pending(poll(&mut dir, &mut src, &mut dst));
-    dir.report(dm, &m);
+    dir.report(dm, &m, &live);
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 0.0, 6.0, 1.0, 2.0]);
+    assert_eq!(entry_figures(&e, CLIENT_TO_UPSTREAM), (6, 2, true));
 
     // At the mark: a drain ends the pause.
     dst.give(2);
     expect_pending(poll(&mut dir, &mut src, &mut dst));
-    dir.report(dm, &m);
+    dir.report(dm, &m, &live);
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 1.0, 4.0, 0.0, 4.0]);
+    assert_eq!(entry_figures(&e, CLIENT_TO_UPSTREAM), (4, 4, false));
     // The other direction saw none of it.
     assert_eq!(numbers(&m, UPSTREAM_TO_CLIENT), [0.0; 5]);
+    assert_eq!(entry_figures(&e, UPSTREAM_TO_CLIENT), (0, 0, false));
 
     // A report with nothing new changes nothing.
-    dir.report(dm, &m);
+    dir.report(dm, &m, &live);
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 1.0, 4.0, 0.0, 4.0]);
 }
 
 #[test]
 fn finish_returns_the_queued_gauge_and_ends_a_running_pause() {
     let m = Metrics::new([BOUND, BOUND]);
+    let e = entry(&m);
+    let live = Live::of(&e, UPSTREAM_TO_CLIENT);
     let dm = &m.directions[UPSTREAM_TO_CLIENT];
     let (mut dir, _src, _dst) = paused();
-    dir.report(dm, &m);
+    dir.report(dm, &m, &live);
     assert_eq!(numbers(&m, UPSTREAM_TO_CLIENT), [1.0, 0.0, 8.0, 1.0, 0.0]);
-    dir.finish(dm, &m);
+    dir.finish(dm, &m, &live);
     // The pause is counted, not drained; nothing is queued or paused any more.
     assert_eq!(numbers(&m, UPSTREAM_TO_CLIENT), [1.0, 0.0, 0.0, 0.0, 0.0]);
     assert_eq!(dir.state, State::Done);
@@ -908,12 +928,14 @@ fn finish_returns_the_queued_gauge_and_ends_a_running_pause() {
 #[test]
 fn finish_reports_what_no_report_has_seen_yet() {
     let m = Metrics::new([BOUND, BOUND]);
+    let e = entry(&m);
+    let live = Live::of(&e, CLIENT_TO_UPSTREAM);
     let dm = &m.directions[CLIENT_TO_UPSTREAM];
     // Paused, never reported: finish counts the pause and still leaves no gauge raised.
     let (mut dir, _src, _dst) = paused();
-    dir.finish(dm, &m);
+    dir.finish(dm, &m, &live);
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 0.0, 0.0, 0.0, 0.0]);
     // Finishing twice (Drop after an explicit finish) changes nothing.
-    dir.finish(dm, &m);
+    dir.finish(dm, &m, &live);
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 0.0, 0.0, 0.0, 0.0]);
 }
