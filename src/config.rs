@@ -148,6 +148,10 @@ pub struct Buffer {
     /// bound: the hysteresis keeps a slow reader from costing a wake-up per segment.
     #[serde(default = "default_resume_at")]
     pub resume_at: f64,
+    /// Most buffer memory all connections together may hold (see `budget.rs`); 0 means
+    /// no such limit, only the per-connection bounds.
+    #[serde(default, deserialize_with = "size")]
+    pub total: ByteSize,
 }
 
 /// How the relay moves bytes.
@@ -328,6 +332,7 @@ impl Default for Buffer {
             client_to_upstream: default_buffer(),
             upstream_to_client: default_buffer(),
             resume_at: DEFAULT_RESUME_AT,
+            total: ByteSize::b(0),
         }
     }
 }
@@ -499,6 +504,24 @@ impl Config {
                     format!("must be at most {}", ByteSize::b(MAX_BUFFER)),
                 ));
             }
+        }
+        let total = self.buffer.total.as_u64();
+        let largest = self.bounds().into_iter().max().unwrap_or(0) as u64;
+        if total > 0 && total < 2 * largest {
+            return Err(err(
+                "buffer.total",
+                format!(
+                    "{} is less than twice the larger per-direction bound ({}): set it higher, or 0 for no total",
+                    self.buffer.total,
+                    ByteSize::b(largest)
+                ),
+            ));
+        }
+        if total > usize::MAX as u64 >> 4 {
+            return Err(err(
+                "buffer.total",
+                "is larger than this machine can address".into(),
+            ));
         }
         let r = self.buffer.resume_at;
         if !(r > 0.0 && r < 1.0) {

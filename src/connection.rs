@@ -10,9 +10,10 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Budget;
 use crate::config::{Config, split_host_port};
 use crate::metrics::{CloseReason, ConnectErrorKind, Metrics};
-use crate::registry::Entry;
+use crate::registry::Registered;
 use crate::relay::{Ending, Relay, RelayConfig, Side};
 use crate::socket::{Tuning, effective_buffers, reset_on_close};
 
@@ -39,6 +40,7 @@ pub async fn serve(
     peer: SocketAddr,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    budget: Arc<Budget>,
     force_close: CancellationToken,
 ) -> CloseReason {
     let started = Instant::now();
@@ -50,6 +52,7 @@ pub async fn serve(
         &entry,
         &config,
         &metrics,
+        &budget,
         &force_close,
         started,
     )
@@ -63,9 +66,10 @@ pub async fn serve(
 
 async fn serve_inner(
     client: &mut TcpStream,
-    entry: &Entry,
+    entry: &Registered<'_>,
     config: &Config,
     metrics: &Metrics,
+    budget: &Arc<Budget>,
     force_close: &CancellationToken,
     started: Instant,
 ) -> CloseReason {
@@ -99,8 +103,8 @@ async fn serve_inner(
     };
 
     let _upstream_guard = ResetOnPanic::new(&upstream);
-    // The caller's registration ends before this socket closes (it outlives this call).
-    entry.connected(upstream_addr, upstream.as_raw_fd());
+    // Off the registry's entry before the socket closes (declared after it).
+    let _listed = entry.connected(upstream_addr, upstream.as_raw_fd());
     // In a block, so the settings are not kept in the task across the await: the relay
     // has copied what it needs.
     let mut relay = {
@@ -111,7 +115,7 @@ async fn serve_inner(
             half_close: config.timeouts.half_close,
             mode: config.relay.mode,
         };
-        Relay::new(client, &mut upstream, &relay_config, metrics, entry)
+        Relay::new(client, &mut upstream, &relay_config, metrics, entry, budget)
     };
     let ending = relay.run(force_close).await;
     let totals = relay.totals();

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`budget`]: `buffer.total`, the buffer memory all connections share, granted fairly.
 //! - [`config`]: the configuration file's schema, defaults and validation.
 //! - [`cli`]: the command line, and how it overrides the file.
 //! - [`listener`]: [`Server`], the worker threads and their accept loops, limits, reloads
@@ -20,6 +21,7 @@
 //!
 //! Tests and embedders bind a listener themselves and hand it to [`Server::run`].
 
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod connection;

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::budget::Budget;
 use crate::config::{Config, Scheduler};
 use crate::connection;
 use crate::metrics::{CloseReason, Metrics};
@@ -35,6 +36,8 @@ const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(1);
 pub struct Server {
     config: watch::Sender<Arc<Config>>,
     metrics: Arc<Metrics>,
+    /// `buffer.total`, shared by every connection.
+    budget: Arc<Budget>,
     /// Live connections per worker thread, once [`Server::run`] has started them.
     live: std::sync::OnceLock<Arc<[AtomicUsize]>>,
 }
@@ -50,9 +53,14 @@ impl Server {
     /// A server for a validated configuration.
     pub fn new(config: Config) -> Server {
         let metrics = Metrics::new(config.bounds());
+        let budget = Budget::new(
+            config.buffer.total.as_u64() as usize,
+            metrics.budget_gauges(),
+        );
         Server {
             config: watch::Sender::new(Arc::new(config)),
             metrics,
+            budget: Arc::new(budget),
             live: std::sync::OnceLock::new(),
         }
     }
@@ -91,6 +99,7 @@ impl Server {
             return Err(ReloadError::Fixed("runtime.scheduler"));
         }
         self.metrics.set_limits(new.bounds());
+        self.budget.resize(new.buffer.total.as_u64() as usize);
         self.config.send_replace(Arc::new(new));
         Ok(())
     }
@@ -139,6 +148,7 @@ impl Server {
         let fd_cap = descriptor_cap();
         let shared = Arc::new(Accepting {
             metrics: self.metrics.clone(),
+            budget: self.budget.clone(),
             tracker: TaskTracker::new(),
             force_close: CancellationToken::new(),
             shutdown: shutdown.clone(),
@@ -233,6 +243,7 @@ impl Server {
 /// What the workers' accept loops share: one limit, one drain, one set of metrics.
 struct Accepting {
     metrics: Arc<Metrics>,
+    budget: Arc<Budget>,
     /// Every connection task, whichever worker runs it, for the drain at shutdown.
     tracker: TaskTracker,
     /// Cut live connections short: fired when the shutdown grace is over.
@@ -476,6 +487,7 @@ impl Accepting {
             peer,
             config,
             metrics.clone(),
+            self.budget.clone(),
             self.force_close.clone(),
         );
         self.tracker

@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::BudgetGauges;
 use crate::registry::{Registry, SortBy};
 
 /// The two directions of a connection, in label order.
@@ -109,6 +110,9 @@ pub struct DirectionMetrics {
     pub drains: Counter,
     /// `sluice_buffer_limit_bytes{direction}`: the configured per-connection bound.
     pub limit: Gauge,
+    /// `sluice_budget_waits_total{direction}`: times a direction waited in line for
+    /// `buffer.total` to grant it a buffer.
+    pub budget_waits: Counter,
     /// Paused count and paused time; rendered at each scrape so a pause that never ends
     /// still shows its time growing.
     pub paused: PauseClock,
@@ -132,6 +136,8 @@ pub struct Metrics {
     pub reloads_failure: Counter,
     pub panics: Counter,
     pub directions: [DirectionMetrics; 2],
+    budget_limit: Gauge,
+    budget_used: Gauge,
     /// The live connections, asked at each scrape for the kernel's bytes.
     pub connections: Arc<Registry>,
 }
@@ -228,6 +234,24 @@ impl Metrics {
         );
         describe(
             r,
+            "sluice_budget_limit_bytes",
+            Kind::Gauge,
+            "buffer.total: the most buffer memory all connections together may hold; 0 when there is no such limit.",
+        );
+        describe(
+            r,
+            "sluice_budget_used_bytes",
+            Kind::Gauge,
+            "Buffer memory granted by buffer.total now (a granted buffer counts whole).",
+        );
+        describe(
+            r,
+            "sluice_budget_waits_total",
+            Kind::Counter,
+            "Times a direction waited in line for buffer.total to grant it a buffer.",
+        );
+        describe(
+            r,
             "sluice_pauses_total",
             Kind::Counter,
             "Times a buffer filled and reading from its source stopped.",
@@ -281,6 +305,10 @@ impl Metrics {
                 "sluice_buffer_limit_bytes",
                 label("direction", DIRECTIONS[i]),
             ),
+            budget_waits: counter(
+                "sluice_budget_waits_total",
+                label("direction", DIRECTIONS[i]),
+            ),
             paused: PauseClock::default(),
         };
         let m = Metrics {
@@ -320,6 +348,8 @@ impl Metrics {
             reloads_failure: counter("sluice_config_reloads_total", label("result", "failure")),
             panics: counter("sluice_connection_panics_total", vec![]),
             directions: [direction(0), direction(1)],
+            budget_limit: gauge("sluice_budget_limit_bytes", vec![]),
+            budget_used: gauge("sluice_budget_used_bytes", vec![]),
             connections: Arc::default(),
             handle,
         };
@@ -339,6 +369,14 @@ impl Metrics {
     pub fn set_limits(&self, bounds: [usize; 2]) {
         for (d, b) in self.directions.iter().zip(bounds) {
             d.limit.set(b as f64);
+        }
+    }
+
+    /// The gauges a [`Budget`](crate::budget::Budget) keeps current.
+    pub fn budget_gauges(&self) -> BudgetGauges {
+        BudgetGauges {
+            limit: self.budget_limit.clone(),
+            used: self.budget_used.clone(),
         }
     }
 

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -79,15 +79,13 @@ pub struct Entry {
     pub client: SocketAddr,
     client_fd: RawFd,
     /// Set once the upstream has answered; until then the connection is connecting.
-    upstream: OnceLock<Upstream>,
+    upstream: OnceLock<SocketAddr>,
+    /// The upstream socket while it is open (-1 before and after); changed only under
+    /// the entry's shard lock, which a scrape holds while it asks the socket.
+    upstream_fd: AtomicI32,
     pub started: Instant,
     /// Client→upstream first.
     pub directions: [DirectionFigures; 2],
-}
-
-struct Upstream {
-    address: SocketAddr,
-    fd: RawFd,
 }
 
 /// What one direction of a connection holds and has done, as the relay last reported.
@@ -149,22 +147,18 @@ impl KernelBytes {
 impl Entry {
     /// The upstream this connection is relayed to, once connected.
     pub fn upstream(&self) -> Option<SocketAddr> {
-        self.upstream.get().map(|u| u.address)
+        self.upstream.get().copied()
     }
 
-    /// Records the connected upstream socket. Its descriptor must stay open until the
-    /// entry's [`Registered`] guard has dropped.
-    pub fn connected(&self, address: SocketAddr, fd: RawFd) {
-        let _ = self.upstream.set(Upstream { address, fd });
-    }
-
-    /// The kernel's bytes per direction now (zero before the upstream is connected, as
-    /// nothing is relayed yet). Call only while the entry is registered.
+    /// The kernel's bytes per direction now (zero while the upstream socket is not
+    /// open, as nothing is relayed then). Call only with the entry's shard locked, or
+    /// from the connection's own task.
     pub fn kernel_bytes(&self) -> [KernelBytes; 2] {
-        let Some(up) = self.upstream.get() else {
+        let upstream = self.upstream_fd.load(Ordering::Relaxed);
+        if upstream < 0 {
             return [KernelBytes::default(); 2];
-        };
-        let (client, upstream) = (self.client_fd, up.fd);
+        }
+        let client = self.client_fd;
         [
             KernelBytes {
                 source_unread: unread(client),
@@ -178,24 +172,12 @@ impl Entry {
     }
 }
 
-/// Bytes received and not yet read on a socket (`SIOCINQ`); 0 if it cannot be asked.
 fn unread(fd: RawFd) -> u64 {
-    ioctl_count(fd, libc::FIONREAD as _)
+    crate::socket::unread_bytes(&fd) as u64
 }
 
-/// Bytes written and not yet acknowledged on a socket (`SIOCOUTQ`); 0 if it cannot be
-/// asked.
 fn unacked(fd: RawFd) -> u64 {
-    ioctl_count(fd, libc::TIOCOUTQ as _)
-}
-
-fn ioctl_count(fd: RawFd, request: libc::Ioctl) -> u64 {
-    let mut n: libc::c_int = 0;
-    // SAFETY: both requests write one int through the pointer, and the descriptor is a
-    // socket kept open by its connection while its entry is registered (the caller holds
-    // the entry's shard lock, which deregistration needs).
-    let r = unsafe { libc::ioctl(fd, request, &mut n) };
-    if r < 0 { 0 } else { n.max(0) as u64 }
+    crate::socket::unacked_bytes(&fd) as u64
 }
 
 /// Keeps a connection in the registry; removes it on drop, which must come before its
@@ -209,6 +191,34 @@ impl std::ops::Deref for Registered<'_> {
     type Target = Entry;
     fn deref(&self) -> &Entry {
         &self.entry
+    }
+}
+
+impl<'a> Registered<'a> {
+    /// Records the connected upstream socket; the returned guard takes it off the entry
+    /// and must drop before the socket closes.
+    pub fn connected(&self, address: SocketAddr, fd: RawFd) -> UpstreamListed<'_, 'a> {
+        let _ = self.entry.upstream.set(address);
+        self.set_upstream_fd(fd);
+        UpstreamListed(self)
+    }
+
+    fn set_upstream_fd(&self, fd: RawFd) {
+        let _shard = self
+            .registry
+            .shard(self.entry.id)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.entry.upstream_fd.store(fd, Ordering::Relaxed);
+    }
+}
+
+/// Keeps a connection's upstream socket on its entry; see [`Registered::connected`].
+pub struct UpstreamListed<'r, 'a>(&'r Registered<'a>);
+
+impl Drop for UpstreamListed<'_, '_> {
+    fn drop(&mut self) {
+        self.0.set_upstream_fd(-1);
     }
 }
 
@@ -316,6 +326,7 @@ impl Registry {
             client,
             client_fd,
             upstream: OnceLock::new(),
+            upstream_fd: AtomicI32::new(-1),
             started: Instant::now(),
             directions: Default::default(),
         });

@@ -47,6 +47,7 @@ use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -56,6 +57,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::{self, Budget, Grant, Waiting};
 pub use crate::config::RelayMode;
 use crate::metrics::{DirectionMetrics, Metrics};
 use crate::registry::{DirectionFigures, Entry};
@@ -149,6 +151,8 @@ enum Filled {
     WouldBlock,
     /// No room: the queue holds `bound` bytes.
     Full,
+    /// Waiting in line for the budget to grant a buffer (its waker is registered).
+    NoBudget,
 }
 
 /// What [`Direction::poll_drain`] did.
@@ -323,6 +327,8 @@ struct Transitions {
     resumed: bool,
     /// A pause began.
     paused: bool,
+    /// The direction joined the budget's line.
+    waited: bool,
 }
 
 /// Where a direction reports its figures for `GET /connections`.
@@ -360,6 +366,13 @@ struct Direction {
     pauses: u64,
     /// Pauses and drains since the last report.
     transitions: Transitions,
+    /// `buffer.total`, shared by every connection; `None` in tests of a lone direction.
+    budget: Option<Arc<Budget>>,
+    /// The buffer the budget granted, held while the direction holds bytes.
+    grant: Option<Grant>,
+    /// The direction's place in the budget's line while it waits for a grant (boxed: a
+    /// direction that never waits does not carry it).
+    in_line: Option<Box<Waiting>>,
     /// When the running pause began, on the metrics clock; set by [`Direction::report`].
     paused_since: Option<f64>,
     /// What the metrics have been told so far, so updates can be batched per poll.
@@ -380,6 +393,9 @@ impl Direction {
             delivered: 0,
             pauses: 0,
             transitions: Transitions::default(),
+            budget: None,
+            grant: None,
+            in_line: None,
             paused_since: None,
             reported_queued: 0,
             reported_delivered: 0,
@@ -392,17 +408,73 @@ impl Direction {
         self
     }
 
+    /// The same direction, sharing `budget` with every other connection.
+    fn with_budget(mut self, budget: Arc<Budget>) -> Direction {
+        self.budget = Some(budget);
+        self
+    }
+
     /// Bytes queued, in whichever queue holds them.
     fn queued(&self) -> usize {
         self.queue.len() + self.pipe.as_ref().map_or(0, |p| p.len())
     }
 
-    /// Gives the ring or the pipe back if nothing is queued.
+    /// Most bytes the queue may hold now: the granted buffer's size, or the bound.
+    fn capacity(&self) -> usize {
+        self.grant.as_ref().map_or(self.bound, |g| g.bytes)
+    }
+
+    /// Whether this direction holds a whole buffer from the budget while others wait
+    /// in line for one: then it does not read again until its queue is empty, and
+    /// gives the buffer back there.
+    fn owes_a_turn(&self) -> bool {
+        self.grant
+            .as_ref()
+            .is_some_and(|g| g.from == budget::From::Queue)
+            && self.budget.as_ref().is_some_and(|b| b.contended())
+    }
+
+    /// Gives the ring or the pipe back if nothing is queued, and with it the grant.
     fn release_if_empty(&mut self) {
         self.queue.release_if_empty();
         if let Some(pipe) = &mut self.pipe {
             pipe.release_if_empty();
         }
+        if self.queued() == 0
+            && let Some(grant) = self.grant.take()
+            && let Some(budget) = &self.budget
+        {
+            budget.release(grant);
+        }
+    }
+
+    /// Gets a buffer granted by the budget: at once, or after waiting in line.
+    /// `Pending` while in line (the waker is registered).
+    fn poll_grant<S: Source>(&mut self, cx: &mut Context<'_>, src: &S) -> Poll<()> {
+        let Some(budget) = self.budget.clone() else {
+            return Poll::Ready(());
+        };
+        if self.in_line.is_none() {
+            // Whatever is left of the last buffer is empty: drop it, so the next one is
+            // taken at the granted size.
+            self.release_if_empty();
+            let waiting = || src.socket().map(crate::socket::unread_bytes);
+            match budget.ask(self.bound, waiting) {
+                budget::Asked::Granted(g) => {
+                    self.grant = Some(g);
+                    return Poll::Ready(());
+                }
+                budget::Asked::Queued(w) => {
+                    self.in_line = Some(Box::new(w));
+                    self.transitions.waited = true;
+                }
+            }
+        }
+        let w = self.in_line.as_mut().expect("in line");
+        let grant = ready!(budget.poll_wait(cx, w));
+        self.in_line = None;
+        self.grant = Some(grant);
+        Poll::Ready(())
     }
 
     /// Moves bytes from `src` to `dst` until both would block (`Pending`), or until the
@@ -457,23 +529,41 @@ impl Direction {
         cx: &mut Context<'_>,
         src: &mut S,
     ) -> Result<Filled, Failure> {
-        let room = self.bound - self.queued();
-        if room == 0 {
-            return Ok(Filled::Full);
+        if self.queued() == 0 && self.owes_a_turn() {
+            // Others wait for a buffer: this one goes back, and this direction lines up
+            // behind them.
+            self.release_if_empty();
         }
         // Without a buffer, wait for the source to have something before taking one, so
-        // an idle direction holds no memory (and no pipe).
-        if self.queue.data.is_none() && !self.pipe.as_ref().is_some_and(|p| p.has_pipe()) {
+        // an idle direction holds no memory (and no pipe, and no grant).
+        let budgeted = self.budget.as_ref().is_some_and(|b| b.enabled());
+        let needs_grant = budgeted && self.grant.is_none() && self.queued() == 0;
+        if needs_grant
+            || (self.queue.data.is_none() && !self.pipe.as_ref().is_some_and(|p| p.has_pipe()))
+        {
             match src.poll_readable(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Err(Failure::source(e)),
                 Poll::Pending => return Ok(Filled::WouldBlock),
             }
         }
-        if let Some(pipe) = self.pipe.as_mut()
+        if needs_grant && self.poll_grant(cx, src).is_pending() {
+            return Ok(Filled::NoBudget);
+        }
+        let capacity = self.capacity();
+        let room = capacity - self.queued();
+        if room == 0 {
+            return Ok(Filled::Full);
+        }
+        // A small grant from the budget's reserve is copied through a small ring.
+        let small_grant = self
+            .grant
+            .as_ref()
+            .is_some_and(|g| g.from == budget::From::Reserve);
+        if let Some(pipe) = self.pipe.as_mut().filter(|_| !small_grant)
             && let Some(socket) = src.socket()
         {
-            match pipe.poll_splice_in(cx, socket, self.bound, room) {
+            match pipe.poll_splice_in(cx, socket, capacity, room) {
                 Poll::Ready(Ok(spliced)) => return self.spliced_in(spliced),
                 Poll::Pending => return Ok(Filled::WouldBlock),
                 Poll::Ready(Err(unsupported)) => {
@@ -484,7 +574,7 @@ impl Direction {
                 }
             }
         }
-        let free = self.queue.free(self.bound);
+        let free = self.queue.free(capacity);
         debug_assert!(!free.is_empty() && free.len() <= room);
         let mut buf = ReadBuf::uninit(free);
         // tokio's poll_read clears readiness after a short read, which saves the read
@@ -497,7 +587,7 @@ impl Direction {
                 }
                 self.queue.commit(n);
                 self.received += n as u64;
-                debug_assert!(self.queue.len() <= self.bound);
+                debug_assert!(self.queue.len() <= self.capacity());
                 Ok(Filled::Read(n))
             }
             Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => Ok(Filled::Read(0)),
@@ -580,7 +670,8 @@ impl Direction {
 
     /// A paused direction that has drained to the resume mark reads again.
     fn resume_if_drained(&mut self) {
-        if self.state == State::Paused && self.queued() <= self.resume {
+        let mark = if self.owes_a_turn() { 0 } else { self.resume };
+        if self.state == State::Paused && self.queued() <= mark {
             self.state = State::Streaming;
             self.transitions.resumed = true;
         }
@@ -620,6 +711,9 @@ impl Direction {
         if t == Transitions::default() {
             return;
         }
+        if t.waited {
+            m.budget_waits.increment(1);
+        }
         let now = clock.now();
         // A drain ends the pause that was running before this poll; a pause that began
         // in this poll starts after it.
@@ -642,6 +736,8 @@ impl Direction {
     /// Ends the direction for good: reports, ends a running pause, drops the queue.
     fn finish(&mut self, m: &DirectionMetrics, clock: &Metrics, live: &Live<'_>) {
         self.report(m, clock, live);
+        live.figures.queued.store(0, Relaxed);
+        live.figures.set_paused(live.started, None);
         if let Some(since) = self.paused_since.take() {
             m.paused.stop(since, clock.now());
         }
@@ -656,6 +752,8 @@ impl Direction {
         if let Some(pipe) = &mut self.pipe {
             pipe.clear();
         }
+        self.in_line = None;
+        self.release_if_empty();
     }
 }
 
@@ -697,6 +795,7 @@ impl<'a> Relay<'a> {
         config: &RelayConfig,
         metrics: &'a Metrics,
         entry: &'a Entry,
+        budget: &Arc<Budget>,
     ) -> Relay<'a> {
         Relay {
             client: client.split(),
@@ -704,8 +803,12 @@ impl<'a> Relay<'a> {
             metrics,
             entry,
             dirs: [
-                Direction::new(config.bounds[0], config.resume_at).with_mode(config.mode),
-                Direction::new(config.bounds[1], config.resume_at).with_mode(config.mode),
+                Direction::new(config.bounds[0], config.resume_at)
+                    .with_mode(config.mode)
+                    .with_budget(budget.clone()),
+                Direction::new(config.bounds[1], config.resume_at)
+                    .with_mode(config.mode)
+                    .with_budget(budget.clone()),
             ],
             done: [false; 2],
             last_moved: Instant::now(),

@@ -1,6 +1,7 @@
 //! Socket tuning through socket2: buffer sizes, TCP_NODELAY, keepalive, and resets.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
@@ -78,4 +79,23 @@ pub fn effective_buffers(sock: SockRef<'_>) -> (usize, usize) {
 /// a clean end of stream it could mistake for a complete reply.
 pub fn reset_on_close(sock: SockRef<'_>) {
     let _ = sock.set_linger(Some(Duration::ZERO));
+}
+
+/// Bytes received and not yet read on a socket (`SIOCINQ`); 0 if it cannot be asked.
+pub fn unread_bytes(sock: &impl AsRawFd) -> usize {
+    ioctl_count(sock.as_raw_fd(), libc::FIONREAD as _)
+}
+
+/// Bytes written and not yet acknowledged by the peer, sent or not (`SIOCOUTQ`); 0 if it
+/// cannot be asked.
+pub fn unacked_bytes(sock: &impl AsRawFd) -> usize {
+    ioctl_count(sock.as_raw_fd(), libc::TIOCOUTQ as _)
+}
+
+fn ioctl_count(fd: RawFd, request: libc::Ioctl) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: both requests write one int through the pointer; a descriptor that is not
+    // an open socket makes the call fail, which reads as 0.
+    let r = unsafe { libc::ioctl(fd, request, &mut n) };
+    if r < 0 { 0 } else { n.max(0) as usize }
 }

@@ -574,7 +574,8 @@ fn full_queue_and_blocked_sink_pause_once() {
         dir.transitions,
         Transitions {
             paused: true,
-            resumed: false
+            resumed: false,
+            waited: false
         }
     );
     let reads = src.reads;
@@ -637,7 +638,8 @@ fn drains_only_at_the_resume_mark() {
         dir.transitions,
         Transitions {
             resumed: true,
-            paused: false
+            paused: false,
+            waited: false
         }
     );
     assert_eq!(dir.pauses, 1);
@@ -659,7 +661,8 @@ fn drain_in_one_write_below_the_mark_then_refill_pauses_again() {
         dir.transitions,
         Transitions {
             resumed: true,
-            paused: true
+            paused: true,
+            waited: false
         }
     );
     assert_eq!(dir.queue.len(), BOUND);
@@ -938,4 +941,103 @@ fn finish_reports_what_no_report_has_seen_yet() {
     // Finishing twice (Drop after an explicit finish) changes nothing.
     dir.finish(dm, &m, &live);
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 0.0, 0.0, 0.0, 0.0]);
+}
+
+/// A budget whose queue pool holds exactly one `BOUND` buffer (16 bytes: 14 queue, 2
+/// reserve, too little for a small buffer).
+fn one_buffer_budget() -> Arc<Budget> {
+    let gauges = crate::budget::BudgetGauges {
+        limit: metrics::Gauge::noop(),
+        used: metrics::Gauge::noop(),
+    };
+    Arc::new(Budget::new(2 * BOUND, gauges))
+}
+
+#[test]
+fn a_direction_waits_in_line_for_the_budget_and_is_served_when_the_holder_empties() {
+    let budget = one_buffer_budget();
+    let mut a = Direction::new(BOUND, RESUME_AT).with_budget(budget.clone());
+    let mut b = Direction::new(BOUND, RESUME_AT).with_budget(budget.clone());
+    let (mut a_src, mut a_dst) = linked(BOUND);
+    let (mut b_src, mut b_dst) = linked(BOUND);
+
+    // A takes the one buffer and pauses on a blocked sink with more to read.
+    a_src.push(&pattern(3 * BOUND));
+    expect_pending(poll(&mut a, &mut a_src, &mut a_dst));
+    assert_eq!(a.state, State::Paused);
+    assert_eq!(budget.used(), BOUND);
+
+    // B has bytes too, but the budget is spent: it lines up, neither reading nor pausing.
+    b_src.push(b"hello");
+    expect_pending(poll(&mut b, &mut b_src, &mut b_dst));
+    assert_eq!((b.received, b.pauses), (0, 0));
+    assert!(b.transitions.waited);
+    assert!(b.queue.data.is_none(), "no buffer without a grant");
+    assert!(budget.contended());
+
+    // A's reader takes half: with someone in line, A does not read again at the resume
+    // mark (as it would alone), only once it is empty.
+    a_dst.give(BOUND / 2);
+    expect_pending(poll(&mut a, &mut a_src, &mut a_dst));
+    assert_eq!(a.state, State::Paused);
+    assert_eq!(a.received, BOUND as u64);
+
+    // Empty: A gives its buffer back and lines up behind B.
+    a_dst.give(BOUND / 2);
+    expect_pending(poll(&mut a, &mut a_src, &mut a_dst));
+    assert_eq!(a.delivered, BOUND as u64);
+    assert_eq!(a.received, BOUND as u64, "A waits for its next turn");
+    assert!(a.grant.is_none() && a.in_line.is_some());
+    assert!(budget.used() <= budget.limit());
+
+    // B is served, reads and delivers.
+    b_dst.give(64);
+    expect_pending(poll(&mut b, &mut b_src, &mut b_dst));
+    assert_eq!(b_dst.written, b"hello");
+    // Empty and idle: B's buffer goes back at once and A's turn comes.
+    assert!(b.grant.is_none());
+    a_dst.give(64);
+    expect_pending(poll(&mut a, &mut a_src, &mut a_dst));
+    assert!(a.received > BOUND as u64, "A reads again");
+    assert!(budget.used() <= budget.limit());
+}
+
+#[test]
+fn finishing_a_direction_gives_its_grant_back_and_leaves_the_line() {
+    let budget = one_buffer_budget();
+    let m = Metrics::new([BOUND, BOUND]);
+    let e = entry(&m);
+    let dm = &m.directions[CLIENT_TO_UPSTREAM];
+    let mut a = Direction::new(BOUND, RESUME_AT).with_budget(budget.clone());
+    let mut b = Direction::new(BOUND, RESUME_AT).with_budget(budget.clone());
+    let (mut a_src, mut a_dst) = linked(BOUND);
+    let (mut b_src, mut b_dst) = linked(BOUND);
+    a_src.push(&pattern(BOUND));
+    expect_pending(poll(&mut a, &mut a_src, &mut a_dst));
+    b_src.push(b"x");
+    expect_pending(poll(&mut b, &mut b_src, &mut b_dst));
+    assert!(budget.contended());
+    b.finish(dm, &m, &Live::of(&e, CLIENT_TO_UPSTREAM));
+    assert!(!budget.contended(), "a closed connection leaves the line");
+    assert_eq!(
+        sample(&m.render(), "sluice_budget_waits_total", CLIENT_TO_UPSTREAM),
+        1.0
+    );
+    a.finish(dm, &m, &Live::of(&e, CLIENT_TO_UPSTREAM));
+    assert_eq!(budget.used(), 0, "bytes thrown away give their grant back");
+}
+
+#[test]
+fn without_a_budget_in_force_a_direction_uses_its_own_bound() {
+    let budget = one_buffer_budget();
+    budget.resize(0);
+    let mut a = Direction::new(BOUND, RESUME_AT).with_budget(budget.clone());
+    let mut b = Direction::new(BOUND, RESUME_AT).with_budget(budget.clone());
+    for dir in [&mut a, &mut b] {
+        let (mut src, mut dst) = linked(BOUND);
+        src.push(&pattern(BOUND));
+        expect_pending(poll(dir, &mut src, &mut dst));
+        assert_eq!(dir.state, State::Paused);
+    }
+    assert_eq!(budget.used(), 0);
 }

@@ -1,0 +1,377 @@
+//! `buffer.total`: the most buffer memory all connections together may hold.
+//!
+//! # How it is shared
+//!
+//! A direction needs a buffer only while it has bytes queued (an idle one holds none), and
+//! with a budget it must be granted one before it reads. The budget is split in two pools:
+//!
+//! - **The queue**: `total − reserve`. A grant is a whole buffer (the direction's bound).
+//!   When the pool cannot grant at once, the direction waits in one FIFO queue with every
+//!   other direction that could not (tokio's fair [`Semaphore`]), so no one starves. A
+//!   direction holding a grant while others wait gives it back as soon as its queue is
+//!   empty (a paused one does not read again until then), and queues again behind them.
+//! - **The reserve**: `total / 8`. A direction whose source has at most [`SMALL`] bytes
+//!   waiting when the queue pool cannot grant takes a [`SMALL`] buffer from the reserve
+//!   instead, ahead of the queue: a new interactive client's request goes through at once
+//!   even when slow readers hold the rest.
+//!
+//! So at most `total` bytes of buffers are granted at any instant (after a reload lowers
+//! the total, grants above it are taken back as they are returned).
+//!
+//! # What the metrics show
+//!
+//! `sluice_budget_used_bytes` is the size of the buffers granted now (a granted buffer
+//! counts whole, however much of it is filled); `sluice_budget_waits_total{direction}`
+//! counts the times a direction had to queue.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use metrics::Gauge;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+
+/// The buffer size a reserve grant gives, and the most bytes a source may have waiting
+/// for its direction to be served from the reserve: a request, a command, a keystroke.
+pub const SMALL: usize = 4096;
+/// The reserve is `total / RESERVE_SHARE`.
+pub const RESERVE_SHARE: usize = 8;
+
+/// The process-wide budget; `limit` 0 means no budget (every direction has its own
+/// buffer whatever the others hold).
+pub struct Budget {
+    /// Whole-buffer grants, waited for in FIFO order.
+    queue: Pool,
+    /// Small grants for small reads, never waited for.
+    reserve: Pool,
+    limit: AtomicUsize,
+    /// Directions waiting in the queue pool now: a direction holding a grant gives it
+    /// back at its next empty queue only when someone waits.
+    waiting: Arc<AtomicUsize>,
+    /// Size of the grants held now.
+    used: AtomicUsize,
+    /// Whether a budget is in force (`limit > 0`).
+    enabled: AtomicBool,
+    gauges: BudgetGauges,
+}
+
+/// `sluice_budget_limit_bytes` and `sluice_budget_used_bytes`.
+pub struct BudgetGauges {
+    pub limit: Gauge,
+    pub used: Gauge,
+}
+
+/// One pool's bytes: a semaphore of one permit per byte.
+struct Pool {
+    permits: Arc<Semaphore>,
+    /// The pool's size and what it still owes after a shrink.
+    size: Mutex<Size>,
+    /// Nonzero while the pool owes permits, so a release checks the mutex only then.
+    owing: AtomicBool,
+}
+
+#[derive(Default)]
+struct Size {
+    bytes: usize,
+    /// Permits a shrink could not take back at once (they were granted); withheld from
+    /// releases until paid.
+    debt: usize,
+}
+
+/// Which pool a grant came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum From {
+    Queue,
+    Reserve,
+}
+
+/// Buffer bytes a direction holds from the budget; given back with [`Budget::release`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub bytes: usize,
+    pub from: From,
+}
+
+/// A direction's place in the queue pool's line; dropping it leaves the line.
+pub struct Waiting {
+    acquire: Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>,
+    bytes: usize,
+    /// The budget's count of directions in line.
+    line: Arc<AtomicUsize>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.line.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What asking for a grant came to.
+pub enum Asked {
+    Granted(Grant),
+    /// In line: poll [`Budget::poll_wait`] with this until it grants.
+    Queued(Waiting),
+}
+
+impl Pool {
+    fn new(bytes: usize) -> Pool {
+        Pool {
+            permits: Arc::new(Semaphore::new(bytes)),
+            size: Mutex::new(Size { bytes, debt: 0 }),
+            owing: AtomicBool::new(false),
+        }
+    }
+
+    fn try_take(&self, bytes: usize) -> bool {
+        match self.permits.try_acquire_many(bytes as u32) {
+            Ok(p) => {
+                p.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn give_back(&self, bytes: usize) {
+        let mut bytes = bytes;
+        if self.owing.load(Ordering::Acquire) {
+            let mut size = self.size.lock().unwrap_or_else(|e| e.into_inner());
+            let paid = size.debt.min(bytes);
+            size.debt -= paid;
+            bytes -= paid;
+            self.owing.store(size.debt > 0, Ordering::Release);
+        }
+        if bytes > 0 {
+            self.permits.add_permits(bytes);
+        }
+    }
+
+    /// Grows or shrinks the pool to `bytes`; what a shrink cannot take back now (it is
+    /// granted) is withheld from later releases.
+    fn resize(&self, bytes: usize) {
+        let mut size = self.size.lock().unwrap_or_else(|e| e.into_inner());
+        if bytes >= size.bytes {
+            let mut more = bytes - size.bytes;
+            let paid = size.debt.min(more);
+            size.debt -= paid;
+            more -= paid;
+            self.permits.add_permits(more);
+        } else {
+            let fewer = size.bytes - bytes;
+            let taken = self.permits.forget_permits(fewer);
+            size.debt += fewer - taken;
+        }
+        size.bytes = bytes;
+        self.owing.store(size.debt > 0, Ordering::Release);
+    }
+}
+
+impl Budget {
+    /// A budget of `limit` bytes (0: none), reporting to `gauges`.
+    pub fn new(limit: usize, gauges: BudgetGauges) -> Budget {
+        let (queue, reserve) = split(limit);
+        gauges.limit.set(limit as f64);
+        gauges.used.set(0.0);
+        Budget {
+            queue: Pool::new(queue),
+            reserve: Pool::new(reserve),
+            limit: AtomicUsize::new(limit),
+            waiting: Arc::default(),
+            used: AtomicUsize::new(0),
+            enabled: AtomicBool::new(limit > 0),
+            gauges,
+        }
+    }
+
+    /// Whether directions must be granted their buffers.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Size of the grants held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Whether some direction waits in line for a grant.
+    pub fn contended(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
+    }
+
+    /// Puts a new limit in force (a reload): grants held stay valid; a lower limit is
+    /// reached as they are given back.
+    pub fn resize(&self, limit: usize) {
+        let (queue, reserve) = split(limit);
+        self.queue.resize(queue);
+        self.reserve.resize(reserve);
+        self.limit.store(limit, Ordering::Relaxed);
+        self.enabled.store(limit > 0, Ordering::Relaxed);
+        self.gauges.limit.set(limit as f64);
+    }
+
+    /// Asks for a buffer of `bytes` for a direction whose source has `waiting()` bytes
+    /// ready (`None`: unknown, so not small; asked only when the queue pool cannot
+    /// grant): from the queue pool if it has them now, else from the reserve for a small
+    /// read, else in line.
+    pub fn ask(&self, bytes: usize, waiting: impl FnOnce() -> Option<usize>) -> Asked {
+        // Not past anyone in line, even when the bytes free would do.
+        if !self.contended() && self.queue.try_take(bytes) {
+            return Asked::Granted(self.granted(bytes, From::Queue));
+        }
+        let small = SMALL.min(bytes);
+        if waiting().is_some_and(|w| w <= small) && self.reserve.try_take(small) {
+            return Asked::Granted(self.granted(small, From::Reserve));
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Asked::Queued(Waiting {
+            acquire: Box::pin(self.queue.permits.clone().acquire_many_owned(bytes as u32)),
+            bytes,
+            line: self.waiting.clone(),
+        })
+    }
+
+    /// Polls a direction's place in line (the first poll takes the place); `Ready` once
+    /// its grant is there, after which the [`Waiting`] is dropped.
+    pub fn poll_wait(&self, cx: &mut Context<'_>, w: &mut Waiting) -> Poll<Grant> {
+        match w.acquire.as_mut().poll(cx) {
+            Poll::Ready(Ok(permit)) => {
+                permit.forget();
+                Poll::Ready(self.granted(w.bytes, From::Queue))
+            }
+            // The semaphore is never closed.
+            Poll::Ready(Err(_)) => Poll::Pending,
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn granted(&self, bytes: usize, from: From) -> Grant {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+        self.gauges.used.increment(bytes as f64);
+        Grant { bytes, from }
+    }
+
+    /// Gives a grant back.
+    pub fn release(&self, grant: Grant) {
+        self.used.fetch_sub(grant.bytes, Ordering::Relaxed);
+        self.gauges.used.decrement(grant.bytes as f64);
+        match grant.from {
+            From::Queue => self.queue.give_back(grant.bytes),
+            From::Reserve => self.reserve.give_back(grant.bytes),
+        }
+    }
+}
+
+/// (queue pool, reserve) for a total.
+fn split(limit: usize) -> (usize, usize) {
+    let reserve = limit / RESERVE_SHARE;
+    (limit - reserve, reserve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+
+    fn budget(limit: usize) -> Budget {
+        let gauges = BudgetGauges {
+            limit: Gauge::noop(),
+            used: Gauge::noop(),
+        };
+        Budget::new(limit, gauges)
+    }
+
+    fn granted(a: Asked) -> Grant {
+        match a {
+            Asked::Granted(g) => g,
+            Asked::Queued(_) => panic!("queued, expected a grant"),
+        }
+    }
+
+    fn queued(a: Asked) -> Waiting {
+        match a {
+            Asked::Granted(g) => panic!("granted {g:?}, expected to queue"),
+            Asked::Queued(w) => w,
+        }
+    }
+
+    fn poll(b: &Budget, w: &mut Waiting) -> Poll<Grant> {
+        b.poll_wait(&mut Context::from_waker(Waker::noop()), w)
+    }
+
+    #[test]
+    fn grants_whole_buffers_until_the_queue_pool_is_spent_then_lines_up_in_order() {
+        // 64 KiB: 56 KiB queue pool, 8 KiB reserve.
+        let b = budget(64 << 10);
+        let first = granted(b.ask(32 << 10, || None));
+        assert_eq!(first.from, From::Queue);
+        assert_eq!(b.used(), 32 << 10);
+        // 24 KiB left in the queue pool: not enough for another 32.
+        let mut second_in_line = queued(b.ask(32 << 10, || None));
+        let mut third_in_line = queued(b.ask(16 << 10, || None));
+        assert!(b.contended());
+        assert!(poll(&b, &mut second_in_line).is_pending());
+        // FIFO: the third asks for less than is free, but waits behind the second.
+        assert!(poll(&b, &mut third_in_line).is_pending());
+        b.release(first);
+        let Poll::Ready(second) = poll(&b, &mut second_in_line) else {
+            panic!("the first in line is served once bytes are back");
+        };
+        assert_eq!(second.bytes, 32 << 10);
+        let Poll::Ready(third) = poll(&b, &mut third_in_line) else {
+            panic!("16 KiB of 24 are free");
+        };
+        assert!(b.contended(), "in line until the place is dropped");
+        drop((second_in_line, third_in_line));
+        assert!(!b.contended());
+        assert!(b.used() <= b.limit());
+        b.release(second);
+        b.release(third);
+        assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn a_small_read_takes_the_reserve_ahead_of_the_line() {
+        let b = budget(64 << 10);
+        let big = granted(b.ask(56 << 10, || None));
+        let _line = queued(b.ask(56 << 10, || Some(100 << 10)));
+        let small = granted(b.ask(56 << 10, || Some(64)));
+        assert_eq!(
+            small,
+            Grant {
+                bytes: SMALL,
+                from: From::Reserve
+            }
+        );
+        // Two reserve buffers fit in 8 KiB; the third small read queues.
+        let small2 = granted(b.ask(56 << 10, || Some(SMALL)));
+        let _third = queued(b.ask(56 << 10, || Some(64)));
+        assert_eq!(b.used(), (56 << 10) + 2 * SMALL);
+        assert!(b.used() <= b.limit());
+        for g in [big, small, small2] {
+            b.release(g);
+        }
+        assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn a_lower_limit_is_reached_as_grants_come_back() {
+        let b = budget(64 << 10);
+        let g = granted(b.ask(48 << 10, || None));
+        b.resize(32 << 10);
+        assert_eq!(b.limit(), 32 << 10);
+        // The 48 KiB grant stays; nothing more fits until it is back.
+        let _w = queued(b.ask(4 << 10, || None));
+        b.release(g);
+        // Now 28 KiB of queue pool: a 28 KiB grant fits, 29 would not.
+        let mut w = queued(b.ask(29 << 10, || None));
+        assert!(poll(&b, &mut w).is_pending());
+        b.resize(128 << 10);
+        assert!(poll(&b, &mut w).is_ready());
+    }
+}
