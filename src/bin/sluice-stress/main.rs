@@ -16,6 +16,7 @@
 //! - `svg.rs`: report.svg, memory and queued bytes over time.
 //! - `demo.rs`: `demo`, the README's first command.
 //! - `progress.rs`: progress bars.
+//! - `top.rs`: `top`, a running sluice's live connections from its `GET /connections`.
 
 mod baseline;
 mod bench;
@@ -29,6 +30,7 @@ mod proxy_process;
 mod rate;
 mod scenario;
 mod svg;
+mod top;
 mod upstream;
 
 use std::fmt;
@@ -60,6 +62,9 @@ enum Command {
     /// Measure sluice side by side with a direct connection, tokio's copy_bidirectional,
     /// HAProxy and nginx: throughput, latency, connection rate, memory per connection.
     Bench(bench::BenchArgs),
+    /// A running sluice's live connections, refreshed like top(1): what each holds in sluice
+    /// and in the kernel per direction, and how long it has been paused.
+    Top(top::TopArgs),
     /// The relay without backpressure used by `scenario --baseline unbounded`.
     #[command(hide = true)]
     UnboundedRelay(baseline::UnboundedArgs),
@@ -110,6 +115,7 @@ fn run_async(command: Command) -> anyhow::Result<()> {
             Command::Upstream(args) => upstream::run(args).await,
             Command::Clients(args) => clients::run(args).await,
             Command::Scenario(args) => scenario::run(args).await,
+            Command::Top(args) => top::run(args).await,
             Command::UnboundedRelay(args) => baseline::run(args).await,
             Command::Bench(_) => unreachable!("bench runs outside run_async"),
         }
