@@ -228,7 +228,7 @@ pub async fn soak(args: &ScenarioArgs) -> Result<()> {
     let mut config = ProxyConfig::new(listener.local_addr()?);
     config.client_to_upstream = args.bound;
     config.upstream_to_client = args.bound;
-    config.socket_buffer = args.socket_buffer;
+    config.socket_buffer = Some(args.socket_buffer);
     let up_stats = Arc::new(UpstreamStats::default());
     let up_stop = CancellationToken::new();
     let up_task = tokio::spawn(upstream::serve(

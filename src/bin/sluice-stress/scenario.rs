@@ -301,7 +301,7 @@ pub async fn run(args: ScenarioArgs) -> Result<()> {
     let mut config = ProxyConfig::new(upstream_addr_placeholder);
     config.client_to_upstream = args.bound;
     config.upstream_to_client = args.bound;
-    config.socket_buffer = args.socket_buffer;
+    config.socket_buffer = Some(args.socket_buffer);
     runs.push(run_once(ProxyKind::Sluice(config), &wl, args.duration, true).await?);
     if args.baseline == Some(Baseline::Unbounded) {
         runs.push(

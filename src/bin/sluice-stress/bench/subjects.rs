@@ -175,7 +175,7 @@ impl Subject {
         // The stress tool's generated config, with the kernel's socket buffers left alone
         // (as every other subject has them) and the bounds of the profile.
         let mut config = ProxyConfig::new(upstream);
-        config.socket_buffer = 0;
+        config.socket_buffer = Some(0);
         config.relay_mode = relay_mode;
         config.scheduler = scheduler;
         if profile == Profile::Memory {
