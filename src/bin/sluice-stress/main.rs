@@ -8,6 +8,7 @@
 //!   slowly, refuses, blackholes or trickles.
 //! - `clients.rs`: `clients`, N concurrent verifying clients.
 //! - `proxy_process.rs`: a proxy as a child process (spawn, ports, RSS, /metrics, SIGTERM).
+//! - `kernel_memory.rs`: the kernel memory in a process's TCP sockets (`ss`'s skmem).
 //! - `baseline.rs`: `unbounded-relay`, the relay without backpressure sluice is compared with.
 //! - `bench/`: `bench`, sluice side by side with a direct connection, copy_bidirectional,
 //!   HAProxy and nginx.
@@ -22,6 +23,7 @@ mod bench;
 mod chaos;
 mod clients;
 mod demo;
+mod kernel_memory;
 mod load;
 mod pattern;
 mod progress;
