@@ -105,11 +105,45 @@ fn slow_readers_scenario_stays_bounded_and_the_unbounded_baseline_grows() {
         "baseline peak RSS {baseline_rss} not above sluice's {peak_rss}"
     );
 
+    // The kernel memory in each proxy's sockets was read along with its RSS: slow readers
+    // leave bytes queued in the proxy's client-side send queues.
+    let kernel = tool_available("ss", "iproute2", "the kernel memory series");
+    if kernel {
+        for proxy in ["sluice", "unbounded"] {
+            let run = report["runs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["proxy"] == proxy)
+                .unwrap();
+            let samples = run["samples"].as_array().unwrap();
+            let read = samples
+                .iter()
+                .filter(|s| s["kernel_bytes"].is_u64())
+                .count();
+            assert!(read > 0, "no sample of {proxy} has kernel_bytes");
+            for s in samples.iter().filter(|s| s["kernel_bytes"].is_u64()) {
+                assert_eq!(
+                    u(&s["kernel_bytes"]),
+                    u(&s["kernel_rmem_alloc"]) + u(&s["kernel_wmem_queued"]),
+                    "{s}"
+                );
+            }
+            let peak = u(&run["summary"]["peak_kernel_bytes"]);
+            assert!(peak > 0, "{proxy}: no kernel memory in its sockets");
+        }
+        assert!(stdout.contains("peak kernel "), "{stdout}");
+    }
+
     let svg = std::fs::read_to_string(dir.path().join("report.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert!(svg.contains("unbounded relay") && svg.contains("sluice ("));
-    // Two panels (RSS, queued) × two runs.
-    assert_eq!(svg.matches("<path ").count(), 4);
+    // Panels (RSS, queued, and kernel memory when `ss` is there) × two runs.
+    let panels = if kernel { 3 } else { 2 };
+    assert_eq!(svg.matches("<path ").count(), panels * 2);
+    if kernel {
+        assert!(svg.contains("Kernel memory in the proxy"));
+    }
 }
 
 #[test]
@@ -287,7 +321,9 @@ fn sha(bytes: &[u8]) -> Vec<u8> {
     Sha256::digest(bytes).to_vec()
 }
 
-fn tool_available(name: &str) -> bool {
+/// Whether `name` is installed; under CI its absence fails the test instead of skipping
+/// `what`.
+fn tool_available(name: &str, package: &str, what: &str) -> bool {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {name}")])
         .stdout(Stdio::null())
@@ -296,9 +332,9 @@ fn tool_available(name: &str) -> bool {
         .unwrap_or(false);
     if !found {
         if std::env::var_os("CI").is_some() {
-            panic!("{name} is required under CI (apt-get install netcat-openbsd pv)");
+            panic!("{name} is required under CI (apt-get install {package})");
         }
-        eprintln!("note: {name} not installed; skipping the netcat/pv test");
+        eprintln!("note: {name} not installed; skipping {what}");
     }
     found
 }
@@ -333,7 +369,8 @@ fn sample_queued(
 
 #[test]
 fn netcat_and_pv_slow_peers_get_exact_bytes_and_queues_stay_bounded() {
-    if !tool_available("nc") || !tool_available("pv") {
+    let what = "the netcat/pv test";
+    if !tool_available("nc", "netcat-openbsd", what) || !tool_available("pv", "pv", what) {
         return;
     }
     const CONNS: usize = 4;

@@ -192,7 +192,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     specs.extend(vec![ClientSpec::new(ClientMode::Echo); args.writers]);
     let conns = specs.len() as u64;
 
-    let sampler = Sampler::start(&sluice);
+    let sampler = Sampler::start(&sluice)?;
     let live = Arc::new(LiveStats::default());
     let stop = CancellationToken::new();
     let runner = tokio::spawn(clients::run_clients(

@@ -228,7 +228,7 @@ pub async fn soak(args: &ScenarioArgs) -> Result<()> {
     let mut config = ProxyConfig::new(listener.local_addr()?);
     config.client_to_upstream = args.bound;
     config.upstream_to_client = args.bound;
-    config.socket_buffer = args.socket_buffer;
+    config.socket_buffer = Some(args.socket_buffer);
     let up_stats = Arc::new(UpstreamStats::default());
     let up_stop = CancellationToken::new();
     let up_task = tokio::spawn(upstream::serve(
@@ -238,7 +238,7 @@ pub async fn soak(args: &ScenarioArgs) -> Result<()> {
         up_stop.clone(),
     ));
     let mut proxy = ProxyProcess::spawn_sluice(&config)?;
-    let sampler = Sampler::start(&proxy);
+    let sampler = Sampler::start(&proxy)?;
     let target = proxy.listen_addr();
 
     let stop = CancellationToken::new();
@@ -312,6 +312,8 @@ pub async fn soak(args: &ScenarioArgs) -> Result<()> {
         peak_queued_bytes: peak(Sample::queued),
         peak_queued_client_to_upstream: peak(|s| s.queued_client_to_upstream),
         peak_queued_upstream_to_client: peak(|s| s.queued_upstream_to_client),
+        peak_kernel_bytes: samples.iter().filter_map(|s| s.kernel_bytes).max(),
+        peak_kernel_queued_bytes: samples.iter().filter_map(Sample::kernel_queued).max(),
         bound_client_to_upstream: Some(args.bound),
         bound_upstream_to_client: Some(args.bound),
         queued_limit_client_to_upstream: Some(args.bound * n),

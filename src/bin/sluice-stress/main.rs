@@ -8,12 +8,14 @@
 //!   slowly, refuses, blackholes or trickles.
 //! - `clients.rs`: `clients`, N concurrent verifying clients.
 //! - `proxy_process.rs`: a proxy as a child process (spawn, ports, RSS, /metrics, SIGTERM).
+//! - `kernel_memory.rs`: the kernel memory in a process's TCP sockets (`ss`'s skmem), for
+//!   `bench` and the scenarios' samples.
 //! - `baseline.rs`: `unbounded-relay`, the relay without backpressure sluice is compared with.
 //! - `bench/`: `bench`, sluice side by side with a direct connection, copy_bidirectional,
 //!   HAProxy and nginx.
 //! - `scenario.rs`: `scenario`, built-in workloads sampled every 100 ms into report.json.
 //! - `load.rs`: the `many-conns` and `soak` scenarios (RSS against the bound, RSS over time).
-//! - `svg.rs`: report.svg, memory and queued bytes over time.
+//! - `svg.rs`: report.svg, memory, queued bytes and kernel socket memory over time.
 //! - `demo.rs`: `demo`, the README's first command.
 //! - `progress.rs`: progress bars.
 //! - `top.rs`: `top`, a running sluice's live connections from its `GET /connections`.
@@ -23,6 +25,7 @@ mod bench;
 mod chaos;
 mod clients;
 mod demo;
+mod kernel_memory;
 mod load;
 mod pattern;
 mod progress;

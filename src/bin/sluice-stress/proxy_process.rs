@@ -41,8 +41,9 @@ pub struct ProxyConfig {
     /// Fraction of the bound at which a paused direction reads again.
     pub resume_at: f64,
     /// SO_RCVBUF/SO_SNDBUF on both sides of sluice. Small kernel buffers make backpressure
-    /// reach sluice's own buffers quickly instead of hiding megabytes in the kernel.
-    pub socket_buffer: u64,
+    /// reach sluice's own buffers quickly instead of hiding megabytes in the kernel. `None`
+    /// leaves the keys out, so sluice runs with its shipped default (what a user gets).
+    pub socket_buffer: Option<u64>,
     /// `[listen] max_connections`; high enough for any scenario.
     pub max_connections: u64,
     /// `[log] level`; `info` is needed for the listening lines we parse.
@@ -61,7 +62,7 @@ impl ProxyConfig {
             client_to_upstream: 64 * 1024,
             upstream_to_client: 64 * 1024,
             resume_at: 0.5,
-            socket_buffer: 16 * 1024,
+            socket_buffer: Some(16 * 1024),
             max_connections: 100_000,
             log_level: "info".to_string(),
             relay_mode: "copy",
@@ -93,11 +94,7 @@ mode = "{mode}"
 scheduler = "{scheduler}"
 
 [socket]
-client_recv_buffer = {sb}
-client_send_buffer = {sb}
-upstream_recv_buffer = {sb}
-upstream_send_buffer = {sb}
-nodelay = true
+{socket_buffers}nodelay = true
 keepalive = "60s"
 
 [timeouts]
@@ -119,7 +116,10 @@ format = "text"
             resume = self.resume_at,
             mode = self.relay_mode,
             scheduler = self.scheduler,
-            sb = self.socket_buffer,
+            socket_buffers = self.socket_buffer.map_or(String::new(), |sb| format!(
+                "client_recv_buffer = {sb}\nclient_send_buffer = {sb}\n\
+                 upstream_recv_buffer = {sb}\nupstream_send_buffer = {sb}\n"
+            )),
             level = self.log_level,
         )
     }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::UsageError;
 use crate::baseline::CAP_EXIT_CODE;
 use crate::clients::{self, ClientMode, ClientSpec, ClientsSummary, LiveStats};
+use crate::kernel_memory;
 use crate::proxy_process::{DIRECTIONS, Metrics, ProxyConfig, ProxyProcess};
 use crate::rate::{Rate, format_bytes, parse_duration, parse_size};
 use crate::svg;
@@ -21,6 +22,8 @@ use crate::upstream::{self, UpstreamMode, UpstreamSpec, UpstreamStats};
 
 /// How often the proxy is sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// sluice's gauge of the bytes in its sockets' kernel queues, by direction (newer daemons).
+const KERNEL_QUEUED: &str = "sluice_kernel_queued_bytes";
 /// How long sluice may take to exit after SIGTERM (its generated shutdown_grace is 2 s).
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -184,11 +187,34 @@ pub struct Sample {
     pub connections_active: u64,
     pub bytes_per_sec_client_to_upstream: f64,
     pub bytes_per_sec_upstream_to_client: f64,
+    /// Kernel memory in the proxy's TCP sockets, receive plus send queues (`ss` skmem
+    /// r + w; see kernel_memory.rs). Absent when `ss` is not installed, and in samples
+    /// between readings when there are so many sockets that reading them every 100 ms
+    /// would cost more than a fifth of a core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_bytes: Option<u64>,
+    /// Of those, the receive queues (skmem r, rmem_alloc).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_rmem_alloc: Option<u64>,
+    /// Of those, the send queues (skmem w, wmem_queued).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_wmem_queued: Option<u64>,
+    /// sluice's own count of the bytes its sockets' kernel queues hold
+    /// (`sluice_kernel_queued_bytes`), when its /metrics has it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_queued_client_to_upstream: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_queued_upstream_to_client: Option<u64>,
 }
 
 impl Sample {
     pub fn queued(&self) -> u64 {
         self.queued_client_to_upstream + self.queued_upstream_to_client
+    }
+
+    /// Both directions of `sluice_kernel_queued_bytes`, when the proxy reports it.
+    pub fn kernel_queued(&self) -> Option<u64> {
+        Some(self.kernel_queued_client_to_upstream? + self.kernel_queued_upstream_to_client?)
     }
 }
 
@@ -231,6 +257,13 @@ pub struct RunSummary {
     pub peak_queued_bytes: u64,
     pub peak_queued_client_to_upstream: u64,
     pub peak_queued_upstream_to_client: u64,
+    /// Highest kernel memory in the proxy's sockets (r + w) of any sample; absent when it
+    /// was never read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_kernel_bytes: Option<u64>,
+    /// Highest `sluice_kernel_queued_bytes`, both directions, when the proxy reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_kernel_queued_bytes: Option<u64>,
     /// sluice's per-connection bounds (absent for the baseline, which has none).
     pub bound_client_to_upstream: Option<u64>,
     pub bound_upstream_to_client: Option<u64>,
@@ -301,7 +334,7 @@ pub async fn run(args: ScenarioArgs) -> Result<()> {
     let mut config = ProxyConfig::new(upstream_addr_placeholder);
     config.client_to_upstream = args.bound;
     config.upstream_to_client = args.bound;
-    config.socket_buffer = args.socket_buffer;
+    config.socket_buffer = Some(args.socket_buffer);
     runs.push(run_once(ProxyKind::Sluice(config), &wl, args.duration, true).await?);
     if args.baseline == Some(Baseline::Unbounded) {
         runs.push(
@@ -371,10 +404,19 @@ pub async fn run(args: ScenarioArgs) -> Result<()> {
 pub fn print_run(r: &RunReport) {
     let s = &r.summary;
     println!(
-        "{:>9}: peak RSS {} (start {}), peak queued {}{}, pauses {}, drains {}, verified {}, errors {}{}",
+        "{:>9}: peak RSS {} (start {}), peak kernel {}, peak queued {}{}, pauses {}, drains {}, verified {}, errors {}{}",
         r.proxy,
         format_bytes(s.peak_rss_bytes),
         format_bytes(s.start_rss_bytes),
+        match (s.peak_kernel_bytes, s.peak_kernel_queued_bytes) {
+            (Some(k), Some(q)) => format!(
+                "{} in sockets ({} queued by its count)",
+                format_bytes(k),
+                format_bytes(q)
+            ),
+            (Some(k), None) => format!("{} in sockets", format_bytes(k)),
+            (None, _) => "not read (no ss)".to_string(),
+        },
         format_bytes(s.peak_queued_bytes),
         match (
             s.queued_limit_client_to_upstream,
@@ -443,7 +485,7 @@ pub async fn run_once(
     };
     let mut proxy = proxy;
 
-    let sampler = Sampler::start(&proxy);
+    let sampler = Sampler::start(&proxy)?;
     let specs = wl.clients.clone();
     let live = Arc::new(LiveStats::default());
     let stop = CancellationToken::new();
@@ -505,6 +547,8 @@ pub async fn run_once(
         peak_queued_bytes: peak(Sample::queued),
         peak_queued_client_to_upstream: peak(|s| s.queued_client_to_upstream),
         peak_queued_upstream_to_client: peak(|s| s.queued_upstream_to_client),
+        peak_kernel_bytes: samples.iter().filter_map(|s| s.kernel_bytes).max(),
+        peak_kernel_queued_bytes: samples.iter().filter_map(Sample::kernel_queued).max(),
         bound_client_to_upstream: bounds.map(|b| b.0),
         bound_upstream_to_client: bounds.map(|b| b.1),
         queued_limit_client_to_upstream: bounds.map(|b| b.0 * conns),
@@ -539,12 +583,16 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn start(proxy: &ProxyProcess) -> Self {
+    /// Starts sampling `proxy`. Fails only where the kernel memory must be read and cannot
+    /// be (`ss` missing under CI).
+    pub fn start(proxy: &ProxyProcess) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let samples = Arc::new(Mutex::new(Vec::new()));
         let errors = Arc::new(Mutex::new(0));
         let pid = proxy.pid();
         let metrics = proxy.metrics_addr();
+        let mut kernel = kernel_memory::ss_available()?
+            .then(|| kernel_memory::Reader::new(vec![pid], SAMPLE_EVERY));
         let thread = {
             let (stop, samples, errors) = (stop.clone(), samples.clone(), errors.clone());
             std::thread::spawn(move || {
@@ -561,6 +609,14 @@ impl Sampler {
                     let Ok(rss) = crate::proxy_process::rss_of(pid) else {
                         // The process is gone (the baseline at its cap); nothing more to see.
                         break;
+                    };
+                    let in_sockets = match kernel.as_mut().and_then(|k| k.poll(false)) {
+                        Some(Ok(reading)) => Some(reading),
+                        Some(Err(_)) => {
+                            *errors.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                            None
+                        }
+                        None => None,
                     };
                     match scraped {
                         Ok(m) => {
@@ -589,6 +645,15 @@ impl Sampler {
                                 connections_active: m.sum("sluice_connections_active") as u64,
                                 bytes_per_sec_client_to_upstream: rates[0],
                                 bytes_per_sec_upstream_to_client: rates[1],
+                                kernel_bytes: in_sockets.map(|k| k.bytes()),
+                                kernel_rmem_alloc: in_sockets.map(|k| k.rmem_alloc),
+                                kernel_wmem_queued: in_sockets.map(|k| k.wmem_queued),
+                                kernel_queued_client_to_upstream: m
+                                    .get(KERNEL_QUEUED, &[("direction", DIRECTIONS[0])])
+                                    .map(|v| v as u64),
+                                kernel_queued_upstream_to_client: m
+                                    .get(KERNEL_QUEUED, &[("direction", DIRECTIONS[1])])
+                                    .map(|v| v as u64),
                             };
                             samples.lock().unwrap_or_else(|e| e.into_inner()).push(s);
                         }
@@ -604,12 +669,12 @@ impl Sampler {
                 }
             })
         };
-        Sampler {
+        Ok(Sampler {
             stop,
             samples,
             errors,
             thread,
-        }
+        })
     }
 
     /// The latest sample (zeros before the first).
@@ -644,9 +709,11 @@ fn run_label(r: &RunReport) -> String {
     }
 }
 
-/// The two-panel chart: RSS and queued bytes over time, a line per run.
+/// The chart: RSS, queued bytes and (when read) the kernel memory in the proxy's sockets over
+/// time, a line per run.
 pub fn render_svg(report: &Report) -> String {
-    let series = |pick: fn(&Sample) -> u64| -> Vec<svg::Series> {
+    // A line per run through the samples that have the value.
+    let series = |pick: fn(&Sample) -> Option<u64>| -> Vec<svg::Series> {
         report
             .runs
             .iter()
@@ -654,7 +721,11 @@ pub fn render_svg(report: &Report) -> String {
             .map(|(r, color)| svg::Series {
                 label: run_label(r),
                 color,
-                points: r.samples.iter().map(|s| (s.t, pick(s) as f64)).collect(),
+                points: r
+                    .samples
+                    .iter()
+                    .filter_map(|s| Some((s.t, pick(s)? as f64)))
+                    .collect(),
                 end_note: r
                     .summary
                     .killed_at_cap
@@ -676,21 +747,33 @@ pub fn render_svg(report: &Report) -> String {
         )),
         _ => None,
     };
+    let mut panels = vec![
+        svg::Panel {
+            title: "Proxy memory (RSS)".to_string(),
+            series: series(|s| Some(s.rss_bytes)),
+            limit: None,
+        },
+        svg::Panel {
+            title: "Queued bytes (all connections, both directions)".to_string(),
+            series: series(|s| Some(s.queued())),
+            limit,
+        },
+    ];
+    if report
+        .runs
+        .iter()
+        .any(|r| r.samples.iter().any(|s| s.kernel_bytes.is_some()))
+    {
+        panels.push(svg::Panel {
+            title: "Kernel memory in the proxy's sockets (ss skmem r + w)".to_string(),
+            series: series(|s| s.kernel_bytes),
+            limit: None,
+        });
+    }
     svg::render(
         &format!("sluice-stress scenario {}", scenario_slug(report.scenario)),
         &report.description,
-        &[
-            svg::Panel {
-                title: "Proxy memory (RSS)".to_string(),
-                series: series(|s| s.rss_bytes),
-                limit: None,
-            },
-            svg::Panel {
-                title: "Queued bytes (all connections, both directions)".to_string(),
-                series: series(Sample::queued),
-                limit,
-            },
-        ],
+        &panels,
     )
 }
 

@@ -1,4 +1,4 @@
-//! report.svg: hand-written SVG line charts (memory and queued bytes over time, one line per run). No plotting dependency.
+//! report.svg: hand-written SVG line charts (memory, queued bytes and kernel socket memory over time, one line per run). No plotting dependency.
 
 use std::fmt::Write as _;
 

@@ -271,6 +271,9 @@ pub async fn open_idle(target: SocketAddr, conns: usize) -> Result<Vec<TcpStream
 /// What the slow readers did.
 pub struct SlowReport {
     pub bytes: u64,
+    /// The connections, still open: the queues behind them are at their fullest now, and the
+    /// caller measures before dropping them.
+    pub streams: Vec<TcpStream>,
 }
 
 /// `conns` clients with an SO_RCVBUF of `rcvbuf`, each reading `rate` bytes/s for `duration`
@@ -312,14 +315,17 @@ pub async fn slow_readers(
                     tokio::time::sleep(Duration::from_millis(25)).await;
                 }
             }
-            Ok::<_, anyhow::Error>(got)
+            Ok::<_, anyhow::Error>((got, stream))
         });
     }
     let mut bytes = 0;
+    let mut streams = Vec::with_capacity(conns);
     while let Some(done) = readers.join_next().await {
-        bytes += done??;
+        let (got, stream) = done??;
+        bytes += got;
+        streams.push(stream);
     }
-    Ok(SlowReport { bytes })
+    Ok(SlowReport { bytes, streams })
 }
 
 /// Value at quantile `q` (0..=1) of sorted samples (nearest rank).

@@ -11,7 +11,8 @@
 //! - `iperf.rs`: iperf3 through the proxy for the one-stream figure.
 //! - `http.rs`: wrk through the proxy to a real nginx for the request/response figure.
 //! - `cpu.rs`: CPU seconds of a subject's process tree from `/proc/PID/stat`.
-//! - `memory.rs`: memory per connection on a fresh process.
+//! - `memory.rs`: memory per connection on a fresh process, and what a slow reader costs
+//!   (RSS plus the kernel memory of the subject's sockets, read by `crate::kernel_memory`).
 //! - `report.rs`: medians, the Markdown table, the JSON.
 //!
 //! Speed tests start each subject afresh for every measurement and rotate the order of the
@@ -35,8 +36,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
+use crate::kernel_memory;
 use cpu::CpuMeter;
-use memory::MemoryFigure;
+use memory::{MemoryFigure, SlowReaders};
 use report::{Machine, Report, Series, Settings, SubjectResult};
 use subjects::{Profile, Subject, SubjectKind};
 use upstreams::{Mode, Upstream};
@@ -82,7 +84,8 @@ pub struct BenchArgs {
     pub relay_buffer: usize,
 }
 
-/// Slow readers read this many bytes per second each (the figure).
+/// Slow readers read this many bytes per second each (the figure; the slow-readers
+/// scenario's clients read 16 KiB/s).
 const SLOW_RATE: f64 = 32.0 * 1024.0;
 
 /// Slow readers' SO_RCVBUF, so the kernel does not hide the proxy's buffering.
@@ -141,6 +144,15 @@ impl Plan {
                 slow_readers: 200,
                 slow_duration: Duration::from_secs(4),
             }
+        }
+    }
+
+    fn slow_readers(&self) -> SlowReaders {
+        SlowReaders {
+            conns: self.slow_readers,
+            rcvbuf: SLOW_RCVBUF,
+            rate: SLOW_RATE,
+            duration: self.slow_duration,
         }
     }
 
@@ -239,6 +251,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
     };
 
     let (http_case, http_tool) = tokio::task::block_in_place(|| HttpCase::choose(&args));
+    let read_kernel = kernel_memory::ss_available()?;
 
     let mut results: Vec<SubjectResult> = subjects
         .iter()
@@ -289,14 +302,8 @@ async fn bench(args: BenchArgs) -> Result<()> {
                 continue;
             }
             let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
-            let slow = memory::slow_readers(
-                subject,
-                plan.slow_readers,
-                SLOW_RCVBUF,
-                SLOW_RATE,
-                plan.slow_duration,
-            )
-            .await;
+            let readers = plan.slow_readers();
+            let slow = memory::slow_readers(subject, Profile::Memory, readers, read_kernel).await;
             record_memory(
                 result,
                 &tag,
@@ -305,6 +312,30 @@ async fn bench(args: BenchArgs) -> Result<()> {
                 slow,
             );
         }
+    }
+    // What a slow reader costs the machine: the same readers, every subject as shipped,
+    // its RSS and the kernel memory in its sockets.
+    for round in 0..plan.repeats {
+        for k in 0..n {
+            let i = (k + round) % n;
+            let (subject, result) = (&subjects[i], &mut results[i]);
+            if !subject.kind.has_process() {
+                continue;
+            }
+            let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
+            let readers = plan.slow_readers();
+            let cost = memory::slow_readers(subject, Profile::Shipped, readers, read_kernel).await;
+            record_memory(
+                result,
+                &tag,
+                "slow reader cost, RSS KiB/conn",
+                MemoryTest::SlowReaderCost,
+                cost,
+            );
+        }
+    }
+    for result in &mut results {
+        result.slow_reader_cost = report::median_run(&result.slow_reader_cost_runs);
     }
     drop(iperf_server);
     let http_seconds = match http_case {
@@ -343,6 +374,15 @@ async fn bench(args: BenchArgs) -> Result<()> {
             slow_reader_rcvbuf_bytes: SLOW_RCVBUF,
             slow_reader_seconds: plan.slow_duration.as_secs_f64(),
             memory_buffer_bytes: subjects::MEMORY_BUFFER,
+            kernel_memory_tool: if read_kernel {
+                format!(
+                    "`ss {}` ({}): skmem r + w of the sockets in the subject's /proc/PID/fd",
+                    kernel_memory::SS_ARGS.join(" "),
+                    kernel_memory::ss_version().unwrap_or_else(|| "ss".into())
+                )
+            } else {
+                "not measured: ss (iproute2) is not installed".into()
+            },
         },
         subjects: results,
         skipped,
@@ -444,6 +484,9 @@ fn record(result: &mut SubjectResult, tag: &str, what: &str, slot: Slot, value: 
 enum MemoryTest {
     Idle,
     SlowReader,
+    /// Slow readers at the shipped defaults, RSS and kernel; the figure quoted is the run
+    /// with the median total, chosen once every round is in.
+    SlowReaderCost,
 }
 
 fn record_memory(
@@ -455,13 +498,23 @@ fn record_memory(
 ) {
     match measured {
         Ok(m) => {
-            eprintln!("{tag}: {what} {:.2}", m.kib_per_conn);
+            match &m.kernel {
+                Some(kernel) => eprintln!(
+                    "{tag}: {what} {:.2}, kernel KiB/conn {:.2}",
+                    m.kib_per_conn, kernel.kib_per_conn
+                ),
+                None => eprintln!("{tag}: {what} {:.2}", m.kib_per_conn),
+            }
             let (series, runs) = match test {
                 MemoryTest::Idle => (&mut result.idle_kib_per_conn, &mut result.idle_runs),
                 MemoryTest::SlowReader => (
                     &mut result.slow_reader_kib_per_conn,
                     &mut result.slow_reader_runs,
                 ),
+                MemoryTest::SlowReaderCost => {
+                    result.slow_reader_cost_runs.push(m);
+                    return;
+                }
             };
             series
                 .get_or_insert_with(Series::default)

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::memory::MemoryFigure;
+use super::memory::{KernelFigure, MemoryFigure};
 use super::subjects::Skipped;
 
 /// Repeated measurements of one figure and their median (the number quoted).
@@ -62,6 +62,11 @@ pub struct SubjectResult {
     /// Slow-reader memory per connection, median over fresh processes.
     pub slow_reader_kib_per_conn: Option<Series>,
     pub slow_reader_runs: Vec<MemoryFigure>,
+    /// What a slow reader costs the machine at the subject's shipped defaults: the run with
+    /// the median total (RSS + kernel) per connection, quoted whole so its parts add up.
+    pub slow_reader_cost: Option<MemoryFigure>,
+    /// Every run of that test.
+    pub slow_reader_cost_runs: Vec<MemoryFigure>,
     pub errors: Vec<String>,
 }
 
@@ -76,6 +81,10 @@ pub struct Machine {
     /// the first thing to look at when figures disagree between runs.
     pub load_before: f64,
     pub load_after: f64,
+    /// The kernel's TCP settings that decide how much a socket's queues may hold when no
+    /// SO_RCVBUF/SO_SNDBUF is set: `tcp_rmem`, `tcp_wmem` (min, default, most), `tcp_mem`
+    /// (pages, for all sockets) and the congestion control.
+    pub tcp: String,
 }
 
 impl Machine {
@@ -102,8 +111,25 @@ impl Machine {
             memory_gib: (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
             load_before: load_average(),
             load_after: 0.0,
+            tcp: tcp_settings(),
         }
     }
+}
+
+/// `tcp_rmem 4096 131072 6291456, tcp_wmem ..., tcp_mem ..., congestion control cubic`.
+fn tcp_settings() -> String {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|_| "?".into())
+    };
+    format!(
+        "tcp_rmem {}, tcp_wmem {}, tcp_mem {}, congestion control {}",
+        read("tcp_rmem"),
+        read("tcp_wmem"),
+        read("tcp_mem"),
+        read("tcp_congestion_control")
+    )
 }
 
 /// The 1-minute load average.
@@ -134,6 +160,8 @@ pub struct Settings {
     pub slow_reader_rcvbuf_bytes: u32,
     pub slow_reader_seconds: f64,
     pub memory_buffer_bytes: usize,
+    /// How the kernel memory of a subject's sockets was read, or why it was not.
+    pub kernel_memory_tool: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -180,6 +208,17 @@ fn cpu(m: &Option<Series>, has_process: bool) -> String {
         None if has_process => "err".into(),
         None => "–".into(),
     }
+}
+
+/// The run whose total per connection (RSS + kernel, or RSS alone when the kernel was not
+/// read) is the median; of an even number, the lower of the middle two.
+pub fn median_run(runs: &[MemoryFigure]) -> Option<MemoryFigure> {
+    let total = |m: &MemoryFigure| m.total_kib_per_conn().unwrap_or(m.kib_per_conn);
+    let mut sorted: Vec<&MemoryFigure> = runs.iter().collect();
+    sorted.sort_by(|a, b| total(a).total_cmp(&total(b)));
+    sorted
+        .get(sorted.len().saturating_sub(1) / 2)
+        .map(|m| (*m).clone())
 }
 
 fn whole(s: &Option<Series>) -> String {
@@ -315,9 +354,86 @@ impl Report {
                 let _ = writeln!(out, "- Error, {}: {}", r.name, e);
             }
         }
+        self.slow_reader_cost(&mut out);
         out
     }
+
+    /// The second table: RSS and kernel memory per slow reader, every subject as shipped.
+    fn slow_reader_cost(&self, out: &mut String) {
+        let s = &self.settings;
+        let _ = writeln!(
+            out,
+            "\n## {SLOW_READER_COST}\n\n\
+             {} clients with a {} B SO_RCVBUF reading {:.0} KiB/s each for {} s from an upstream \
+             writing as fast as it can, through each proxy at its shipped defaults (a fresh \
+             process each run). The memory the proxy bounds is not all a slow reader pins: the \
+             kernel queues bytes in the proxy's sockets too.\n",
+            s.slow_readers,
+            s.slow_reader_rcvbuf_bytes,
+            s.slow_reader_rate_bytes_per_sec / 1024.0,
+            s.slow_reader_seconds
+        );
+        out.push_str(
+            "| subject | RSS KiB/conn | kernel receive queues (r) KiB/conn \
+             | kernel send queues (w) KiB/conn | kernel KiB/conn | total KiB/conn |\n\
+             |---|---|---|---|---|---|\n",
+        );
+        for r in self.subjects.iter().filter(|r| r.id != "direct") {
+            let Some(m) = &r.slow_reader_cost else {
+                let _ = writeln!(out, "| {} | err | err | err | err | err |", r.name);
+                continue;
+            };
+            let kernel = |f: fn(&KernelFigure) -> f64| {
+                m.kernel
+                    .as_ref()
+                    .map_or("–".into(), |k| format!("{:.1}", f(k)))
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} | {} | {} | {} | {} |",
+                r.name,
+                m.kib_per_conn,
+                kernel(|k| k.recv_kib_per_conn),
+                kernel(|k| k.send_kib_per_conn),
+                kernel(|k| k.kib_per_conn),
+                m.total_kib_per_conn()
+                    .map_or("–".into(), |t| format!("{t:.1}")),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n- RSS: of all the proxy's processes, peak minus start, per connection. Kernel: \
+             {}; r (rmem_alloc) is the receive queues, bytes that arrived and the proxy has not \
+             read, w (wmem_queued) the send queues, bytes it wrote that the reader has not \
+             taken; both at the buffers' true size. Summed over the proxy's client-side and \
+             upstream-side sockets at the fullest reading (every 100 ms, and once more at the \
+             end before the readers close), per connection. Total: RSS + kernel.",
+            s.kernel_memory_tool
+        );
+        let _ = writeln!(
+            out,
+            "- The kernel's settings that size those queues when a proxy sets no socket \
+             buffer: {}.",
+            self.machine.tcp
+        );
+        if s.repeats > 1 {
+            let _ = writeln!(
+                out,
+                "- Each row is the run with the median total of {}, quoted whole so that it adds \
+                 up; every run is in the JSON (slow_reader_cost_runs).",
+                s.repeats
+            );
+        }
+        let _ = writeln!(
+            out,
+            "- sluice (splice) keeps its queued bytes in pipes, not sockets: up to its bound per \
+             direction more kernel memory than the kernel column shows."
+        );
+    }
 }
+
+/// The heading of the slow-reader cost table.
+pub const SLOW_READER_COST: &str = "What a slow reader really costs (per connection)";
 
 #[cfg(test)]
 mod tests {

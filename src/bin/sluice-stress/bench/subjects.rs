@@ -88,6 +88,10 @@ pub enum Profile {
     Defaults,
     /// 16 KiB per direction everywhere (memory tests).
     Memory,
+    /// Each subject as a user gets it (what a slow reader costs): as `Defaults`, except that
+    /// sluice's generated config leaves its socket buffer keys out, so they are the daemon's
+    /// shipped defaults rather than 0 (the kernel's autotuning, as every competitor has).
+    Shipped,
 }
 
 /// A subject found on this machine and ready to be started.
@@ -128,7 +132,7 @@ impl Subject {
         match self.kind {
             SubjectKind::Direct => "client connects straight to the upstream",
             SubjectKind::Sluice => {
-                "generated config (default relay.mode and runtime.scheduler); speed: default 64 KiB bounds; memory: 16 KiB bounds each way"
+                "generated config (default relay.mode and runtime.scheduler); speed: default 64 KiB bounds; memory: 16 KiB bounds each way; slow-reader cost: default 64 KiB bounds and default socket buffers (no [socket] *_buffer keys)"
             }
             SubjectKind::SluiceSplice => {
                 "as sluice, with relay.mode = \"splice\" (a pipe per direction with bytes queued)"
@@ -138,7 +142,7 @@ impl Subject {
             }
             SubjectKind::CopyBidirectional => {
                 "tokio::io::copy_bidirectional in a child process, 2 worker threads; \
-                 speed: 8 KiB buffers (default); memory: 16 KiB each way (_with_sizes)"
+                 speed and slow-reader cost: 8 KiB buffers (default); memory: 16 KiB each way (_with_sizes)"
             }
             SubjectKind::Haproxy => {
                 "nbthread 2, mode tcp, no splice, tune.bufsize 16384 (default), client-fin/server-fin 60s"
@@ -172,10 +176,14 @@ impl Subject {
         relay_mode: &'static str,
         scheduler: &'static str,
     ) -> Result<Running> {
-        // The stress tool's generated config, with the kernel's socket buffers left alone
-        // (as every other subject has them) and the bounds of the profile.
+        // The stress tool's generated config with the bounds of the profile and the socket
+        // buffers at 0, the kernel's autotuning, as every other subject has them; as shipped,
+        // whatever the daemon's own default is.
         let mut config = ProxyConfig::new(upstream);
-        config.socket_buffer = 0;
+        config.socket_buffer = match profile {
+            Profile::Shipped => None,
+            Profile::Defaults | Profile::Memory => Some(0),
+        };
         config.relay_mode = relay_mode;
         config.scheduler = scheduler;
         if profile == Profile::Memory {
@@ -198,7 +206,7 @@ impl Subject {
 
     fn launch_copy_bidirectional(&self, upstream: SocketAddr, profile: Profile) -> Result<Running> {
         let buffer = match profile {
-            Profile::Defaults => super::relay::TOKIO_DEFAULT_BUFFER,
+            Profile::Defaults | Profile::Shipped => super::relay::TOKIO_DEFAULT_BUFFER,
             Profile::Memory => MEMORY_BUFFER,
         };
         let mut child = die_with_parent(Command::new(&self.exe))
