@@ -353,6 +353,10 @@ fn dashboard_is_well_formed_and_names_only_exported_metrics() {
     );
     for family in [
         "sluice_queued_bytes",
+        "sluice_kernel_queued_bytes",
+        "sluice_budget_used_bytes",
+        "sluice_budget_limit_bytes",
+        "sluice_budget_waits_total",
         "sluice_paused_connections",
         "sluice_bytes_total",
     ] {
