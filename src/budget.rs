@@ -5,7 +5,11 @@
 //! A direction needs a buffer only while it has bytes queued (an idle one holds none), and
 //! with a budget it must be granted one before it reads. The budget is split in two pools:
 //!
-//! - **The queue**: `total − reserve`. A grant is a whole buffer (the direction's bound).
+//! - **The queue**: `total − reserve`. A grant is a buffer of the direction's bound, or
+//!   of its fair share when more directions want one than the pool holds bounds for:
+//!   the pool divided by the directions holding or waiting for a grant, rounded down to a
+//!   power of two, at least [`SMALL`]. (Whole bounds for 900 of 8,000 slow readers would
+//!   leave the other 7,100 with nothing for as long as the 900 take to drain theirs.)
 //!   When the pool cannot grant at once, the direction waits in one FIFO queue with every
 //!   other direction that could not (tokio's fair [`Semaphore`]), so no one starves. A
 //!   direction holding a grant while others wait gives it back as soon as its queue is
@@ -52,6 +56,10 @@ pub struct Budget {
     waiting: Arc<AtomicUsize>,
     /// Size of the grants held now.
     used: AtomicUsize,
+    /// Grants from the queue pool held now: with `waiting`, the directions sharing it.
+    holders: AtomicUsize,
+    /// The queue pool's size, for the fair share.
+    queue_bytes: AtomicUsize,
     /// Whether a budget is in force (`limit > 0`).
     enabled: AtomicBool,
     gauges: BudgetGauges,
@@ -180,6 +188,8 @@ impl Budget {
             limit: AtomicUsize::new(limit),
             waiting: Arc::default(),
             used: AtomicUsize::new(0),
+            holders: AtomicUsize::new(0),
+            queue_bytes: AtomicUsize::new(queue),
             enabled: AtomicBool::new(limit > 0),
             gauges,
         }
@@ -209,17 +219,36 @@ impl Budget {
     pub fn resize(&self, limit: usize) {
         let (queue, reserve) = split(limit);
         self.queue.resize(queue);
+        self.queue_bytes.store(queue, Ordering::Relaxed);
         self.reserve.resize(reserve);
         self.limit.store(limit, Ordering::Relaxed);
         self.enabled.store(limit > 0, Ordering::Relaxed);
         self.gauges.limit.set(limit as f64);
     }
 
-    /// Asks for a buffer of `bytes` for a direction whose source has `waiting()` bytes
-    /// ready (`None`: unknown, so not small; asked only when the queue pool cannot
-    /// grant): from the queue pool if it has them now, else from the reserve for a small
-    /// read, else in line.
-    pub fn ask(&self, bytes: usize, waiting: impl FnOnce() -> Option<usize>) -> Asked {
+    /// The buffer a direction with bound `bound` is granted from the queue pool now: the
+    /// bound, or a fair share of the pool when more directions want one than it holds
+    /// bounds for.
+    pub fn share(&self, bound: usize) -> usize {
+        let wanting =
+            self.holders.load(Ordering::Relaxed) + self.waiting.load(Ordering::Relaxed) + 1;
+        let fair = self.queue_bytes.load(Ordering::Relaxed) / wanting;
+        if fair >= bound {
+            return bound;
+        }
+        let floor = SMALL.min(bound);
+        if fair <= floor {
+            return floor;
+        }
+        1 << fair.ilog2()
+    }
+
+    /// Asks for a buffer for a direction with bound `bound` whose source has `waiting()`
+    /// bytes ready (`None`: unknown, so not small; asked only when the queue pool cannot
+    /// grant): its [`share`](Budget::share) from the queue pool if the pool has it now,
+    /// else a small buffer from the reserve for a small read, else in line.
+    pub fn ask(&self, bound: usize, waiting: impl FnOnce() -> Option<usize>) -> Asked {
+        let bytes = self.share(bound);
         // Not past anyone in line, even when the bytes free would do.
         if !self.contended() && self.queue.try_take(bytes) {
             return Asked::Granted(self.granted(bytes, From::Queue));
@@ -251,6 +280,9 @@ impl Budget {
     }
 
     fn granted(&self, bytes: usize, from: From) -> Grant {
+        if from == From::Queue {
+            self.holders.fetch_add(1, Ordering::Relaxed);
+        }
         self.used.fetch_add(bytes, Ordering::Relaxed);
         self.gauges.used.increment(bytes as f64);
         Grant { bytes, from }
@@ -261,7 +293,10 @@ impl Budget {
         self.used.fetch_sub(grant.bytes, Ordering::Relaxed);
         self.gauges.used.decrement(grant.bytes as f64);
         match grant.from {
-            From::Queue => self.queue.give_back(grant.bytes),
+            From::Queue => {
+                self.holders.fetch_sub(1, Ordering::Relaxed);
+                self.queue.give_back(grant.bytes)
+            }
             From::Reserve => self.reserve.give_back(grant.bytes),
         }
     }
@@ -305,34 +340,55 @@ mod tests {
     }
 
     #[test]
-    fn grants_whole_buffers_until_the_queue_pool_is_spent_then_lines_up_in_order() {
+    fn grants_shrink_to_a_fair_share_and_the_line_is_served_in_order() {
         // 64 KiB: 56 KiB queue pool, 8 KiB reserve.
         let b = budget(64 << 10);
         let first = granted(b.ask(32 << 10, || None));
-        assert_eq!(first.from, From::Queue);
-        assert_eq!(b.used(), 32 << 10);
-        // 24 KiB left in the queue pool: not enough for another 32.
-        let mut second_in_line = queued(b.ask(32 << 10, || None));
-        let mut third_in_line = queued(b.ask(16 << 10, || None));
+        assert_eq!(
+            first,
+            Grant {
+                bytes: 32 << 10,
+                from: From::Queue
+            }
+        );
+        // Two want a buffer now: 28 KiB each would be fair, so 16 (a power of two).
+        assert_eq!(b.share(32 << 10), 16 << 10);
+        let second = granted(b.ask(32 << 10, || None));
+        assert_eq!(second.bytes, 16 << 10);
+        // 8 KiB left; the third's share is 16: it lines up.
+        let mut third_in_line = queued(b.ask(32 << 10, || None));
+        // The fourth's share (8 KiB) is free, but it may not pass the third.
+        let mut fourth_in_line = queued(b.ask(32 << 10, || None));
         assert!(b.contended());
-        assert!(poll(&b, &mut second_in_line).is_pending());
-        // FIFO: the third asks for less than is free, but waits behind the second.
         assert!(poll(&b, &mut third_in_line).is_pending());
+        assert!(poll(&b, &mut fourth_in_line).is_pending());
         b.release(first);
-        let Poll::Ready(second) = poll(&b, &mut second_in_line) else {
+        let Poll::Ready(third) = poll(&b, &mut third_in_line) else {
             panic!("the first in line is served once bytes are back");
         };
-        assert_eq!(second.bytes, 32 << 10);
-        let Poll::Ready(third) = poll(&b, &mut third_in_line) else {
-            panic!("16 KiB of 24 are free");
+        assert_eq!(third.bytes, 16 << 10);
+        let Poll::Ready(fourth) = poll(&b, &mut fourth_in_line) else {
+            panic!("then the next");
         };
+        assert_eq!(fourth.bytes, 8 << 10);
         assert!(b.contended(), "in line until the place is dropped");
-        drop((second_in_line, third_in_line));
+        drop((third_in_line, fourth_in_line));
         assert!(!b.contended());
         assert!(b.used() <= b.limit());
-        b.release(second);
-        b.release(third);
+        for g in [second, third, fourth] {
+            b.release(g);
+        }
         assert_eq!(b.used(), 0);
+        assert_eq!(b.share(32 << 10), 32 << 10, "alone again: the whole bound");
+    }
+
+    #[test]
+    fn the_share_is_never_below_a_small_buffer_nor_above_the_bound() {
+        let b = budget(64 << 10);
+        assert_eq!(b.share(1000), 1000);
+        let held: Vec<_> = (0..12).map(|_| b.ask(64 << 10, || None)).collect();
+        assert_eq!(b.share(64 << 10), SMALL);
+        drop(held);
     }
 
     #[test]
@@ -366,10 +422,18 @@ mod tests {
         b.resize(32 << 10);
         assert_eq!(b.limit(), 32 << 10);
         // The 48 KiB grant stays; nothing more fits until it is back.
-        let _w = queued(b.ask(4 << 10, || None));
+        let mut w = queued(b.ask(4 << 10, || None));
+        assert!(poll(&b, &mut w).is_pending());
         b.release(g);
-        // Now 28 KiB of queue pool: a 28 KiB grant fits, 29 would not.
-        let mut w = queued(b.ask(29 << 10, || None));
+        let Poll::Ready(small) = poll(&b, &mut w) else {
+            panic!("served from what came back");
+        };
+        drop(w);
+        b.release(small);
+        // The queue pool is 28 KiB now: all of it, and nothing more.
+        let all = granted(b.ask(28 << 10, || None));
+        assert_eq!(all.bytes, 28 << 10);
+        let mut w = queued(b.ask(4 << 10, || None));
         assert!(poll(&b, &mut w).is_pending());
         b.resize(128 << 10);
         assert!(poll(&b, &mut w).is_ready());

@@ -670,7 +670,13 @@ impl Direction {
 
     /// A paused direction that has drained to the resume mark reads again.
     fn resume_if_drained(&mut self) {
-        let mark = if self.owes_a_turn() { 0 } else { self.resume };
+        // With a buffer smaller than the bound (a fair share of the budget), the mark
+        // is the same fraction of it.
+        let mark = if self.owes_a_turn() {
+            0
+        } else {
+            self.resume * self.capacity() / self.bound
+        };
         if self.state == State::Paused && self.queued() <= mark {
             self.state = State::Streaming;
             self.transitions.resumed = true;
