@@ -10,9 +10,12 @@
 //! 3. **Unloaded ping-pong**: [`PING_CONNS`] new clients in turn ask the upstream for echo
 //!    and time [`ROUND_TRIPS`] 64-byte round trips in all.
 //! 4. **Loaded**: the idle connections ask for `source` and read it at [`READ_RATE`]
-//!    each; once the budget's queue pool is granted out (or a third of `--duration` has
-//!    passed) the ping-pong runs again, back to back with phase 3 so that whatever else
-//!    the machine is doing weighs on both alike. The readers read for `--duration`.
+//!    each. Once the budget's queue pool is granted out and the source has stopped
+//!    filling kernel buffers (it writes no faster than all readers together read), or a
+//!    third of `--duration` has passed, the ping-pong runs again, as soon after phase 3
+//!    as that allows, so whatever else the machine is doing weighs on both alike (the CPU
+//!    each phase saw, sluice's, this process's and everyone else's, is reported beside
+//!    them). The readers read for `--duration`.
 //!
 //! The idle connections become the slow readers instead of being closed and replaced:
 //! a connection's fixed cost then enters the memory limit once, measured in the same
@@ -31,7 +34,8 @@
 //!
 //! The samples leave out `ss`'s kernel memory reading (it costs a fifth of a core at
 //! 16,000 sockets, which the latency figures would feel); sluice's own
-//! `sluice_kernel_queued_bytes` is reported instead.
+//! `sluice_kernel_queued_bytes` is reported instead, and `ss` is read once at the end,
+//! after everything timed.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -46,7 +50,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::bench::cpu::{CpuMeter, ticks_per_second};
 use crate::clients::{self, ClientMode, ClientSpec, ConnResult, Percentiles};
+use crate::kernel_memory;
 use crate::pattern::Verifier;
 use crate::proxy_process::{DIRECTIONS, Metrics, ProxyProcess};
 use crate::rate::{Rate, TokenBucket, format_bytes};
@@ -83,6 +89,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a ping may wait for its echo before the phase fails.
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// The slowest round trips of each phase kept in the report, with when they happened.
+const SLOWEST_KEPT: usize = 5;
 
 /// The slow readers and their upstream, as a [`Workload`] (for the report's description
 /// and the clients' summary; the readers themselves run in [`slow_reader`]).
@@ -129,9 +137,77 @@ pub struct Phases {
     pub loaded: f64,
     pub loaded_ping: f64,
     pub end: f64,
-    /// Whether the budget's queue pool was granted out before the loaded ping-pong (else
-    /// it started after a third of the duration).
+    /// Whether the budget's queue pool was granted out before the loaded ping-pong.
     pub budget_full_before_loaded_ping: bool,
+    /// Whether the source had stopped filling kernel buffers by then (else the ping-pong
+    /// began at a third of the duration anyway).
+    pub source_settled_before_loaded_ping: bool,
+}
+
+/// CPU the machine spent over a span, in cores (CPU seconds per second).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CpuUse {
+    pub secs: f64,
+    pub cores: usize,
+    pub sluice: f64,
+    /// This process: the clients, the upstream, the sampler.
+    pub stress: f64,
+    /// Everything else on the machine.
+    pub others: f64,
+}
+
+/// CPU counters at one instant, to subtract from a later one.
+struct CpuMark {
+    at: Instant,
+    sluice: f64,
+    stress: f64,
+    machine_busy: f64,
+}
+
+impl CpuMark {
+    fn now(sluice: &CpuMeter, stress: &CpuMeter) -> CpuMark {
+        CpuMark {
+            at: Instant::now(),
+            sluice: sluice.seconds(),
+            stress: stress.seconds(),
+            machine_busy: machine_busy_seconds(),
+        }
+    }
+
+    /// What was spent from `self` to now.
+    fn used(&self, sluice: &CpuMeter, stress: &CpuMeter) -> CpuUse {
+        let now = CpuMark::now(sluice, stress);
+        let secs = now.at.duration_since(self.at).as_secs_f64().max(1e-3);
+        let sluice = (now.sluice - self.sluice) / secs;
+        let stress = (now.stress - self.stress) / secs;
+        let busy = (now.machine_busy - self.machine_busy) / secs;
+        CpuUse {
+            secs,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            sluice,
+            stress,
+            others: (busy - sluice - stress).max(0.0),
+        }
+    }
+}
+
+/// CPU seconds all cores have spent busy since boot (`/proc/stat`: user, nice, system,
+/// irq, softirq, steal); 0 where it cannot be read.
+fn machine_busy_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum();
+    busy as f64 / ticks_per_second()
 }
 
 /// Target 1's parts.
@@ -164,6 +240,32 @@ pub struct PingPong {
     pub round_trips: usize,
     pub unloaded: Percentiles,
     pub loaded: Percentiles,
+    /// The slowest round trips: [when it began (the samples' t), seconds].
+    pub unloaded_slowest: Vec<[f64; 2]>,
+    pub loaded_slowest: Vec<[f64; 2]>,
+    pub unloaded_cpu: CpuUse,
+    pub loaded_cpu: CpuUse,
+}
+
+/// One ping-pong phase: each round trip's start and time.
+struct Pings(Vec<(Instant, f64)>);
+
+impl Pings {
+    fn percentiles(&self) -> Percentiles {
+        Percentiles::of(self.0.iter().map(|p| p.1).collect())
+    }
+
+    /// The slowest [`SLOWEST_KEPT`], slowest first, as [t since `origin`, seconds].
+    fn slowest(&self, origin: Instant) -> Vec<[f64; 2]> {
+        let mut v: Vec<[f64; 2]> = self
+            .0
+            .iter()
+            .map(|(at, rtt)| [at.duration_since(origin).as_secs_f64(), *rtt])
+            .collect();
+        v.sort_by(|a, b| b[1].total_cmp(&a[1]));
+        v.truncate(SLOWEST_KEPT);
+        v
+    }
 }
 
 /// Target 4's parts: GET /metrics times of the samples while loaded, seconds.
@@ -192,6 +294,8 @@ pub struct Readers {
     pub first_byte_secs: Percentiles,
     pub bytes_total: u64,
     pub errors: usize,
+    /// CPU over the loaded phase.
+    pub cpu: CpuUse,
 }
 
 /// sluice's counters at the end of the loaded phase.
@@ -204,6 +308,10 @@ pub struct AtEnd {
     pub kernel_queued_client_to_upstream: Option<u64>,
     pub kernel_queued_upstream_to_client: Option<u64>,
     pub budget_used: Option<u64>,
+    /// sluice's sockets' kernel memory (`ss` skmem, truesize), read once here where `ss`
+    /// is installed: receive queues (mostly its upstream sockets') and send queues
+    /// (mostly its client sockets').
+    pub kernel_memory: Option<kernel_memory::SocketMemory>,
 }
 
 /// report.json's `budget` section.
@@ -260,8 +368,13 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
     // Spawned from the main thread (see proxy_process).
     let mut proxy = ProxyProcess::spawn_sluice(&config)?;
     let sampler = Sampler::start_with(&proxy, false)?;
-    let since = |at: Instant| at.duration_since(sampler.started()).as_secs_f64();
+    let origin = sampler.started();
+    let since = |at: Instant| at.duration_since(origin).as_secs_f64();
     let target = proxy.listen_addr();
+    let (sluice_cpu, stress_cpu) = (
+        CpuMeter::new(vec![proxy.pid()]),
+        CpuMeter::new(vec![std::process::id()]),
+    );
     let mut phases = Phases::default();
 
     // 1. Start-up.
@@ -295,12 +408,15 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
     // 3. Unloaded ping-pong.
     eprintln!("budget: {ROUND_TRIPS} round trips unloaded");
     phases.unloaded_ping = since(Instant::now());
+    let mark = CpuMark::now(&sluice_cpu, &stress_cpu);
     let unloaded = tokio::task::spawn_blocking(move || ping_pong(target, ROUND_TRIPS))
         .await?
         .context("the unloaded ping-pong")?;
+    let unloaded_cpu = mark.used(&sluice_cpu, &stress_cpu);
 
     // 4. Loaded: the idle connections become slow readers.
     let stop = CancellationToken::new();
+    let loaded_mark = CpuMark::now(&sluice_cpu, &stress_cpu);
     let go = Instant::now();
     phases.loaded = since(go);
     let stats: Vec<Arc<ReaderStat>> = (0..conns).map(|_| Arc::default()).collect();
@@ -329,20 +445,38 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
             ),
         );
     };
-    // The loaded ping-pong waits until the readers hold the budget's queue pool.
+    // The loaded ping-pong waits until the readers hold the budget's queue pool and the
+    // source no longer writes faster than all readers together read: until then it is
+    // filling kernel buffers (hundreds of MiB on loopback), a start-up burst of the
+    // stand-in, not the steady load.
     let queue_pool = total - total / 8;
     let ping_by = go + duration / 3;
+    let steady_rate = conns as f64 * READ_RATE.0 as f64;
+    let mut last_out = (Instant::now(), up_stats.bytes_out.load(Ordering::Relaxed));
     while Instant::now() < ping_by && proxy.try_exited().is_none() {
         let used = sampler.last().budget_used_bytes.unwrap_or(0);
-        if total > 0 && used + args.bound > queue_pool {
-            phases.budget_full_before_loaded_ping = true;
+        phases.budget_full_before_loaded_ping = total > 0 && used + args.bound > queue_pool;
+        if last_out.0.elapsed() >= Duration::from_millis(500) {
+            let out = up_stats.bytes_out.load(Ordering::Relaxed);
+            let rate = (out - last_out.1) as f64 / last_out.0.elapsed().as_secs_f64();
+            phases.source_settled_before_loaded_ping = rate <= steady_rate;
+            last_out = (Instant::now(), out);
+        }
+        if phases.budget_full_before_loaded_ping && phases.source_settled_before_loaded_ping {
             break;
         }
-        progress(", waiting for it to fill");
+        progress(", waiting for it to fill and the source to settle");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     phases.loaded_ping = since(Instant::now());
-    let loaded_ping = tokio::task::spawn_blocking(move || ping_pong(target, ROUND_TRIPS));
+    let loaded_ping = {
+        let (sluice_cpu, stress_cpu) = (sluice_cpu.clone(), stress_cpu.clone());
+        tokio::task::spawn_blocking(move || {
+            let mark = CpuMark::now(&sluice_cpu, &stress_cpu);
+            let pings = ping_pong(target, ROUND_TRIPS);
+            pings.map(|p| (p, mark.used(&sluice_cpu, &stress_cpu)))
+        })
+    };
 
     let mut at_half: Option<Vec<u64>> = None;
     let end = go + duration;
@@ -357,7 +491,13 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
     let at_end_metrics = proxy.scrape().ok();
     let at_end_bytes = snapshot(&stats);
     phases.end = since(Instant::now());
-    let loaded = loaded_ping.await?.context("the loaded ping-pong")?;
+    // One `ss` reading, after everything timed.
+    let in_sockets = match kernel_memory::ss_available()? {
+        true => Some(kernel_memory::of_processes(&[proxy.pid()])?),
+        false => None,
+    };
+    let loaded_cpu = loaded_mark.used(&sluice_cpu, &stress_cpu);
+    let (loaded, loaded_ping_cpu) = loaded_ping.await?.context("the loaded ping-pong")?;
 
     stop.cancel();
     let mut results = Vec::with_capacity(conns);
@@ -405,11 +545,21 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
         },
         PingPong {
             round_trips: ROUND_TRIPS,
-            unloaded: Percentiles::of(unloaded),
-            loaded: Percentiles::of(loaded),
+            unloaded: unloaded.percentiles(),
+            loaded: loaded.percentiles(),
+            unloaded_slowest: unloaded.slowest(origin),
+            loaded_slowest: loaded.slowest(origin),
+            unloaded_cpu,
+            loaded_cpu: loaded_ping_cpu,
         },
-        readers_summary(&stats, &results, at_half.as_deref(), &at_end_bytes),
-        at_end(at_end_metrics.as_ref()),
+        Readers {
+            cpu: loaded_cpu,
+            ..readers_summary(&stats, &results, at_half.as_deref(), &at_end_bytes)
+        },
+        AtEnd {
+            kernel_memory: in_sockets,
+            ..at_end(at_end_metrics.as_ref())
+        },
     );
 
     let report = Report {
@@ -570,6 +720,28 @@ impl BudgetReport {
             secs(lo.p99),
             secs(lo.max),
         );
+        let p = &self.ping_pong;
+        println!(
+            "     CPU in cores of {}: unloaded ping-pong sluice {:.2}, sluice-stress {:.2}, others {:.2}; loaded ping-pong sluice {:.2}, sluice-stress {:.2}, others {:.2}",
+            p.unloaded_cpu.cores,
+            p.unloaded_cpu.sluice,
+            p.unloaded_cpu.stress,
+            p.unloaded_cpu.others,
+            p.loaded_cpu.sluice,
+            p.loaded_cpu.stress,
+            p.loaded_cpu.others,
+        );
+        let slowest = |v: &[[f64; 2]]| {
+            v.iter()
+                .map(|[t, rtt]| format!("{} at {t:.2} s", secs(*rtt)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "     slowest round trips: unloaded {}; loaded {}",
+            slowest(&p.unloaded_slowest),
+            slowest(&p.loaded_slowest)
+        );
         let sc = &self.scrapes;
         println!(
             "  4. GET /metrics while loaded, max {} < {}: {} (median {}, p99 {}, {} samples)",
@@ -580,9 +752,19 @@ impl BudgetReport {
             secs(sc.p99),
             sc.samples,
         );
-        if !self.phases.budget_full_before_loaded_ping {
+        let ph = &self.phases;
+        println!(
+            "     phases (s since start): idle {:.1}, unloaded ping-pong {:.1}, loaded {:.1}, loaded ping-pong {:.1}, end {:.1}",
+            ph.idle, ph.unloaded_ping, ph.loaded, ph.loaded_ping, ph.end
+        );
+        if !ph.budget_full_before_loaded_ping {
             println!(
                 "     note: the budget's queue pool was not granted out when the loaded ping-pong began"
+            );
+        }
+        if !ph.source_settled_before_loaded_ping {
+            println!(
+                "     note: the source was still filling kernel buffers when the loaded ping-pong began"
             );
         }
         let e = &self.at_end;
@@ -595,6 +777,14 @@ impl BudgetReport {
             opt(e.kernel_queued_upstream_to_client),
             opt(e.budget_used),
         );
+        if let Some(k) = &e.kernel_memory {
+            println!(
+                "     sluice's {} sockets in the kernel (ss skmem, at the end): receive queues {}, send queues {}",
+                k.sockets,
+                format_bytes(k.rmem_alloc),
+                format_bytes(k.wmem_queued),
+            );
+        }
         let r = &self.readers;
         println!(
             "     readers: {} at {READ_RATE}, {} received in all; per reader min {} p1 {} p10 {} p50 {} p99 {} max {}; {} got nothing at all, {} nothing in the second half; first byte after p50 {} p99 {} max {} (of {} that got one); {} errors",
@@ -613,6 +803,10 @@ impl BudgetReport {
             secs(r.first_byte_secs.max),
             r.conns - r.none_at_all,
             r.errors,
+        );
+        println!(
+            "     CPU over the loaded phase, cores of {}: sluice {:.2}, sluice-stress {:.2}, others {:.2}",
+            r.cpu.cores, r.cpu.sluice, r.cpu.stress, r.cpu.others
         );
     }
 }
@@ -690,8 +884,8 @@ async fn slow_reader(
 /// sockets in this thread (a runtime busy with thousands of readers would add its own
 /// scheduling delay): `PING_CONNS` new clients in turn, each asking for echo and timing
 /// its share of `round_trips` (write 64 bytes, read them back, compare). Returns each
-/// round trip's time, seconds.
-fn ping_pong(target: SocketAddr, round_trips: usize) -> Result<Vec<f64>> {
+/// round trip's start and time, seconds.
+fn ping_pong(target: SocketAddr, round_trips: usize) -> Result<Pings> {
     let mut times = Vec::with_capacity(round_trips);
     let per_conn = round_trips.div_ceil(PING_CONNS);
     let mut ping = [0u8; PING_BYTES];
@@ -711,13 +905,13 @@ fn ping_pong(target: SocketAddr, round_trips: usize) -> Result<Vec<f64>> {
             conn.write_all(&ping)?;
             conn.read_exact(&mut pong)
                 .with_context(|| format!("waiting for the echo of ping {n}"))?;
-            times.push(sent.elapsed().as_secs_f64());
+            times.push((sent, sent.elapsed().as_secs_f64()));
             if pong != ping {
                 bail!("ping {n} came back changed");
             }
         }
     }
-    Ok(times)
+    Ok(Pings(times))
 }
 
 fn readers_summary(
@@ -756,6 +950,7 @@ fn readers_summary(
         first_byte_secs: Percentiles::of(first),
         bytes_total: at_end.iter().sum(),
         errors: results.iter().filter(|r| r.error.is_some()).count(),
+        cpu: CpuUse::default(),
     }
 }
 
@@ -773,5 +968,6 @@ fn at_end(m: Option<&Metrics>) -> AtEnd {
         budget_used: m
             .and_then(|m| m.get(crate::scenario::BUDGET_USED, &[]))
             .map(|v| v as u64),
+        kernel_memory: None,
     }
 }
