@@ -524,7 +524,7 @@ pub fn print_run(r: &RunReport) {
                 format_bytes(q)
             ),
             (Some(k), None) => format!("{} in sockets", format_bytes(k)),
-            (None, _) => "not read (no ss)".to_string(),
+            (None, _) => "not sampled".to_string(),
         },
         format_bytes(s.peak_queued_bytes),
         match (
