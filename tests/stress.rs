@@ -146,6 +146,74 @@ fn slow_readers_scenario_stays_bounded_and_the_unbounded_baseline_grows() {
     }
 }
 
+/// `scenario budget` at a small size: report.json holds the four measured targets, and
+/// the budget's gauges show used ≤ limit in every sample while the readers contend for it.
+#[test]
+fn budget_scenario_reports_its_four_targets_and_used_stays_within_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = stress()
+        .args(["scenario", "budget", "--conns", "50", "--total", "1MiB"])
+        .args(["--duration", "3s", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "scenario failed: {stdout}\n{stderr}");
+    println!("{stdout}");
+
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
+            .unwrap();
+    let budget = &report["budget"];
+    // Four targets, each a measurement against a limit (pass or fail is not asserted: the
+    // figures depend on the machine).
+    let targets = budget["targets"].as_array().expect("targets");
+    assert_eq!(targets.len(), 4, "{targets:?}");
+    for t in targets {
+        assert!(t["measured"].as_f64().unwrap() > 0.0, "{t}");
+        assert!(t["limit"].as_f64().unwrap() > 0.0, "{t}");
+        assert!(t["pass"].is_boolean(), "{t}");
+    }
+    for line in [
+        "1. peak RSS",
+        "2. budget used",
+        "3. ping-pong p99",
+        "4. GET /metrics",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in {stdout}");
+    }
+    let memory = &budget["memory"];
+    assert!(u(&memory["start_rss"]) > 0 && u(&memory["idle_rss"]) > 0);
+    assert_eq!(
+        u(&memory["limit"]),
+        u(&memory["start_rss"]) + 50 * u(&memory["idle_cost_per_conn"]) + MIB
+    );
+    assert_eq!(u(&budget["ping_pong"]["round_trips"]), 2000);
+    assert!(u(&budget["scrapes"]["samples"]) > 0);
+
+    // used ≤ limit in every sample, the limit is the total asked for, and the 50 readers
+    // (50 × 64 KiB wanted of 1 MiB) took buffers and queued for more.
+    let samples = report["runs"][0]["samples"].as_array().unwrap();
+    let mut gauged = 0;
+    for s in samples.iter().filter(|s| s["budget_used_bytes"].is_u64()) {
+        assert_eq!(u(&s["budget_limit_bytes"]), MIB, "{s}");
+        assert!(u(&s["budget_used_bytes"]) <= MIB, "{s}");
+        gauged += 1;
+    }
+    assert_eq!(gauged, u(&budget["used"]["samples"]));
+    assert!(gauged > 0);
+    assert_eq!(u(&budget["used"]["samples_over_limit"]), 0);
+    assert!(u(&budget["used"]["max_used"]) > 0);
+    assert!(
+        u(&budget["at_end"]["waits_upstream_to_client"]) > 0,
+        "{budget}"
+    );
+    // Every byte a reader got was the upstream's pattern.
+    assert_eq!(u(&budget["readers"]["errors"]), 0);
+    assert!(u(&budget["readers"]["bytes_total"]) > 0);
+}
+
 #[test]
 fn bad_arguments_exit_with_code_2() {
     for args in [

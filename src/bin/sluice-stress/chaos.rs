@@ -156,6 +156,12 @@ pub struct ChaosStats {
 
 /// Checks combinations clap cannot: a fault that needs the stream to end needs an end.
 pub fn validate(args: &UpstreamArgs, fault: Fault) -> Result<(), UsageError> {
+    if args.mode == UpstreamMode::PerConnection {
+        return Err(UsageError(
+            "--fault needs --mode source, sink or echo (per-connection has no faulty variant)"
+                .into(),
+        ));
+    }
     if let Fault::SlowClose(_) = fault
         && args.mode == UpstreamMode::Source
         && args.bytes.is_none()
@@ -450,6 +456,7 @@ async fn transfer(
                 pace(trickle, &mut bucket, n).await;
             }
         }
+        UpstreamMode::PerConnection => unreachable!("validate refuses per-connection faults"),
     }
 }
 

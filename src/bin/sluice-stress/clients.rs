@@ -165,7 +165,8 @@ pub async fn run_clients(
     results
 }
 
-async fn connect(target: SocketAddr, spec: &ClientSpec) -> Result<TcpStream> {
+/// Connects one client as `spec` says (socket buffers set before the handshake), Nagle off.
+pub async fn connect(target: SocketAddr, spec: &ClientSpec) -> Result<TcpStream> {
     let socket = if target.is_ipv4() {
         TcpSocket::new_v4()
     } else {

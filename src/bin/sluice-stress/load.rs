@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 
 use crate::clients::{self, ClientMode, ClientSpec, ConnResult, LiveStats};
-use crate::proxy_process::{ProxyConfig, ProxyProcess};
+use crate::proxy_process::ProxyProcess;
 use crate::rate::{Rate, format_bytes};
 use crate::scenario::{
     Report, RunReport, RunSummary, Sample, Sampler, ScenarioArgs, ScenarioName, UpstreamSummary,
@@ -215,20 +215,17 @@ pub fn soak_workload(conns: usize) -> Workload {
 /// Runs the soak workload for `--duration`; the first quarter is warm-up, after which
 /// RSS must not grow.
 pub async fn soak(args: &ScenarioArgs) -> Result<()> {
-    let conns = args.conns;
+    let (conns, duration) = (args.conns(), args.duration());
     let wl = soak_workload(conns);
     let description = format!(
         "{} for {}",
         wl.description,
-        humantime::format_duration(args.duration)
+        humantime::format_duration(duration)
     );
     eprintln!("scenario soak: {description}");
     let up_spec = Arc::new(wl.upstream.clone());
     let listener = upstream::bind("127.0.0.1:0".parse()?, &up_spec)?;
-    let mut config = ProxyConfig::new(listener.local_addr()?);
-    config.client_to_upstream = args.bound;
-    config.upstream_to_client = args.bound;
-    config.socket_buffer = Some(args.socket_buffer);
+    let config = args.proxy_config(listener.local_addr()?);
     let up_stats = Arc::new(UpstreamStats::default());
     let up_stop = CancellationToken::new();
     let up_task = tokio::spawn(upstream::serve(
@@ -266,14 +263,14 @@ pub async fn soak(args: &ScenarioArgs) -> Result<()> {
         })
         .collect();
 
-    let bar = crate::progress::bar(Some(args.duration));
+    let bar = crate::progress::bar(Some(duration));
     let started = Instant::now();
-    while started.elapsed() < args.duration && proxy.try_exited().is_none() {
+    while started.elapsed() < duration && proxy.try_exited().is_none() {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let last = sampler.last();
         crate::progress::update(
             &bar,
-            started.elapsed().min(args.duration),
+            started.elapsed().min(duration),
             format!(
                 "sluice: RSS {}, queued {}, {} connections so far, {} errors",
                 format_bytes(last.rss_bytes),
@@ -302,39 +299,19 @@ pub async fn soak(args: &ScenarioArgs) -> Result<()> {
 
     let client_summary = clients::summarize(&specs, &results);
     let upstream = UpstreamSummary::of(&up_stats);
-    let peak = |f: fn(&Sample) -> u64| samples.iter().map(f).max().unwrap_or(0);
-    let mut error_samples = client_summary.error_samples.clone();
-    error_samples.extend(upstream.error_samples.iter().cloned());
-    let n = conns as u64;
-    let summary = RunSummary {
-        start_rss_bytes: samples.first().map_or(0, |s| s.rss_bytes),
-        peak_rss_bytes: peak(|s| s.rss_bytes),
-        peak_queued_bytes: peak(Sample::queued),
-        peak_queued_client_to_upstream: peak(|s| s.queued_client_to_upstream),
-        peak_queued_upstream_to_client: peak(|s| s.queued_upstream_to_client),
-        peak_kernel_bytes: samples.iter().filter_map(|s| s.kernel_bytes).max(),
-        peak_kernel_queued_bytes: samples.iter().filter_map(Sample::kernel_queued).max(),
-        bound_client_to_upstream: Some(args.bound),
-        bound_upstream_to_client: Some(args.bound),
-        queued_limit_client_to_upstream: Some(args.bound * n),
-        queued_limit_upstream_to_client: Some(args.bound * n),
-        pauses: samples.last().map_or(0, |s| s.pauses_total),
-        drains: samples.last().map_or(0, |s| s.drains_total),
-        peak_paused_connections: peak(|s| s.paused_connections),
-        bytes_verified: client_summary.bytes_verified + upstream.bytes_verified,
-        errors: client_summary.errors as u64 + upstream.errors,
-        error_samples: error_samples.into_iter().take(10).collect(),
-        clients: client_summary,
+    let summary = RunSummary::of(
+        &samples,
+        Some((args.bound, args.bound)),
+        conns as u64,
+        client_summary,
         upstream,
-        proxy_exit: exit.to_string(),
-        killed_at_cap: false,
-        samples_taken: samples.len(),
+        exit.to_string(),
         sample_errors,
-    };
+    );
 
     // The verdict: warm-up is the first quarter; compare medians of 5 s windows. Samples
     // after the deadline (clients draining, sluice stopping) are left out.
-    let total = args.duration.as_secs_f64();
+    let total = duration.as_secs_f64();
     let warmup = total / 4.0;
     let after: Vec<&Sample> = samples
         .iter()
@@ -364,7 +341,7 @@ pub async fn soak(args: &ScenarioArgs) -> Result<()> {
         scenario: ScenarioName::Soak,
         description,
         conns,
-        duration_secs: args.duration.as_secs_f64(),
+        duration_secs: duration.as_secs_f64(),
         runs: vec![RunReport {
             proxy: "sluice".to_string(),
             summary,

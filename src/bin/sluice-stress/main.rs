@@ -3,7 +3,8 @@
 //! # Layout
 //! - `pattern.rs`: the verifiable byte stream (any byte recomputable from seed + offset).
 //! - `rate.rs`: sizes, rates, durations, and the token bucket that paces a connection.
-//! - `upstream.rs`: `upstream`, the stand-in upstream (source / sink / echo).
+//! - `upstream.rs`: `upstream`, the stand-in upstream (source / sink / echo, or each
+//!   connection's first line chooses).
 //! - `chaos.rs`: `upstream --fault`: an upstream that resets, closes early, stalls, closes
 //!   slowly, refuses, blackholes or trickles.
 //! - `clients.rs`: `clients`, N concurrent verifying clients.
@@ -15,6 +16,8 @@
 //!   HAProxy and nginx.
 //! - `scenario.rs`: `scenario`, built-in workloads sampled every 100 ms into report.json.
 //! - `load.rs`: the `many-conns` and `soak` scenarios (RSS against the bound, RSS over time).
+//! - `budget.rs`: the `budget` scenario (slow readers sharing `buffer.total`: RSS against
+//!   it, used ≤ limit, a new client's latency and /metrics latency under it).
 //! - `svg.rs`: report.svg, memory, queued bytes and kernel socket memory over time.
 //! - `demo.rs`: `demo`, the README's first command.
 //! - `progress.rs`: progress bars.
@@ -22,6 +25,7 @@
 
 mod baseline;
 mod bench;
+mod budget;
 mod chaos;
 mod clients;
 mod demo;

@@ -40,6 +40,9 @@ pub struct ProxyConfig {
     pub upstream_to_client: u64,
     /// Fraction of the bound at which a paused direction reads again.
     pub resume_at: f64,
+    /// `[buffer] total`, the buffer memory all connections share; `None` leaves the key
+    /// out (no such limit, the daemon's default).
+    pub total: Option<u64>,
     /// SO_RCVBUF/SO_SNDBUF on both sides of sluice. Small kernel buffers make backpressure
     /// reach sluice's own buffers quickly instead of hiding megabytes in the kernel. `None`
     /// leaves the keys out, so sluice runs with its shipped default (what a user gets).
@@ -62,6 +65,7 @@ impl ProxyConfig {
             client_to_upstream: 64 * 1024,
             upstream_to_client: 64 * 1024,
             resume_at: 0.5,
+            total: None,
             socket_buffer: Some(16 * 1024),
             max_connections: 100_000,
             log_level: "info".to_string(),
@@ -86,7 +90,7 @@ connect_timeout = "5s"
 client_to_upstream = {c2u}
 upstream_to_client = {u2c}
 resume_at = {resume}
-
+{total}
 [relay]
 mode = "{mode}"
 
@@ -114,6 +118,9 @@ format = "text"
             c2u = self.client_to_upstream,
             u2c = self.upstream_to_client,
             resume = self.resume_at,
+            total = self
+                .total
+                .map_or(String::new(), |t| format!("total = {t}\n")),
             mode = self.relay_mode,
             scheduler = self.scheduler,
             socket_buffers = self.socket_buffer.map_or(String::new(), |sb| format!(

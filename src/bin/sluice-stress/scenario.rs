@@ -24,6 +24,9 @@ use crate::upstream::{self, UpstreamMode, UpstreamSpec, UpstreamStats};
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// sluice's gauge of the bytes in its sockets' kernel queues, by direction (newer daemons).
 const KERNEL_QUEUED: &str = "sluice_kernel_queued_bytes";
+/// sluice's gauges of its buffer budget (`buffer.total`; newer daemons).
+pub const BUDGET_USED: &str = "sluice_budget_used_bytes";
+pub const BUDGET_LIMIT: &str = "sluice_budget_limit_bytes";
 /// How long sluice may take to exit after SIGTERM (its generated shutdown_grace is 2 s).
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -43,6 +46,10 @@ pub enum ScenarioName {
     /// Soak: --conns slots churn echo connections of 256 KiB for --duration (try 2m); RSS
     /// after the first quarter (warm-up) must not grow.
     Soak,
+    /// buffer.total (--total, default 64MiB) shared by --conns (default 8000) slow readers
+    /// at 4 KiB/s of a fast source: RSS against the budget, used ≤ limit at every sample, a
+    /// new client's ping-pong latency loaded vs unloaded, /metrics latency (default 30s).
+    Budget,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -57,12 +64,12 @@ pub struct ScenarioArgs {
     /// Which built-in workload to run.
     #[arg(value_enum)]
     pub name: ScenarioName,
-    /// Concurrent client connections.
-    #[arg(long, default_value_t = 200)]
-    pub conns: usize,
-    /// How long the clients run.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub duration: Duration,
+    /// Concurrent client connections [default: 200; budget: 8000].
+    #[arg(long)]
+    pub conns: Option<usize>,
+    /// How long the clients run [default: 10s; budget: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
     /// Directory for report.json and report.svg (created if missing).
     #[arg(long, default_value = "target/stress-report")]
     pub out: PathBuf,
@@ -76,9 +83,60 @@ pub struct ScenarioArgs {
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub bound: u64,
     /// SO_RCVBUF/SO_SNDBUF on all of sluice's sockets (small, so backpressure reaches sluice
-    /// quickly instead of being absorbed by the kernel).
-    #[arg(long, default_value = "16KiB", value_parser = parse_size)]
-    pub socket_buffer: u64,
+    /// quickly instead of being absorbed by the kernel) [default: 16KiB; budget: sluice's
+    /// own default].
+    #[arg(long, value_parser = parse_size)]
+    pub socket_buffer: Option<u64>,
+    /// sluice's buffer.total, the buffer memory all connections share [default: none;
+    /// budget: 64MiB].
+    #[arg(long, value_parser = parse_size)]
+    pub total: Option<u64>,
+}
+
+impl ScenarioArgs {
+    /// --conns, or the scenario's default.
+    pub fn conns(&self) -> usize {
+        self.conns.unwrap_or(match self.name {
+            ScenarioName::Budget => 8000,
+            _ => 200,
+        })
+    }
+
+    /// --duration, or the scenario's default.
+    pub fn duration(&self) -> Duration {
+        self.duration.unwrap_or(match self.name {
+            ScenarioName::Budget => Duration::from_secs(30),
+            _ => Duration::from_secs(10),
+        })
+    }
+
+    /// --socket-buffer, or the scenario's default (`None`: sluice's own).
+    pub fn socket_buffer(&self) -> Option<u64> {
+        match (self.socket_buffer, self.name) {
+            (Some(n), _) => Some(n),
+            (None, ScenarioName::Budget) => None,
+            (None, _) => Some(16 * KIB),
+        }
+    }
+
+    /// --total, or the scenario's default (`None`: no total).
+    pub fn total(&self) -> Option<u64> {
+        match (self.total, self.name) {
+            (Some(n), _) => Some(n),
+            (None, ScenarioName::Budget) => Some(64 * 1024 * KIB),
+            (None, _) => None,
+        }
+    }
+
+    /// sluice's config for this run, in front of `upstream`.
+    pub fn proxy_config(&self, upstream: std::net::SocketAddr) -> ProxyConfig {
+        let mut config = ProxyConfig::new(upstream);
+        config.client_to_upstream = self.bound;
+        config.upstream_to_client = self.bound;
+        config.socket_buffer = self.socket_buffer();
+        config.total = self.total();
+        config
+    }
 }
 
 /// The upstream and clients of a scenario.
@@ -164,6 +222,7 @@ pub fn workload(name: ScenarioName, conns: usize) -> Workload {
         },
         ScenarioName::ManyConns => crate::load::many_conns_workload(conns),
         ScenarioName::Soak => crate::load::soak_workload(conns),
+        ScenarioName::Budget => crate::budget::workload(conns),
     }
 }
 
@@ -205,6 +264,13 @@ pub struct Sample {
     pub kernel_queued_client_to_upstream: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_queued_upstream_to_client: Option<u64>,
+    /// `sluice_budget_used_bytes` and `sluice_budget_limit_bytes`, when its /metrics has them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_used_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_limit_bytes: Option<u64>,
+    /// How long this sample's GET /metrics took (connect to last byte), seconds.
+    pub scrape_secs: f64,
 }
 
 impl Sample {
@@ -288,6 +354,50 @@ pub struct RunSummary {
     pub sample_errors: usize,
 }
 
+impl RunSummary {
+    /// A run's figures from its samples and what its clients and upstream saw; `bounds`
+    /// are sluice's (client → upstream, upstream → client), `conns` how many connections
+    /// ran at once.
+    pub fn of(
+        samples: &[Sample],
+        bounds: Option<(u64, u64)>,
+        conns: u64,
+        clients: ClientsSummary,
+        upstream: UpstreamSummary,
+        proxy_exit: String,
+        sample_errors: usize,
+    ) -> RunSummary {
+        let peak = |f: fn(&Sample) -> u64| samples.iter().map(f).max().unwrap_or(0);
+        let mut error_samples = clients.error_samples.clone();
+        error_samples.extend(upstream.error_samples.iter().cloned());
+        RunSummary {
+            start_rss_bytes: samples.first().map_or(0, |s| s.rss_bytes),
+            peak_rss_bytes: peak(|s| s.rss_bytes),
+            peak_queued_bytes: peak(Sample::queued),
+            peak_queued_client_to_upstream: peak(|s| s.queued_client_to_upstream),
+            peak_queued_upstream_to_client: peak(|s| s.queued_upstream_to_client),
+            peak_kernel_bytes: samples.iter().filter_map(|s| s.kernel_bytes).max(),
+            peak_kernel_queued_bytes: samples.iter().filter_map(Sample::kernel_queued).max(),
+            bound_client_to_upstream: bounds.map(|b| b.0),
+            bound_upstream_to_client: bounds.map(|b| b.1),
+            queued_limit_client_to_upstream: bounds.map(|b| b.0 * conns),
+            queued_limit_upstream_to_client: bounds.map(|b| b.1 * conns),
+            pauses: samples.last().map_or(0, |s| s.pauses_total),
+            drains: samples.last().map_or(0, |s| s.drains_total),
+            peak_paused_connections: peak(|s| s.paused_connections),
+            bytes_verified: clients.bytes_verified + upstream.bytes_verified,
+            errors: clients.errors as u64 + upstream.errors,
+            error_samples: error_samples.into_iter().take(10).collect(),
+            clients,
+            upstream,
+            proxy_exit,
+            killed_at_cap: false,
+            samples_taken: samples.len(),
+            sample_errors,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
     /// "sluice" or "unbounded".
@@ -306,7 +416,8 @@ pub struct Report {
 }
 
 pub async fn run(args: ScenarioArgs) -> Result<()> {
-    if args.conns == 0 {
+    let (conns, duration) = (args.conns(), args.duration());
+    if conns == 0 {
         return Err(UsageError("--conns must be at least 1".into()).into());
     }
     if args.bound == 0 {
@@ -314,28 +425,26 @@ pub async fn run(args: ScenarioArgs) -> Result<()> {
     }
     // Two descriptors per connection in this process (client and upstream end).
     let nofile = sluice::listener::raise_descriptor_limit();
-    if (nofile as usize) < 2 * args.conns + 64 {
+    if (nofile as usize) < 2 * conns + 64 {
         eprintln!(
-            "scenario: warning: RLIMIT_NOFILE is {nofile}, too few for {} connections (two descriptors each)",
-            args.conns
+            "scenario: warning: RLIMIT_NOFILE is {nofile}, too few for {conns} connections (two descriptors each)"
         );
     }
-    if args.name == ScenarioName::Soak {
-        return crate::load::soak(&args).await;
+    match args.name {
+        ScenarioName::Soak => return crate::load::soak(&args).await,
+        ScenarioName::Budget => return crate::budget::run(&args).await,
+        _ => {}
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let wl = workload(args.name, args.conns);
+    let wl = workload(args.name, conns);
     eprintln!("scenario {}: {}", scenario_slug(args.name), wl.description);
 
     let mut runs = Vec::new();
     // Spawned from here (main thread), see proxy_process.
     let upstream_addr_placeholder = "127.0.0.1:0".parse().expect("valid");
-    let mut config = ProxyConfig::new(upstream_addr_placeholder);
-    config.client_to_upstream = args.bound;
-    config.upstream_to_client = args.bound;
-    config.socket_buffer = Some(args.socket_buffer);
-    runs.push(run_once(ProxyKind::Sluice(config), &wl, args.duration, true).await?);
+    let config = args.proxy_config(upstream_addr_placeholder);
+    runs.push(run_once(ProxyKind::Sluice(config), &wl, duration, true).await?);
     if args.baseline == Some(Baseline::Unbounded) {
         runs.push(
             run_once(
@@ -343,7 +452,7 @@ pub async fn run(args: ScenarioArgs) -> Result<()> {
                     cap: args.baseline_cap,
                 },
                 &wl,
-                args.duration,
+                duration,
                 true,
             )
             .await?,
@@ -353,8 +462,8 @@ pub async fn run(args: ScenarioArgs) -> Result<()> {
     let report = Report {
         scenario: args.name,
         description: wl.description.clone(),
-        conns: args.conns,
-        duration_secs: args.duration.as_secs_f64(),
+        conns,
+        duration_secs: duration.as_secs_f64(),
         runs,
     };
     let json_path = args.out.join("report.json");
@@ -415,7 +524,7 @@ pub fn print_run(r: &RunReport) {
                 format_bytes(q)
             ),
             (Some(k), None) => format!("{} in sockets", format_bytes(k)),
-            (None, _) => "not read (no ss)".to_string(),
+            (None, _) => "not sampled".to_string(),
         },
         format_bytes(s.peak_queued_bytes),
         match (
@@ -537,34 +646,17 @@ pub async fn run_once(
 
     let client_summary = clients::summarize(&specs, &results);
     let upstream = UpstreamSummary::of(&up_stats);
-    let conns = specs.len() as u64;
-    let peak = |f: fn(&Sample) -> u64| samples.iter().map(f).max().unwrap_or(0);
-    let mut error_samples = client_summary.error_samples.clone();
-    error_samples.extend(upstream.error_samples.iter().cloned());
     let summary = RunSummary {
-        start_rss_bytes: samples.first().map_or(0, |s| s.rss_bytes),
-        peak_rss_bytes: peak(|s| s.rss_bytes),
-        peak_queued_bytes: peak(Sample::queued),
-        peak_queued_client_to_upstream: peak(|s| s.queued_client_to_upstream),
-        peak_queued_upstream_to_client: peak(|s| s.queued_upstream_to_client),
-        peak_kernel_bytes: samples.iter().filter_map(|s| s.kernel_bytes).max(),
-        peak_kernel_queued_bytes: samples.iter().filter_map(Sample::kernel_queued).max(),
-        bound_client_to_upstream: bounds.map(|b| b.0),
-        bound_upstream_to_client: bounds.map(|b| b.1),
-        queued_limit_client_to_upstream: bounds.map(|b| b.0 * conns),
-        queued_limit_upstream_to_client: bounds.map(|b| b.1 * conns),
-        pauses: samples.last().map_or(0, |s| s.pauses_total),
-        drains: samples.last().map_or(0, |s| s.drains_total),
-        peak_paused_connections: peak(|s| s.paused_connections),
-        bytes_verified: client_summary.bytes_verified + upstream.bytes_verified,
-        errors: client_summary.errors as u64 + upstream.errors,
-        error_samples: error_samples.into_iter().take(10).collect(),
-        clients: client_summary,
-        upstream,
-        proxy_exit: exit.to_string(),
         killed_at_cap,
-        samples_taken: samples.len(),
-        sample_errors,
+        ..RunSummary::of(
+            &samples,
+            bounds,
+            specs.len() as u64,
+            client_summary,
+            upstream,
+            exit.to_string(),
+            sample_errors,
+        )
     };
     Ok(RunReport {
         proxy: name.to_string(),
@@ -576,6 +668,8 @@ pub async fn run_once(
 /// Samples a proxy every [`SAMPLE_EVERY`] on its own thread, so a busy runtime cannot skew
 /// the timing.
 pub struct Sampler {
+    /// When sampling began: samples' `t` counts from here.
+    started: Instant,
     stop: Arc<AtomicBool>,
     samples: Arc<Mutex<Vec<Sample>>>,
     errors: Arc<Mutex<usize>>,
@@ -583,26 +677,36 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// Starts sampling `proxy`. Fails only where the kernel memory must be read and cannot
-    /// be (`ss` missing under CI).
+    /// Starts sampling `proxy`, the kernel memory in its sockets included. Fails only
+    /// where the kernel memory must be read and cannot be (`ss` missing under CI).
     pub fn start(proxy: &ProxyProcess) -> Result<Self> {
+        Self::start_with(proxy, true)
+    }
+
+    /// Starts sampling `proxy`; with `read_kernel` false, `ss` is never run (it costs a
+    /// fifth of a core with thousands of sockets, which a latency measurement would feel).
+    pub fn start_with(proxy: &ProxyProcess, read_kernel: bool) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let samples = Arc::new(Mutex::new(Vec::new()));
         let errors = Arc::new(Mutex::new(0));
         let pid = proxy.pid();
         let metrics = proxy.metrics_addr();
-        let mut kernel = kernel_memory::ss_available()?
+        let mut kernel = (read_kernel && kernel_memory::ss_available()?)
             .then(|| kernel_memory::Reader::new(vec![pid], SAMPLE_EVERY));
+        let started = Instant::now();
         let thread = {
             let (stop, samples, errors) = (stop.clone(), samples.clone(), errors.clone());
             std::thread::spawn(move || {
-                let start = Instant::now();
+                let start = started;
                 let mut prev: Option<(Instant, [f64; 2])> = None;
                 let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    let scraped = match metrics {
-                        Some(addr) => crate::proxy_process::http_get(addr, "/metrics")
-                            .map(|t| Metrics::parse(&t)),
+                    let asked = Instant::now();
+                    let text = metrics.map(|addr| crate::proxy_process::http_get(addr, "/metrics"));
+                    // The request alone: connect, send, read to the last byte.
+                    let scrape_secs = asked.elapsed().as_secs_f64();
+                    let scraped = match text {
+                        Some(text) => text.map(|t| Metrics::parse(&t)),
                         None => Ok(Metrics::default()),
                     };
                     // Read right after the scrape, so memory and queue describe the same moment.
@@ -654,6 +758,9 @@ impl Sampler {
                                 kernel_queued_upstream_to_client: m
                                     .get(KERNEL_QUEUED, &[("direction", DIRECTIONS[1])])
                                     .map(|v| v as u64),
+                                budget_used_bytes: m.get(BUDGET_USED, &[]).map(|v| v as u64),
+                                budget_limit_bytes: m.get(BUDGET_LIMIT, &[]).map(|v| v as u64),
+                                scrape_secs,
                             };
                             samples.lock().unwrap_or_else(|e| e.into_inner()).push(s);
                         }
@@ -670,11 +777,17 @@ impl Sampler {
             })
         };
         Ok(Sampler {
+            started,
             stop,
             samples,
             errors,
             thread,
         })
+    }
+
+    /// When sampling began; samples' `t` is seconds since then.
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     /// The latest sample (zeros before the first).
@@ -734,11 +847,26 @@ pub fn render_svg(report: &Report) -> String {
             .collect()
     };
     let sluice = &report.runs[0].summary;
+    // With buffer.total in force, it is the tighter limit on queued bytes.
+    let total = report.runs[0]
+        .samples
+        .iter()
+        .filter_map(|s| s.budget_limit_bytes)
+        .filter(|&l| l > 0)
+        .max();
     let limit = match (
+        total,
         sluice.queued_limit_client_to_upstream,
         sluice.queued_limit_upstream_to_client,
     ) {
-        (Some(a), Some(b)) => Some((
+        (Some(total), _, _) => Some((
+            total as f64,
+            (
+                "sluice limit".to_string(),
+                format!("buffer.total = {}", format_bytes(total)),
+            ),
+        )),
+        (None, Some(a), Some(b)) => Some((
             (a + b) as f64,
             (
                 "sluice limit".to_string(),

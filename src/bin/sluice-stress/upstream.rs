@@ -1,4 +1,4 @@
-//! The stand-in upstream: `source` writes the verifiable pattern, `sink` reads (and verifies it when it sees one), `echo` echoes; optionally slow.
+//! The stand-in upstream: `source` writes the verifiable pattern, `sink` reads (and verifies it when it sees one), `echo` echoes, `per-connection` lets each client's first line choose; optionally slow.
 
 use std::io;
 use std::net::SocketAddr;
@@ -31,7 +31,15 @@ pub enum UpstreamMode {
     Sink,
     /// Write back what was read.
     Echo,
+    /// Each connection's first line names its mode (`source\n`, `sink\n` or `echo\n`),
+    /// then it is served that way: one upstream (sluice has one per process) can feed slow
+    /// readers and answer a latency probe's pings. A connection that sends nothing is
+    /// idle on both sides.
+    PerConnection,
 }
+
+/// The longest first line a `per-connection` upstream reads before giving up on it.
+const MODE_LINE_MAX: usize = 64;
 
 /// `sluice-stress upstream`: a stand-in upstream for sluice.
 #[derive(Debug, Clone, Args)]
@@ -196,10 +204,15 @@ pub async fn handle(
     spec: &UpstreamSpec,
     stats: &UpstreamStats,
 ) -> io::Result<()> {
+    let (mode, mut first) = match spec.mode {
+        UpstreamMode::PerConnection => read_mode_line(&mut stream).await?,
+        mode => (mode, Vec::new()),
+    };
     let mut bucket = spec.rate.map(TokenBucket::new);
     let chunk = bucket.as_ref().map_or(IO_CHUNK, TokenBucket::chunk);
-    let mut buf = vec![0u8; chunk];
-    match spec.mode {
+    // Room for what followed the mode line, whatever the chunk.
+    let mut buf = vec![0u8; chunk.max(2 * MODE_LINE_MAX)];
+    match mode {
         UpstreamMode::Source => {
             let pattern = Pattern::random();
             let limit = spec.bytes.unwrap_or(u64::MAX);
@@ -228,9 +241,17 @@ pub async fn handle(
             let _ = tokio::time::timeout(LINGER, drain).await;
         }
         UpstreamMode::Sink | UpstreamMode::Echo => {
-            let mut verifier = (spec.mode == UpstreamMode::Sink).then(Verifier::new);
+            let mut verifier = (mode == UpstreamMode::Sink).then(Verifier::new);
             loop {
-                let n = stream.read(&mut buf).await?;
+                // What came after the mode line is the stream's first read.
+                let n = if first.is_empty() {
+                    stream.read(&mut buf).await?
+                } else {
+                    let n = first.len();
+                    buf[..n].copy_from_slice(&first);
+                    first.clear();
+                    n
+                };
                 if n == 0 {
                     break;
                 }
@@ -248,7 +269,7 @@ pub async fn handle(
                         Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
                     }
                 }
-                if spec.mode == UpstreamMode::Echo {
+                if mode == UpstreamMode::Echo {
                     stream.write_all(&buf[..n]).await?;
                     stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                 }
@@ -258,9 +279,48 @@ pub async fn handle(
             }
             stream.shutdown().await?;
         }
+        UpstreamMode::PerConnection => unreachable!("the mode line names a concrete mode"),
     }
     stats.completed.fetch_add(1, Ordering::Relaxed);
     Ok(())
+}
+
+/// Reads a `per-connection` client's first line: the mode it asks for, and any bytes that
+/// came after the line in the same reads.
+async fn read_mode_line(stream: &mut TcpStream) -> io::Result<(UpstreamMode, Vec<u8>)> {
+    let mut line = Vec::with_capacity(2 * MODE_LINE_MAX);
+    let mut buf = [0u8; MODE_LINE_MAX];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        line.extend_from_slice(&buf[..n]);
+        if let Some(end) = line.iter().position(|&b| b == b'\n') {
+            let rest = line.split_off(end + 1);
+            let mode = match line.trim_ascii() {
+                b"source" => UpstreamMode::Source,
+                b"sink" => UpstreamMode::Sink,
+                b"echo" => UpstreamMode::Echo,
+                other => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "per-connection: the first line must be source, sink or echo, not {:?}",
+                            String::from_utf8_lossy(other)
+                        ),
+                    ));
+                }
+            };
+            return Ok((mode, rest));
+        }
+        if line.len() > MODE_LINE_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("per-connection: no mode line in the first {MODE_LINE_MAX} bytes"),
+            ));
+        }
+    }
 }
 
 /// `sluice-stress upstream ...`: serve until Ctrl-C, printing totals every 5 s.
@@ -303,4 +363,53 @@ pub fn stats_line(s: &UpstreamStats) -> String {
         format_bytes(s.bytes_verified.load(Ordering::Relaxed)),
         s.errors.load(Ordering::Relaxed),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A per-connection upstream on port 0.
+    async fn per_connection() -> (SocketAddr, Arc<UpstreamStats>, CancellationToken) {
+        let spec = Arc::new(UpstreamSpec {
+            mode: UpstreamMode::PerConnection,
+            rate: None,
+            bytes: None,
+            rcvbuf: None,
+            sndbuf: None,
+        });
+        let listener = bind("127.0.0.1:0".parse().unwrap(), &spec).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stats, stop) = (Arc::new(UpstreamStats::default()), CancellationToken::new());
+        tokio::spawn(serve(listener, spec, stats.clone(), stop.clone()));
+        (addr, stats, stop)
+    }
+
+    #[tokio::test]
+    async fn the_first_line_chooses_each_connections_mode() {
+        let (addr, stats, stop) = per_connection().await;
+        // Echo, with bytes sent in the same write as the line.
+        let mut echo = TcpStream::connect(addr).await.unwrap();
+        echo.write_all(b"echo\nping").await.unwrap();
+        let mut got = [0u8; 4];
+        echo.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        // Source: the verifiable pattern.
+        let mut source = TcpStream::connect(addr).await.unwrap();
+        source.write_all(b"source\n").await.unwrap();
+        let mut got = vec![0u8; 4096];
+        source.read_exact(&mut got).await.unwrap();
+        Verifier::new().feed(&got).unwrap();
+        // Anything else is refused and counted as an error.
+        let mut bad = TcpStream::connect(addr).await.unwrap();
+        bad.write_all(b"firehose\n").await.unwrap();
+        assert_eq!(bad.read(&mut got).await.unwrap_or(0), 0);
+        // Counted just after the close.
+        while stats.errors.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let samples = stats.error_samples.lock().unwrap().clone();
+        assert!(samples[0].contains("firehose"), "{samples:?}");
+        stop.cancel();
+    }
 }

@@ -19,7 +19,7 @@
 //! subjects every round, so slow drift of a shared machine spreads over all of them; the
 //! figures quoted are medians of the rounds.
 
-mod cpu;
+pub mod cpu;
 mod http;
 mod iperf;
 mod load;
