@@ -524,9 +524,9 @@ impl Accepting {
 
 /// Binds the client listener as `listen` says: SO_REUSEADDR (a restart need not wait
 /// out TIME_WAIT), the `[socket]` client options set before listen() so accepted sockets
-/// inherit them (buffer sizes from their first segment, nodelay, keepalive), and the
-/// configured backlog. Call inside a
-/// tokio runtime.
+/// inherit them (buffer sizes from their first segment, nodelay, keepalive, and
+/// notsent_lowat, which tests/socket_options.rs reads back on an accepted socket), and
+/// the configured backlog. Call inside a tokio runtime.
 pub fn bind(config: &Config) -> io::Result<TcpListener> {
     let addr: SocketAddr = config.listen.address.parse().map_err(|_| {
         io::Error::new(io::ErrorKind::InvalidInput, "listen.address is not ip:port")

@@ -1,4 +1,5 @@
-//! Socket tuning through socket2: buffer sizes, TCP_NODELAY, keepalive, and resets.
+//! Socket tuning through socket2: buffer sizes, TCP_NODELAY, TCP_NOTSENT_LOWAT,
+//! keepalive, and resets.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -15,6 +16,11 @@ pub struct Tuning {
     pub recv_buffer: usize,
     /// SO_SNDBUF; 0 keeps the kernel's autotuning.
     pub send_buffer: usize,
+    /// TCP_NOTSENT_LOWAT: most unsent bytes the kernel queues before the socket stops
+    /// taking writes; 0 is the system default (unlimited unless changed). The bytes a
+    /// slow reader has not yet acknowledged stay bounded by its window; this bounds
+    /// the rest, which autotuning would otherwise let grow to the send buffer's size.
+    pub notsent_lowat: u32,
     pub nodelay: bool,
     /// Keepalive idle time; zero turns keepalive off.
     pub keepalive: Duration,
@@ -25,6 +31,7 @@ impl Tuning {
         Tuning {
             recv_buffer: o.client_recv_buffer.as_u64() as usize,
             send_buffer: o.client_send_buffer.as_u64() as usize,
+            notsent_lowat: o.notsent_lowat.as_u64() as u32,
             nodelay: o.nodelay,
             keepalive: o.keepalive,
         }
@@ -34,6 +41,7 @@ impl Tuning {
         Tuning {
             recv_buffer: o.upstream_recv_buffer.as_u64() as usize,
             send_buffer: o.upstream_send_buffer.as_u64() as usize,
+            notsent_lowat: o.notsent_lowat.as_u64() as u32,
             nodelay: o.nodelay,
             keepalive: o.keepalive,
         }
@@ -51,9 +59,12 @@ impl Tuning {
         Ok(())
     }
 
-    /// Sets every option on a connected (or about-to-connect) socket.
+    /// Sets every option on a connected (or about-to-connect) socket, or on a listener,
+    /// whose accepted sockets inherit all of them.
     pub fn apply(&self, sock: &SockRef<'_>) -> io::Result<()> {
         self.apply_buffers(sock)?;
+        // Set even when 0, so a reload to 0 gives new clients the system default back.
+        sock.set_tcp_notsent_lowat(self.notsent_lowat)?;
         sock.set_tcp_nodelay(self.nodelay)?;
         if self.keepalive.is_zero() {
             sock.set_keepalive(false)?;
