@@ -60,7 +60,7 @@ use crate::scenario::{
     Report, RunReport, RunSummary, Sample, Sampler, ScenarioArgs, ScenarioName, UpstreamSummary,
     Workload, render_svg,
 };
-use crate::upstream::{self, UpstreamMode, UpstreamSpec, UpstreamStats};
+use crate::upstream::{self, UpstreamMode, UpstreamSpec};
 
 const KIB: u64 = 1024;
 /// Each slow reader's pace: 8,000 of them ask 31 MiB/s at most, which two cores carry
@@ -367,16 +367,9 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
         .with_context(|| format!("cannot create {}", args.out.display()))?;
 
     let up_spec = Arc::new(wl.upstream.clone());
-    let listener = upstream::bind("127.0.0.1:0".parse()?, &up_spec)?;
-    let config = args.proxy_config(listener.local_addr()?);
-    let up_stats = Arc::new(UpstreamStats::default());
-    let up_stop = CancellationToken::new();
-    let up_task = tokio::spawn(upstream::serve(
-        listener,
-        up_spec,
-        up_stats.clone(),
-        up_stop.clone(),
-    ));
+    let up = upstream::LocalUpstream::start(up_spec)?;
+    let config = args.proxy_config(up.addr);
+    let up_stats = up.stats.clone();
     // Spawned from the main thread (see proxy_process).
     let mut proxy = ProxyProcess::spawn_sluice(&config)?;
     let sampler = Sampler::start_with(&proxy, false)?;
@@ -526,8 +519,7 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
         });
     }
     let (samples, sample_errors) = sampler.finish();
-    up_stop.cancel();
-    let _ = up_task.await;
+    up.stop().await;
     let exit = match proxy.try_exited() {
         Some(status) => status,
         None => proxy.stop(STOP_GRACE)?,

@@ -14,7 +14,7 @@ use crate::clients::{self, ClientMode, ClientSpec, LiveStats};
 use crate::proxy_process::{DIRECTIONS, ProxyProcess};
 use crate::rate::{Rate, format_bytes, parse_duration, parse_rate};
 use crate::scenario::{Sample, Sampler};
-use crate::upstream::{self, UpstreamMode, UpstreamSpec, UpstreamStats};
+use crate::upstream::{self, UpstreamMode, UpstreamSpec};
 
 /// How long sluice may take to exit after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(35);
@@ -122,16 +122,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         rcvbuf: Some(16 * 1024),
         sndbuf: Some(16 * 1024),
     });
-    let listener = upstream::bind("127.0.0.1:0".parse()?, &up_spec)?;
-    let upstream_addr = listener.local_addr()?;
-    let up_stats = Arc::new(UpstreamStats::default());
-    let up_stop = CancellationToken::new();
-    let up_task = tokio::spawn(upstream::serve(
-        listener,
-        up_spec,
-        up_stats.clone(),
-        up_stop.clone(),
-    ));
+    let up = upstream::LocalUpstream::start(up_spec)?;
+    let upstream_addr = up.addr;
 
     let overrides = [
         "--listen",
@@ -240,8 +232,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     bar.finish_and_clear();
     let (samples, _) = sampler.finish();
     let last_metrics = sluice.scrape().ok();
-    up_stop.cancel();
-    let _ = up_task.await;
+    up.stop().await;
     let exit = sluice.stop(STOP_GRACE)?;
 
     let summary = clients::summarize(&specs, &results);

@@ -14,7 +14,7 @@ use crate::scenario::{
     Report, RunReport, RunSummary, Sample, Sampler, ScenarioArgs, ScenarioName, UpstreamSummary,
     Workload, render_svg,
 };
-use crate::upstream::{self, UpstreamMode, UpstreamSpec, UpstreamStats};
+use crate::upstream::{self, UpstreamMode, UpstreamSpec};
 
 const KIB: u64 = 1024;
 /// How long sluice may take to exit after SIGTERM (its generated shutdown_grace is 2 s).
@@ -224,16 +224,9 @@ pub async fn soak(args: &ScenarioArgs) -> Result<()> {
     );
     eprintln!("scenario soak: {description}");
     let up_spec = Arc::new(wl.upstream.clone());
-    let listener = upstream::bind("127.0.0.1:0".parse()?, &up_spec)?;
-    let config = args.proxy_config(listener.local_addr()?);
-    let up_stats = Arc::new(UpstreamStats::default());
-    let up_stop = CancellationToken::new();
-    let up_task = tokio::spawn(upstream::serve(
-        listener,
-        up_spec,
-        up_stats.clone(),
-        up_stop.clone(),
-    ));
+    let up = upstream::LocalUpstream::start(up_spec)?;
+    let config = args.proxy_config(up.addr);
+    let up_stats = up.stats.clone();
     let mut proxy = ProxyProcess::spawn_sluice(&config)?;
     let sampler = Sampler::start(&proxy)?;
     let target = proxy.listen_addr();
@@ -290,8 +283,7 @@ pub async fn soak(args: &ScenarioArgs) -> Result<()> {
     }
     bar.finish_and_clear();
     let (samples, sample_errors) = sampler.finish();
-    up_stop.cancel();
-    let _ = up_task.await;
+    up.stop().await;
     let exit = match proxy.try_exited() {
         Some(status) => status,
         None => proxy.stop(STOP_GRACE)?,

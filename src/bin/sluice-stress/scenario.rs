@@ -561,16 +561,9 @@ pub async fn run_once(
     show_progress: bool,
 ) -> Result<RunReport> {
     let up_spec = Arc::new(wl.upstream.clone());
-    let listener = upstream::bind("127.0.0.1:0".parse()?, &up_spec)?;
-    let upstream_addr = listener.local_addr()?;
-    let up_stats = Arc::new(UpstreamStats::default());
-    let up_stop = CancellationToken::new();
-    let up_task = tokio::spawn(upstream::serve(
-        listener,
-        up_spec,
-        up_stats.clone(),
-        up_stop.clone(),
-    ));
+    let up = upstream::LocalUpstream::start(up_spec)?;
+    let upstream_addr = up.addr;
+    let up_stats = up.stats.clone();
 
     let (name, bounds, proxy) = match kind {
         ProxyKind::Sluice(mut config) => {
@@ -635,8 +628,7 @@ pub async fn run_once(
     };
     bar.finish_and_clear();
     let (samples, sample_errors) = sampler.finish();
-    up_stop.cancel();
-    let _ = up_task.await;
+    up.stop().await;
     let exit = proxy.try_exited();
     let exit = match exit {
         Some(status) => status,

@@ -145,6 +145,38 @@ pub fn bind(addr: SocketAddr, spec: &UpstreamSpec) -> Result<TcpListener> {
     Ok(socket.listen(4096)?)
 }
 
+/// A stand-in upstream serving on a free loopback port in this process, until stopped:
+/// what the scenarios and the demo put behind the proxy.
+pub struct LocalUpstream {
+    pub addr: SocketAddr,
+    pub stats: Arc<UpstreamStats>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LocalUpstream {
+    /// Binds 127.0.0.1:0 with `spec`'s socket options and serves it on this runtime.
+    pub fn start(spec: Arc<UpstreamSpec>) -> Result<LocalUpstream> {
+        let listener = bind("127.0.0.1:0".parse()?, &spec)?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(UpstreamStats::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, spec, stats.clone(), stop.clone()));
+        Ok(LocalUpstream {
+            addr,
+            stats,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops accepting and waits for the accept loop to end.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
 /// Accepts and serves connections until `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,
