@@ -46,7 +46,7 @@ pub const RESERVE_SHARE: usize = 8;
 /// The process-wide budget; `limit` 0 means no budget (every direction has its own
 /// buffer whatever the others hold).
 pub struct Budget {
-    /// Whole-buffer grants, waited for in FIFO order.
+    /// Grants of a bound or a fair share, waited for in FIFO order.
     queue: Pool,
     /// Small grants for small reads, never waited for.
     reserve: Pool,
@@ -58,10 +58,6 @@ pub struct Budget {
     used: AtomicUsize,
     /// Grants from the queue pool held now: with `waiting`, the directions sharing it.
     holders: AtomicUsize,
-    /// The queue pool's size, for the fair share.
-    queue_bytes: AtomicUsize,
-    /// Whether a budget is in force (`limit > 0`).
-    enabled: AtomicBool,
     gauges: BudgetGauges,
 }
 
@@ -189,15 +185,13 @@ impl Budget {
             waiting: Arc::default(),
             used: AtomicUsize::new(0),
             holders: AtomicUsize::new(0),
-            queue_bytes: AtomicUsize::new(queue),
-            enabled: AtomicBool::new(limit > 0),
             gauges,
         }
     }
 
     /// Whether directions must be granted their buffers.
     pub fn enabled(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed)
+        self.limit() > 0
     }
 
     pub fn limit(&self) -> usize {
@@ -219,10 +213,8 @@ impl Budget {
     pub fn resize(&self, limit: usize) {
         let (queue, reserve) = split(limit);
         self.queue.resize(queue);
-        self.queue_bytes.store(queue, Ordering::Relaxed);
         self.reserve.resize(reserve);
         self.limit.store(limit, Ordering::Relaxed);
-        self.enabled.store(limit > 0, Ordering::Relaxed);
         self.gauges.limit.set(limit as f64);
     }
 
@@ -232,7 +224,8 @@ impl Budget {
     pub fn share(&self, bound: usize) -> usize {
         let wanting =
             self.holders.load(Ordering::Relaxed) + self.waiting.load(Ordering::Relaxed) + 1;
-        let fair = self.queue_bytes.load(Ordering::Relaxed) / wanting;
+        let (queue_pool, _) = split(self.limit());
+        let fair = queue_pool / wanting;
         if fair >= bound {
             return bound;
         }

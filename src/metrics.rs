@@ -605,7 +605,7 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
         (b"GET" | b"HEAD", "/metrics") => ("200 OK", PROMETHEUS_TEXT, metrics.render()),
         (b"GET" | b"HEAD", "/connections") => match connections_query(query) {
             Ok((sort, limit)) => {
-                let listing = metrics.connections.list(sort, limit);
+                let listing = metrics.connections.list(sort, limit, metrics.now());
                 let mut body = serde_json::to_string(&listing).expect("plain data serializes");
                 body.push('\n');
                 ("200 OK", "application/json", body)

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::socket::{unacked_bytes, unread_bytes};
+
 /// Shards of the registry: enough that a scrape of 10,000 connections holds each lock
 /// for about 150 of them.
 const SHARDS: usize = 64;
@@ -95,17 +97,17 @@ pub struct DirectionFigures {
     pub delivered: AtomicU64,
     /// Bytes in sluice's queue.
     pub queued: AtomicU64,
-    /// When the running pause began, in microseconds since the entry's `started`, plus
-    /// one; 0 when not paused.
+    /// When the running pause began, on the metrics clock (`Metrics::now`, seconds, as
+    /// f64 bits); 0 when not paused.
     paused_since: AtomicU64,
 }
 
 impl DirectionFigures {
-    /// Records that a pause began (`Some`, at that instant) or ended (`None`).
-    pub fn set_paused(&self, started: Instant, at: Option<Instant>) {
-        let v = at.map_or(0, |t| {
-            t.saturating_duration_since(started).as_micros() as u64 + 1
-        });
+    /// Records that a pause began at `at` (`Some`, on the metrics clock) or ended.
+    pub fn set_paused(&self, at: Option<f64>) {
+        // The clock has moved on from 0 by the time anything pauses; the floor keeps a
+        // running pause from reading as none all the same.
+        let v = at.map_or(0, |t| t.max(f64::MIN_POSITIVE).to_bits());
         self.paused_since.store(v, Ordering::Relaxed);
     }
 
@@ -114,14 +116,11 @@ impl DirectionFigures {
         self.paused_since.load(Ordering::Relaxed) != 0
     }
 
-    /// How long the running pause has lasted at `now`, if one is running.
-    fn paused_for(&self, started: Instant, now: Instant) -> Option<f64> {
+    /// How long the running pause has lasted at `now` (metrics clock), if one is running.
+    fn paused_for(&self, now: f64) -> Option<f64> {
         match self.paused_since.load(Ordering::Relaxed) {
             0 => None,
-            v => {
-                let since = (v - 1) as f64 / 1e6;
-                Some((now.saturating_duration_since(started).as_secs_f64() - since).max(0.0))
-            }
+            v => Some((now - f64::from_bits(v)).max(0.0)),
         }
     }
 }
@@ -161,23 +160,15 @@ impl Entry {
         let client = self.client_fd;
         [
             KernelBytes {
-                source_unread: unread(client),
-                destination_unacked: unacked(upstream),
+                source_unread: unread_bytes(&client) as u64,
+                destination_unacked: unacked_bytes(&upstream) as u64,
             },
             KernelBytes {
-                source_unread: unread(upstream),
-                destination_unacked: unacked(client),
+                source_unread: unread_bytes(&upstream) as u64,
+                destination_unacked: unacked_bytes(&client) as u64,
             },
         ]
     }
-}
-
-fn unread(fd: RawFd) -> u64 {
-    crate::socket::unread_bytes(&fd) as u64
-}
-
-fn unacked(fd: RawFd) -> u64 {
-    crate::socket::unacked_bytes(&fd) as u64
 }
 
 /// Keeps a connection in the registry; removes it on drop, which must come before its
@@ -400,11 +391,12 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Every live connection, in `sort` order, at most `limit` of them.
-    pub fn list(&self, sort: SortBy, limit: usize) -> Listing {
+    /// Every live connection, in `sort` order, at most `limit` of them; `clock` is now
+    /// on the metrics clock, which pause times are kept in.
+    pub fn list(&self, sort: SortBy, limit: usize, clock: f64) -> Listing {
         let now = Instant::now();
         let mut all = Vec::with_capacity(self.len());
-        self.for_each(|e| all.push(view(e, now)));
+        self.for_each(|e| all.push(view(e, now, clock)));
         let key = |c: &ConnectionView| match sort {
             SortBy::Queued => c.client_to_upstream.queued + c.upstream_to_client.queued,
             SortBy::Kernel => c.client_to_upstream.kernel + c.upstream_to_client.kernel,
@@ -422,7 +414,7 @@ impl Registry {
     }
 }
 
-fn view(e: &Entry, now: Instant) -> ConnectionView {
+fn view(e: &Entry, now: Instant, clock: f64) -> ConnectionView {
     let kernel = e.kernel_bytes();
     let direction = |i: usize| {
         let d = &e.directions[i];
@@ -432,7 +424,7 @@ fn view(e: &Entry, now: Instant) -> ConnectionView {
             kernel: kernel[i].total(),
             kernel_source_unread: kernel[i].source_unread,
             kernel_destination_unacked: kernel[i].destination_unacked,
-            paused_seconds: d.paused_for(e.started, now),
+            paused_seconds: d.paused_for(clock),
         }
     };
     ConnectionView {

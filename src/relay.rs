@@ -331,22 +331,6 @@ struct Transitions {
     waited: bool,
 }
 
-/// Where a direction reports its figures for `GET /connections`.
-struct Live<'a> {
-    figures: &'a DirectionFigures,
-    /// When the connection started: pause times are kept relative to it.
-    started: std::time::Instant,
-}
-
-impl Live<'_> {
-    fn of(entry: &Entry, direction: usize) -> Live<'_> {
-        Live {
-            figures: &entry.directions[direction],
-            started: entry.started,
-        }
-    }
-}
-
 /// One direction: a source, a bounded queue, a destination.
 struct Direction {
     state: State,
@@ -536,8 +520,9 @@ impl Direction {
         }
         // Without a buffer, wait for the source to have something before taking one, so
         // an idle direction holds no memory (and no pipe, and no grant).
-        let budgeted = self.budget.as_ref().is_some_and(|b| b.enabled());
-        let needs_grant = budgeted && self.grant.is_none() && self.queued() == 0;
+        let needs_grant = self.grant.is_none()
+            && self.queued() == 0
+            && self.budget.as_ref().is_some_and(|b| b.enabled());
         if needs_grant
             || (self.queue.data.is_none() && !self.pipe.as_ref().is_some_and(|p| p.has_pipe()))
         {
@@ -670,6 +655,9 @@ impl Direction {
 
     /// A paused direction that has drained to the resume mark reads again.
     fn resume_if_drained(&mut self) {
+        if self.state != State::Paused {
+            return;
+        }
         // With a buffer smaller than the bound (a fair share of the budget), the mark
         // is the same fraction of it.
         let mark = if self.owes_a_turn() {
@@ -677,7 +665,7 @@ impl Direction {
         } else {
             self.resume * self.capacity() / self.bound
         };
-        if self.state == State::Paused && self.queued() <= mark {
+        if self.queued() <= mark {
             self.state = State::Streaming;
             self.transitions.resumed = true;
         }
@@ -700,17 +688,17 @@ impl Direction {
 
     /// Tells the metrics, and the connection's entry in the registry, what changed since
     /// the last report.
-    fn report(&mut self, m: &DirectionMetrics, clock: &Metrics, live: &Live<'_>) {
+    fn report(&mut self, m: &DirectionMetrics, clock: &Metrics, live: &DirectionFigures) {
         let queued = self.queued();
         if queued != self.reported_queued {
             m.queued
                 .increment(queued as f64 - self.reported_queued as f64);
-            live.figures.queued.store(queued as u64, Relaxed);
+            live.queued.store(queued as u64, Relaxed);
             self.reported_queued = queued;
         }
         if self.delivered != self.reported_delivered {
             m.bytes.increment(self.delivered - self.reported_delivered);
-            live.figures.delivered.store(self.delivered, Relaxed);
+            live.delivered.store(self.delivered, Relaxed);
             self.reported_delivered = self.delivered;
         }
         let t = std::mem::take(&mut self.transitions);
@@ -728,22 +716,21 @@ impl Direction {
         {
             m.drains.increment(1);
             m.paused.stop(since, now);
-            live.figures.set_paused(live.started, None);
+            live.set_paused(None);
         }
         if t.paused {
             m.pauses.increment(1);
             m.paused.start(now);
             self.paused_since = Some(now);
-            live.figures
-                .set_paused(live.started, Some(std::time::Instant::now()));
+            live.set_paused(Some(now));
         }
     }
 
     /// Ends the direction for good: reports, ends a running pause, drops the queue.
-    fn finish(&mut self, m: &DirectionMetrics, clock: &Metrics, live: &Live<'_>) {
+    fn finish(&mut self, m: &DirectionMetrics, clock: &Metrics, live: &DirectionFigures) {
         self.report(m, clock, live);
-        live.figures.queued.store(0, Relaxed);
-        live.figures.set_paused(live.started, None);
+        live.queued.store(0, Relaxed);
+        live.set_paused(None);
         if let Some(since) = self.paused_since.take() {
             m.paused.stop(since, clock.now());
         }
@@ -892,7 +879,7 @@ impl<'a> Relay<'a> {
                 (&mut self.upstream.0, &mut self.client.1)
             };
             let step = self.dirs[i].poll_transfer(cx, src, dst);
-            self.dirs[i].report(&m.directions[i], m, &Live::of(self.entry, i));
+            self.dirs[i].report(&m.directions[i], m, &self.entry.directions[i]);
             match step {
                 Poll::Ready(Ok(())) => self.done[i] = true,
                 Poll::Pending => {}
@@ -940,13 +927,14 @@ impl<'a> Relay<'a> {
 
 impl Drop for Relay<'_> {
     fn drop(&mut self) {
-        for (i, (d, dm)) in self
+        let figures = &self.entry.directions;
+        for ((d, dm), live) in self
             .dirs
             .iter_mut()
             .zip(&self.metrics.directions)
-            .enumerate()
+            .zip(figures)
         {
-            d.finish(dm, self.metrics, &Live::of(self.entry, i));
+            d.finish(dm, self.metrics, live);
         }
     }
 }

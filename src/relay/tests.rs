@@ -881,10 +881,10 @@ fn entry_figures(e: &Entry, direction: usize) -> (u64, u64, bool) {
 fn report_counts_a_pause_and_its_drain() {
     let m = Metrics::new([BOUND, BOUND]);
     let e = entry(&m);
-    let live = Live::of(&e, CLIENT_TO_UPSTREAM);
+    let live = &e.directions[CLIENT_TO_UPSTREAM];
     let dm = &m.directions[CLIENT_TO_UPSTREAM];
     let (mut dir, mut src, mut dst) = paused();
-    dir.report(dm, &m, &live);
+    dir.report(dm, &m, live);
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 0.0, 8.0, 1.0, 0.0]);
     assert_eq!(entry_figures(&e, CLIENT_TO_UPSTREAM), (8, 0, true));
     assert_eq!(dir.transitions, Transitions::default(), "report takes them");
@@ -892,14 +892,14 @@ fn report_counts_a_pause_and_its_drain() {
     // Still paused: nothing new.
     dst.give(2);
     expect_pending(poll(&mut dir, &mut src, &mut dst));
-    dir.report(dm, &m, &live);
+    dir.report(dm, &m, live);
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 0.0, 6.0, 1.0, 2.0]);
     assert_eq!(entry_figures(&e, CLIENT_TO_UPSTREAM), (6, 2, true));
 
     // At the mark: a drain ends the pause.
     dst.give(2);
     expect_pending(poll(&mut dir, &mut src, &mut dst));
-    dir.report(dm, &m, &live);
+    dir.report(dm, &m, live);
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 1.0, 4.0, 0.0, 4.0]);
     assert_eq!(entry_figures(&e, CLIENT_TO_UPSTREAM), (4, 4, false));
     // The other direction saw none of it.
@@ -907,7 +907,7 @@ fn report_counts_a_pause_and_its_drain() {
     assert_eq!(entry_figures(&e, UPSTREAM_TO_CLIENT), (0, 0, false));
 
     // A report with nothing new changes nothing.
-    dir.report(dm, &m, &live);
+    dir.report(dm, &m, live);
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 1.0, 4.0, 0.0, 4.0]);
 }
 
@@ -915,12 +915,12 @@ fn report_counts_a_pause_and_its_drain() {
 fn finish_returns_the_queued_gauge_and_ends_a_running_pause() {
     let m = Metrics::new([BOUND, BOUND]);
     let e = entry(&m);
-    let live = Live::of(&e, UPSTREAM_TO_CLIENT);
+    let live = &e.directions[UPSTREAM_TO_CLIENT];
     let dm = &m.directions[UPSTREAM_TO_CLIENT];
     let (mut dir, _src, _dst) = paused();
-    dir.report(dm, &m, &live);
+    dir.report(dm, &m, live);
     assert_eq!(numbers(&m, UPSTREAM_TO_CLIENT), [1.0, 0.0, 8.0, 1.0, 0.0]);
-    dir.finish(dm, &m, &live);
+    dir.finish(dm, &m, live);
     // The pause is counted, not drained; nothing is queued or paused any more.
     assert_eq!(numbers(&m, UPSTREAM_TO_CLIENT), [1.0, 0.0, 0.0, 0.0, 0.0]);
     assert_eq!(dir.state, State::Done);
@@ -932,14 +932,14 @@ fn finish_returns_the_queued_gauge_and_ends_a_running_pause() {
 fn finish_reports_what_no_report_has_seen_yet() {
     let m = Metrics::new([BOUND, BOUND]);
     let e = entry(&m);
-    let live = Live::of(&e, CLIENT_TO_UPSTREAM);
+    let live = &e.directions[CLIENT_TO_UPSTREAM];
     let dm = &m.directions[CLIENT_TO_UPSTREAM];
     // Paused, never reported: finish counts the pause and still leaves no gauge raised.
     let (mut dir, _src, _dst) = paused();
-    dir.finish(dm, &m, &live);
+    dir.finish(dm, &m, live);
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 0.0, 0.0, 0.0, 0.0]);
     // Finishing twice (Drop after an explicit finish) changes nothing.
-    dir.finish(dm, &m, &live);
+    dir.finish(dm, &m, live);
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 0.0, 0.0, 0.0, 0.0]);
 }
 
@@ -1017,13 +1017,13 @@ fn finishing_a_direction_gives_its_grant_back_and_leaves_the_line() {
     b_src.push(b"x");
     expect_pending(poll(&mut b, &mut b_src, &mut b_dst));
     assert!(budget.contended());
-    b.finish(dm, &m, &Live::of(&e, CLIENT_TO_UPSTREAM));
+    b.finish(dm, &m, &e.directions[CLIENT_TO_UPSTREAM]);
     assert!(!budget.contended(), "a closed connection leaves the line");
     assert_eq!(
         sample(&m.render(), "sluice_budget_waits_total", CLIENT_TO_UPSTREAM),
         1.0
     );
-    a.finish(dm, &m, &Live::of(&e, CLIENT_TO_UPSTREAM));
+    a.finish(dm, &m, &e.directions[CLIENT_TO_UPSTREAM]);
     assert_eq!(budget.used(), 0, "bytes thrown away give their grant back");
 }
 
