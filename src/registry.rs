@@ -82,7 +82,7 @@ pub struct Entry {
     client_fd: RawFd,
     /// Set once the upstream has answered; until then the connection is connecting.
     upstream: OnceLock<SocketAddr>,
-    /// The upstream socket while it is open (-1 before and after); changed only under
+    /// The upstream socket while it is open (-1 before and after); taken off only under
     /// the entry's shard lock, which a scrape holds while it asks the socket.
     upstream_fd: AtomicI32,
     pub started: Instant,
@@ -190,7 +190,8 @@ impl<'a> Registered<'a> {
     /// and must drop before the socket closes.
     pub fn connected(&self, address: SocketAddr, fd: RawFd) -> UpstreamListed<'_, 'a> {
         let _ = self.entry.upstream.set(address);
-        self.set_upstream_fd(fd);
+        // No lock needed to put an open socket on the entry, only to take it off.
+        self.entry.upstream_fd.store(fd, Ordering::Relaxed);
         UpstreamListed(self)
     }
 
