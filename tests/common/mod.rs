@@ -38,9 +38,24 @@ impl Proxy {
     pub async fn start(upstream: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Proxy {
         let mut c = config(&upstream.to_string());
         tweak(&mut c);
-        c.validate("test", None).expect("tweaked config is valid");
+        Proxy::start_config(c).await
+    }
+
+    /// Starts a proxy on a whole configuration file's text (metrics on a free port
+    /// unless it says otherwise).
+    pub async fn start_text(text: &str) -> Proxy {
+        let mut c = Config::parse(text, "test").expect("test config parses");
+        if !text.contains("[metrics]") {
+            c.metrics.address = "127.0.0.1:0".into();
+        }
+        Proxy::start_config(c).await
+    }
+
+    /// Starts a proxy on `c`; `addr` is its first service's address.
+    pub async fn start_config(c: Config) -> Proxy {
+        c.validate("test", None).expect("test config is valid");
         let listener = sluice::listener::bind(&c).unwrap();
-        let addr = listener.address("default").unwrap();
+        let addr = listener.addresses()[0].1;
         let server = Arc::new(Server::new(c));
         let stop = CancellationToken::new();
         let task = {
@@ -58,6 +73,15 @@ impl Proxy {
 
     pub fn metrics(&self) -> String {
         self.server.metrics().render()
+    }
+
+    /// The address service `name` is bound to now.
+    pub fn address(&self, name: &str) -> SocketAddr {
+        self.server
+            .addresses()
+            .into_iter()
+            .find_map(|(n, a)| (n == name).then_some(a))
+            .unwrap_or_else(|| panic!("no service {name} running"))
     }
 
     /// The value of one series, e.g. `sluice_bytes_total{direction="client_to_upstream"}`.
