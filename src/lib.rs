@@ -11,6 +11,8 @@
 //! - [`connection`]: one client: connect upstream, relay, record why it closed.
 //! - [`relay`]: the bounded duplex copy, where pauses and drains happen (its `pipe`
 //!   submodule is the splice mode's queue; `tests` drive its states with scripted I/O).
+//! - [`proxy_protocol`]: the PROXY protocol v1/v2 (parse and read a client's header, encode
+//!   one for a server).
 //! - [`socket`]: socket2 tuning (buffer sizes, nodelay, keepalive, resets).
 //! - [`metrics`]: every metric name and help text, and the `/metrics` endpoint.
 //! - [`process_metrics`]: the `process_*` metrics from /proc.
@@ -29,6 +31,7 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod process_metrics;
+pub mod proxy_protocol;
 pub mod registry;
 pub mod relay;
 pub mod shutdown;
