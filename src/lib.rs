@@ -17,6 +17,8 @@
 //! - [`proxy_protocol`]: the PROXY protocol v1/v2 (`accept_proxy`, `send_proxy`).
 //! - [`relay`]: the bounded duplex copy, where pauses and drains happen (its `pipe`
 //!   submodule is the splice mode's queue; `tests` drive its states with scripted I/O).
+//! - [`proxy_protocol`]: the PROXY protocol v1/v2 (parse and read a client's header, encode
+//!   one for a server).
 //! - [`socket`]: socket2 tuning (buffer sizes, nodelay, keepalive, resets).
 //! - [`metrics`]: every metric name and help text, and the `/metrics` endpoint.
 //! - [`process_metrics`]: the `process_*` metrics from /proc.
