@@ -90,7 +90,8 @@ impl Addresses {
 
 /// Reads an `accept_proxy` client's header and applies the service's access rules to
 /// the address it gives. A missing, malformed or late header resets the client and is
-/// counted (`reason="proxy_protocol"`); so is a refusal by the rules.
+/// counted (`reason="proxy_protocol"`); a client the rules refuse is reset and counted
+/// as they count it (`not_allowed`, `max_per_client`).
 async fn admit_by_header(
     client: &mut TcpStream,
     peer: SocketAddr,
