@@ -4,8 +4,9 @@
 //!
 //! Every test runs the `sluice` binary with a temporary config (listen and metrics on
 //! 127.0.0.1:0; the real ports come from its start-up log lines) in front of an in-test
-//! upstream. Both ends of every connection write as fast as they can and read slowly through
-//! small socket buffers, so both directions back up within milliseconds.
+//! upstream (the Prometheus test adds a second service with two servers). Both ends of every
+//! connection write as fast as they can and read slowly through small socket buffers, so both
+//! directions back up within milliseconds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -52,7 +53,7 @@ const DASHBOARD: &str = concat!(
 fn backpressure_metrics_track_slow_readers_and_return_to_zero() {
     const CONNS: usize = 4;
     let upstream = Upstream::start();
-    let sluice = Sluice::start(upstream.addr);
+    let sluice = Sluice::start(upstream.addr, "");
     let load = Load::start(sluice.listen, &upstream, CONNS);
 
     // Backed up: every connection open, both directions holding bytes and paused.
@@ -145,7 +146,7 @@ fn backpressure_metrics_track_slow_readers_and_return_to_zero() {
 #[test]
 fn a_reader_that_never_reads_stays_paused_with_growing_time() {
     let upstream = Upstream::start();
-    let sluice = Sluice::start(upstream.addr);
+    let sluice = Sluice::start(upstream.addr, "");
     let mut client = small_buffered_connect(sluice.listen);
     client.write_all(LOAD).unwrap();
     let dir = [("direction", "upstream_to_client")];
@@ -216,7 +217,7 @@ fn promtool_finds_no_problem_in_a_scrape() {
         return;
     }
     let upstream = Upstream::start();
-    let sluice = Sluice::start(upstream.addr);
+    let sluice = Sluice::start(upstream.addr, "");
     one_short_connection(sluice.listen);
     sluice.poll("the short connection counted", |s| {
         s.get("sluice_connections_closed_total", &[]) == 1.0
@@ -249,14 +250,18 @@ fn promtool_finds_no_problem_in_a_scrape() {
     );
 }
 
-/// The dashboard JSON is what Grafana file provisioning and the issue ask for, and every metric
-/// it names is one a freshly started sluice exports (before any traffic).
+/// The dashboard JSON is what Grafana file provisioning and the issue ask for, every metric
+/// it names is one a freshly started sluice exports (before any traffic), and every query
+/// follows both pickers: Instance everywhere, Service wherever the series has a `service`
+/// label.
 #[test]
 fn dashboard_is_well_formed_and_names_only_exported_metrics() {
     let dashboard = load_dashboard();
     let upstream = Upstream::start();
-    let sluice = Sluice::start(upstream.addr);
-    let exported = sluice.scrape().names();
+    let sluice = Sluice::start(upstream.addr, "");
+    let scrape = sluice.scrape();
+    let exported = scrape.names();
+    let per_service = scrape.names_with_label("service");
 
     assert_eq!(
         dashboard["uid"], "sluice",
@@ -286,11 +291,33 @@ fn dashboard_is_well_formed_and_names_only_exported_metrics() {
     let instance = var("instance");
     assert_eq!(instance["type"], "query");
     assert_eq!(instance["datasource"]["uid"], "${datasource}");
-    let instance_query = instance["query"]
-        .as_str()
-        .or_else(|| instance["query"]["query"].as_str())
-        .expect("instance variable query");
+    let query_of = |v: &Value| {
+        v["query"]
+            .as_str()
+            .or_else(|| v["query"]["query"].as_str())
+            .unwrap_or_else(|| panic!("variable {} has no query", v["name"]))
+            .to_string()
+    };
+    let instance_query = query_of(instance);
     assert_eq!(instance_query, "label_values(sluice_build_info, instance)");
+    // The Service picker: like Instance, but listing the services of the chosen instances.
+    let service = var("service");
+    for key in [
+        "type",
+        "datasource",
+        "multi",
+        "includeAll",
+        "allValue",
+        "current",
+        "refresh",
+    ] {
+        assert_eq!(service[key], instance[key], "service variable's {key}");
+    }
+    let service_query = query_of(service);
+    assert_eq!(
+        service_query,
+        r#"label_values(sluice_connections_active{instance=~"$instance"}, service)"#
+    );
 
     // Panels: rows in the issue's order, allowed types, unique ids, datasource everywhere.
     let panels = all_panels(&dashboard);
@@ -301,7 +328,13 @@ fn dashboard_is_well_formed_and_names_only_exported_metrics() {
         .collect();
     assert_eq!(
         rows,
-        ["Is something backing up?", "Traffic", "Upstream", "Process"]
+        [
+            "Is something backing up?",
+            "Traffic",
+            "Upstream",
+            "Servers",
+            "Process"
+        ]
     );
     let mut ids = BTreeSet::new();
     for p in &panels {
@@ -317,8 +350,9 @@ fn dashboard_is_well_formed_and_names_only_exported_metrics() {
             continue;
         }
         assert!(
-            ["timeseries", "stat", "heatmap"].contains(&kind),
-            "panel {title:?} has type {kind:?}; only timeseries, stat and heatmap are allowed"
+            ["timeseries", "stat", "heatmap", "state-timeline"].contains(&kind),
+            "panel {title:?} has type {kind:?}; only timeseries, stat, heatmap and \
+             state-timeline are allowed"
         );
         assert_eq!(p["datasource"]["uid"], "${datasource}", "panel {title:?}");
         let targets = p["targets"]
@@ -338,11 +372,25 @@ fn dashboard_is_well_formed_and_names_only_exported_metrics() {
                     "{title:?}: use $__rate_interval in {expr}"
                 );
             }
+            for (name, matchers) in selectors(expr) {
+                let has = |m: &str| matchers.split(", ").any(|x| x == m);
+                assert!(
+                    has(r#"instance=~"$instance""#),
+                    "{title:?}: {name} does not follow the Instance picker in {expr}"
+                );
+                assert_eq!(
+                    has(r#"service=~"$service""#),
+                    per_service.contains(&name),
+                    "{title:?}: {name} should follow the Service picker exactly when it has \
+                     a service label, in {expr}"
+                );
+            }
         }
     }
 
     // Every metric named anywhere in a query is exported from start-up.
-    let mut used: BTreeSet<String> = metric_names(instance_query);
+    let mut used: BTreeSet<String> = metric_names(&instance_query);
+    used.extend(metric_names(&service_query));
     for (_, expr) in dashboard_queries(&dashboard) {
         used.extend(metric_names(&expr));
     }
@@ -359,13 +407,30 @@ fn dashboard_is_well_formed_and_names_only_exported_metrics() {
         "sluice_budget_waits_total",
         "sluice_paused_connections",
         "sluice_bytes_total",
+        "sluice_server_up",
+        "sluice_server_connections",
+        "sluice_server_queued_bytes",
+        "sluice_server_paused_connections",
+        "sluice_server_ejections_total",
+        "sluice_upstream_connect_errors_total",
+        "sluice_upstream_connect_duration_seconds_bucket",
+        "sluice_upstream_retries_total",
     ] {
         assert!(used.contains(family), "dashboard does not show {family}");
     }
 }
 
-/// A real Prometheus scrapes sluice under a slow-reader load, and every query of the dashboard
-/// (variables substituted) parses and returns data.
+/// A real Prometheus scrapes sluice under load, and every query of the dashboard (variables
+/// substituted as for "All") parses and returns at least one number: a result that is empty or
+/// only NaN would leave its panel blank.
+///
+/// sluice runs two services so that the Service picker lists both and every per-server panel
+/// has something to draw: `default` in front of the test's upstream, under a slow-reader load;
+/// and `pool`, whose two servers are that upstream and an address that refuses every connect.
+/// A client loop keeps connecting to `pool`, so the refusing server keeps failing, being
+/// ejected for a one-second cooldown and failing again, each failure retried on the good
+/// server: connect errors, ejections, retries and connect latency all move while Prometheus
+/// watches, and no client of `pool` notices.
 #[test]
 fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     if !tool_available("prometheus") {
@@ -373,10 +438,30 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     }
     let dashboard = load_dashboard();
     let upstream = Upstream::start();
-    let sluice = Sluice::start(upstream.addr);
+    let (refusing, _refusing_guard) = refusing_address();
+    let sluice = Sluice::start(
+        upstream.addr,
+        &format!(
+            r#"[[service]]
+name = "pool"
+listen = "127.0.0.1:0"
+servers = ["{good}", "{refusing}"]
+balance = "least_queued"
+
+[service.upstream]
+retries = 1
+
+[service.health]
+max_failures = 1
+cooldown = "1s"
+"#,
+            good = upstream.addr
+        ),
+    );
     // A connection that has ended, so both histograms have an observation, plus a load.
     one_short_connection(sluice.listen);
     let load = Load::start(sluice.listen, &upstream, 3);
+    let pool_clients = ShortClients::start(sluice.services["pool"]);
     let prometheus = Prometheus::start(sluice.metrics);
 
     // The instance variable's values: what label_values(sluice_build_info, instance) lists.
@@ -387,6 +472,17 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             .iter()
             .any(|s| s["metric"]["instance"] == target.as_str()),
         "sluice_build_info has no instance {target}: {instances:?}"
+    );
+    // The service variable's values: label_values(sluice_connections_active, service).
+    let services: BTreeSet<String> = prometheus
+        .poll_query("sluice_connections_active")
+        .iter()
+        .filter_map(|s| Some(s["metric"]["service"].as_str()?.to_string()))
+        .collect();
+    assert_eq!(
+        services,
+        BTreeSet::from(["default", "pool"].map(String::from)),
+        "the Service picker's choices"
     );
 
     // One deadline for all queries: once the first ones have data, the rest have had every
@@ -401,21 +497,64 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
                     failures.push(format!("{title}: {error}\n  {query}"));
                     break;
                 }
-                Ok(result) if !result.is_empty() => break,
-                Ok(_) if Instant::now() > deadline => {
-                    failures.push(format!("{title}: no data\n  {query}"));
+                Ok(result) if has_a_number(&result) => break,
+                Ok(result) if Instant::now() > deadline => {
+                    failures.push(format!("{title}: no data ({result:?})\n  {query}"));
                     break;
                 }
                 Ok(_) => thread::sleep(Duration::from_millis(250)),
             }
         }
     }
+    let pool_connections = pool_clients.finish();
     load.finish(&upstream);
     assert!(
         failures.is_empty(),
         "dashboard queries that failed:\n{}\n--- prometheus log ---\n{}",
         failures.join("\n"),
         prometheus.log()
+    );
+
+    // What the Servers row showed is what happened: the refusing server failed, was ejected,
+    // and each failure was retried on the good server, so no client of pool was turned away.
+    let refusing = refusing.to_string();
+    let bad = [("service", "pool"), ("server", refusing.as_str())];
+    let good = upstream.addr.to_string();
+    let after = sluice.poll("every pool connection closed", |s| {
+        s.get("sluice_connections_closed_total", &[("service", "pool")]) == pool_connections as f64
+    });
+    let refused = [bad[0], bad[1], ("kind", "refused")];
+    let errors = after.get("sluice_upstream_connect_errors_total", &refused);
+    assert!(errors >= 1.0, "{}", after.text);
+    assert_eq!(
+        after.get("sluice_upstream_connect_errors_total", &bad[..]),
+        errors,
+        "a refused connect counted as another kind"
+    );
+    assert!(after.get("sluice_server_ejections_total", &bad) >= 1.0);
+    assert_eq!(
+        after.get("sluice_upstream_retries_total", &[("service", "pool")]),
+        errors,
+        "every failed connect retried once on the good server"
+    );
+    assert_eq!(
+        after.get(
+            "sluice_upstream_connect_duration_seconds_count",
+            &[("service", "pool"), ("server", good.as_str())]
+        ),
+        pool_connections as f64,
+        "every pool client connected through the good server"
+    );
+    assert_eq!(
+        after.get(
+            "sluice_connections_closed_total",
+            &[("service", "pool"), ("reason", "complete")]
+        ),
+        pool_connections as f64
+    );
+    eprintln!(
+        "pool: {pool_connections} clients, {errors} refused connects, {} ejections",
+        after.get("sluice_server_ejections_total", &bad)
     );
 }
 
@@ -426,8 +565,10 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
 /// A running `sluice` binary with its config in a temporary directory.
 struct Sluice {
     child: Child,
-    /// Where clients connect (learnt from the log).
+    /// Where clients of the `default` service connect (learnt from the log).
     listen: SocketAddr,
+    /// Where clients of each service connect, by service name (learnt from the log).
+    services: BTreeMap<String, SocketAddr>,
     /// Where `/metrics` is served (learnt from the log).
     metrics: SocketAddr,
     /// Everything sluice wrote to stderr so far, for failure messages.
@@ -436,7 +577,9 @@ struct Sluice {
 }
 
 impl Sluice {
-    fn start(upstream: SocketAddr) -> Sluice {
+    /// The `default` service in front of `upstream`, plus the `[[service]]` tables in
+    /// `services` (TOML; empty for none).
+    fn start(upstream: SocketAddr, services: &str) -> Sluice {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("sluice.toml");
         std::fs::write(
@@ -465,7 +608,8 @@ address = "127.0.0.1:0"
 
 [log]
 level = "info"
-"#
+
+{services}"#
             ),
         )
         .unwrap();
@@ -479,8 +623,8 @@ level = "info"
             .expect("start sluice");
 
         // Read stderr for the whole life of the process (a full pipe would block sluice's
-        // logging), keep it for failure messages, and pass lines on until both addresses
-        // are known.
+        // logging), keep it for failure messages, and pass lines on until every service's
+        // address and the metrics address are known.
         let log = Arc::new(Mutex::new(String::new()));
         let (lines_tx, lines) = mpsc::channel();
         let stderr = child.stderr.take().unwrap();
@@ -493,13 +637,19 @@ level = "info"
                 let _ = lines_tx.send(line);
             }
         });
-        let (mut listen, mut metrics) = (None, None);
+        let expected = 1 + services.matches("[[service]]").count();
+        let (mut listeners, mut metrics) = (BTreeMap::new(), None);
         let deadline = Instant::now() + DEADLINE;
-        while listen.is_none() || metrics.is_none() {
+        while listeners.len() < expected || metrics.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             match lines.recv_timeout(left) {
                 Ok(line) => {
-                    listen = listen.or(address_after(&line, "sluice listening address="));
+                    if let (Some(addr), Some(name)) = (
+                        address_after(&line, "sluice listening address="),
+                        word_after(&line, " service="),
+                    ) {
+                        listeners.insert(name.to_string(), addr);
+                    }
                     metrics =
                         metrics.or(address_after(&line, "metrics endpoint listening address="));
                 }
@@ -507,7 +657,8 @@ level = "info"
                     let _ = child.kill();
                     let status = child.wait().ok();
                     panic!(
-                        "sluice did not log both addresses (exit: {status:?}); log:\n{}",
+                        "sluice did not log {expected} listening addresses and the metrics \
+                         address (exit: {status:?}); log:\n{}",
                         log.lock().unwrap()
                     );
                 }
@@ -515,7 +666,8 @@ level = "info"
         }
         Sluice {
             child,
-            listen: listen.unwrap(),
+            listen: listeners["default"],
+            services: listeners,
             metrics: metrics.unwrap(),
             log,
             _dir: dir,
@@ -579,8 +731,13 @@ fn stop_child(child: &mut Child) {
 
 /// The address in `line` right after `marker`, if any.
 fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    word_after(line, marker)?.parse().ok()
+}
+
+/// The word in `line` right after `marker`, if any.
+fn word_after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
     let rest = &line[line.find(marker)? + marker.len()..];
-    rest.split_whitespace().next()?.parse().ok()
+    rest.split_whitespace().next()
 }
 
 /// `line` without ANSI colour sequences (ESC [ ... letter).
@@ -649,6 +806,15 @@ impl Scrape {
     /// Every sample name (histograms as their `_bucket`, `_sum` and `_count` series).
     fn names(&self) -> BTreeSet<String> {
         self.samples.iter().map(|(n, _, _)| n.clone()).collect()
+    }
+
+    /// The sample names that carry `label`.
+    fn names_with_label(&self, label: &str) -> BTreeSet<String> {
+        self.samples
+            .iter()
+            .filter(|(_, l, _)| l.contains_key(label))
+            .map(|(n, _, _)| n.clone())
+            .collect()
     }
 }
 
@@ -900,6 +1066,51 @@ impl Load {
     }
 }
 
+/// Short connections, one after another, until told to stop.
+struct ShortClients {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<usize>,
+}
+
+impl ShortClients {
+    /// Pause between two connections: a few connects per second is enough for every rate
+    /// to move.
+    const PAUSE: Duration = Duration::from_millis(100);
+
+    fn start(sluice: SocketAddr) -> ShortClients {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    one_short_connection(sluice);
+                    n += 1;
+                    thread::sleep(Self::PAUSE);
+                }
+                n
+            })
+        };
+        ShortClients { stop, thread }
+    }
+
+    /// Stops the loop; the number of connections made, every one answered.
+    fn finish(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("a short connection failed")
+    }
+}
+
+/// A loopback address that refuses every connect: a socket bound to it that never listens,
+/// so nothing else can take the port while the returned socket lives.
+fn refusing_address() -> (SocketAddr, Socket) {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    (socket.local_addr().unwrap().as_socket().unwrap(), socket)
+}
+
 /// A blocking connection whose socket buffers were made small before connecting.
 fn small_buffered_connect(addr: SocketAddr) -> TcpStream {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
@@ -1075,6 +1286,16 @@ fn load_dashboard() -> Value {
     serde_json::from_str(&text).expect("dashboard is JSON")
 }
 
+/// Whether an instant query's result holds a sample with a finite value: what a panel can draw.
+fn has_a_number(result: &[Value]) -> bool {
+    result.iter().any(|s| {
+        s["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(f64::is_finite)
+    })
+}
+
 /// Every panel, including those nested in collapsed rows.
 fn all_panels(dashboard: &Value) -> Vec<&Value> {
     let mut out = Vec::new();
@@ -1112,7 +1333,9 @@ fn substitute_variables(expr: &str) -> String {
         .replace("${__interval}", "5s")
         .replace("$__range", "5m")
         .replace("${instance}", ".+")
-        .replace("$instance", ".+");
+        .replace("$instance", ".+")
+        .replace("${service}", ".+")
+        .replace("$service", ".+");
     assert!(!out.contains('$'), "unknown variable left in {out}");
     out
 }
@@ -1123,6 +1346,31 @@ fn range_windows(expr: &str) -> Vec<&str> {
         .skip(1)
         .filter_map(|s| s.split(']').next())
         .collect()
+}
+
+/// Every metric selector in `expr`: the `sluice_*` / `process_*` name and what is between its
+/// braces (empty when it has none).
+fn selectors(expr: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = ["sluice_", "process_"]
+        .iter()
+        .filter_map(|p| rest.find(p))
+        .min()
+    {
+        rest = &rest[at..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(rest.len());
+        let (name, after) = rest.split_at(end);
+        let matchers = match after.strip_prefix('{') {
+            Some(inner) => inner.split('}').next().unwrap_or_default(),
+            None => "",
+        };
+        out.push((name.to_string(), matchers.to_string()));
+        rest = after;
+    }
+    out
 }
 
 /// Every `sluice_*` / `process_*` identifier in `expr`.
