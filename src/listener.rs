@@ -313,6 +313,7 @@ impl Server {
             tracing::info!(service = %service.config.name, "service removed; it accepts no more clients");
             gone.stop.cancel();
             gone.checks.cancel();
+            service.metrics.retire();
             // Its live connections get the shutdown grace, then are closed.
             let grace = new.timeouts.shutdown_grace;
             let force_close = service.force_close.clone();

@@ -317,14 +317,14 @@ impl Metrics {
         by_direction(
             &mut out,
             "sluice_paused_connections",
-            "Connection directions paused now, by direction.",
+            "Connection directions paused now, by service and direction.",
             "gauge",
             &|i, d| snaps[i][d].0.to_string(),
         );
         by_direction(
             &mut out,
             "sluice_paused_seconds_total",
-            "Time spent paused, all connections, by direction.",
+            "Time spent paused, all connections, by service and direction.",
             "counter",
             &|i, d| snaps[i][d].1.to_string(),
         );
@@ -332,7 +332,7 @@ impl Metrics {
         by_direction(
             &mut out,
             "sluice_kernel_queued_bytes",
-            "Bytes the kernel holds for live connections, by direction: unread in the source sockets plus unacknowledged in the destination sockets (sampled every second).",
+            "Bytes the kernel holds for live connections, by service and direction: unread in the source sockets plus unacknowledged in the destination sockets (sampled every second).",
             "gauge",
             &|i, d| {
                 kernel
@@ -490,6 +490,12 @@ impl ServiceMetrics {
 
     pub fn closed(&self, reason: CloseReason) -> &Counter {
         &self.closed[reason as usize]
+    }
+
+    /// The service was removed: its servers leave the per-server gauges (its counters
+    /// keep their totals).
+    pub fn retire(&self) {
+        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Puts `pool` in the per-server gauges and returns each of its servers' handles,

@@ -420,6 +420,12 @@ async fn reload_adds_moves_and_removes_services() {
     )
     .await;
     assert_eq!(who(new_beta).await.1, b'B');
+    assert!(
+        !proxy
+            .metrics()
+            .contains(&server_series("sluice_server_up", "alpha", a.addr)),
+        "a removed service's servers leave the per-server gauges"
+    );
 
     // A reload whose new address cannot be bound changes nothing.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
