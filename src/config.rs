@@ -12,6 +12,9 @@ use bytesize::ByteSize;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use crate::pool::Balance;
+pub use crate::proxy_protocol::Version as ProxyVersion;
+
 /// Default per-connection bound for each direction.
 pub const DEFAULT_BUFFER: u64 = 64 * 1024;
 /// Default fraction of the bound at which a paused direction reads again.
@@ -38,6 +41,15 @@ pub const DEFAULT_NOTSENT_LOWAT: u64 = 64 * 1024;
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Default metrics endpoint: loopback only, so it is never exposed by accident.
 pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9090";
+/// Default connect retries on another server: with three servers, a client is reset
+/// only when all three refuse.
+pub const DEFAULT_RETRIES: u32 = 2;
+/// Default connect failures in a row that take a server out of rotation.
+pub const DEFAULT_MAX_FAILURES: u32 = 3;
+/// Default time an ejected server stays out before it is tried again.
+pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(10);
+/// The name of the service made of `[listen]` and `[upstream]`.
+pub const DEFAULT_SERVICE: &str = "default";
 
 /// The whole configuration, as read from the file and overridden by the command line.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -61,6 +73,113 @@ pub struct Config {
     pub log: Log,
     #[serde(default)]
     pub runtime: Runtime,
+    #[serde(default)]
+    pub health: Health,
+    /// `[[service]]` tables: listeners of their own with servers of their own.
+    #[serde(default, rename = "service", skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceSpec>,
+}
+
+/// A `[[service]]` table as written: its own keys, and overlays (`[service.buffer]` and
+/// the like) whose keys replace the top-level section's, key by key.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// The `service` label: `[a-z0-9_-]+`, unique in the file.
+    pub name: String,
+    /// Address the service accepts clients on (`ip:port`).
+    #[serde(default)]
+    pub listen: String,
+    /// The servers clients are relayed to (`host:port` each).
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Which server gets the next client.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Write a PROXY protocol header of this version to each server before any client byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_proxy: Option<ProxyVersion>,
+    /// Read a PROXY protocol header (v1 or v2) from each client first and treat its
+    /// source as the client's address.
+    #[serde(default)]
+    pub accept_proxy: bool,
+    /// Overrides `listen.allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    /// Overrides `listen.max_connections_per_client`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_client: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer: Option<toml::Table>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<toml::Table>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<toml::Table>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<toml::Table>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<toml::Table>,
+}
+
+/// One service's effective settings: its own keys, the overlays applied, the top-level
+/// sections' values elsewhere. What a connection of the service runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub servers: Vec<String>,
+    pub balance: Balance,
+    pub send_proxy: Option<ProxyVersion>,
+    pub accept_proxy: bool,
+    /// `allow`, parsed; empty allows everyone.
+    pub allow: Vec<IpNet>,
+    pub max_connections_per_client: usize,
+    /// Process-wide (`listen.backlog`), copied here for the bind.
+    pub backlog: u32,
+    pub buffer: Buffer,
+    pub socket: SocketOptions,
+    pub timeouts: Timeouts,
+    pub upstream: Upstream,
+    pub health: Health,
+    /// Process-wide (`[relay]`), copied here for the relay.
+    pub relay: Relay,
+}
+
+impl Service {
+    /// The per-direction bounds in bytes, client→upstream first.
+    pub fn bounds(&self) -> [usize; 2] {
+        [
+            self.buffer.client_to_upstream.as_u64() as usize,
+            self.buffer.upstream_to_client.as_u64() as usize,
+        ]
+    }
+}
+
+/// When a server is taken out of rotation and how it comes back.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// Connect failures in a row (clients' or active checks') that take a server out.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+    /// How long an ejected server stays out before clients try it again.
+    #[serde(with = "humantime_serde", default = "default_cooldown")]
+    pub cooldown: Duration,
+    /// Every this long, a TCP connect to each server (within `upstream.connect_timeout`):
+    /// a failure counts like a client's, a success brings the server back at once.
+    /// "0s" turns active checks off.
+    #[serde(with = "humantime_serde", default)]
+    pub interval: Duration,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            max_failures: DEFAULT_MAX_FAILURES,
+            cooldown: DEFAULT_COOLDOWN,
+            interval: Duration::ZERO,
+        }
+    }
 }
 
 /// How the work is spread over threads.
@@ -135,9 +254,14 @@ pub struct Upstream {
     /// `host:port`; a host name is resolved at each connect, so DNS changes are followed.
     #[serde(default)]
     pub address: String,
-    /// A handshake that takes longer than this fails the client at once.
+    /// A handshake that takes longer than this fails the attempt.
     #[serde(with = "humantime_serde", default = "default_connect_timeout")]
     pub connect_timeout: Duration,
+    /// A failed connect is tried again on another server of the service, up to this
+    /// many times, before the client is reset. Nothing was sent to a server whose
+    /// connect failed, so a retry never sends a byte twice.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
 }
 
 /// The per-connection bounds that make the backpressure.
@@ -289,6 +413,15 @@ fn default_backlog() -> u32 {
 fn default_connect_timeout() -> Duration {
     DEFAULT_CONNECT_TIMEOUT
 }
+fn default_retries() -> u32 {
+    DEFAULT_RETRIES
+}
+fn default_max_failures() -> u32 {
+    DEFAULT_MAX_FAILURES
+}
+fn default_cooldown() -> Duration {
+    DEFAULT_COOLDOWN
+}
 fn default_buffer() -> ByteSize {
     ByteSize::b(DEFAULT_BUFFER)
 }
@@ -337,6 +470,7 @@ impl Default for Upstream {
         Upstream {
             address: String::new(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            retries: DEFAULT_RETRIES,
         }
     }
 }
@@ -456,73 +590,75 @@ impl Config {
     }
 
     /// Checks what the types alone cannot: addresses parse, fractions are fractions,
-    /// bounds are usable. `source` names the file in errors; `text` (if any) lets the
-    /// error point at the line the key is on.
+    /// bounds are usable, services are whole and distinct. `source` names the file in
+    /// errors; `text` (if any) lets the error point at the line the key is on.
     pub fn validate(&self, source: &str, text: Option<&str>) -> Result<(), ConfigError> {
+        self.resolve(source, text).map(|_| ())
+    }
+
+    /// The services this configuration describes, with their effective settings: the
+    /// `[listen]` + `[upstream]` one (named `default`) first, if the file has it, then
+    /// each `[[service]]` in file order.
+    pub fn services(&self) -> Result<Vec<Service>, ConfigError> {
+        self.resolve("configuration", None)
+    }
+
+    fn resolve(&self, source: &str, text: Option<&str>) -> Result<Vec<Service>, ConfigError> {
         let err = |key: &str, message: String| ConfigError {
             source: source.to_string(),
             key: Some(key.to_string()),
             line: text.and_then(|t| line_of_key(t, key)),
             message,
         };
-        if self.listen.address.is_empty() {
-            return Err(err(
-                "listen.address",
-                "missing: the address to accept clients on".into(),
-            ));
-        }
-        if self.listen.address.parse::<SocketAddr>().is_err() {
-            return Err(err(
-                "listen.address",
-                format!("`{}` is not an ip:port address", self.listen.address),
-            ));
-        }
+        let plain = |(key, message): Bad| err(&key, message);
         if self.listen.backlog == 0 || self.listen.backlog > i32::MAX as u32 {
             return Err(err("listen.backlog", "must be at least 1".into()));
         }
         if self.listen.max_connections == 0 {
             return Err(err("listen.max_connections", "must be at least 1".into()));
         }
-        if let Err(bad) = self.allow_list() {
-            return Err(err(
+        let allow = allow_list(&self.listen.allow).map_err(|bad| {
+            err(
                 "listen.allow",
                 format!("`{bad}` is not a network (e.g. 10.0.0.0/8)"),
-            ));
+            )
+        })?;
+        check_sections(&self.buffer, &self.socket, &self.upstream, &self.health).map_err(plain)?;
+        self.check_process_wide().map_err(plain)?;
+
+        let mut services = Vec::with_capacity(self.services.len() + 1);
+        let has_default = !self.listen.address.is_empty()
+            || !self.upstream.address.is_empty()
+            || self.services.is_empty();
+        if has_default {
+            services.push(self.default_service(allow.clone()).map_err(plain)?);
         }
-        if self.upstream.address.is_empty() {
-            return Err(err(
-                "upstream.address",
-                "missing: the host:port to relay to".into(),
-            ));
+        for (i, spec) in self.services.iter().enumerate() {
+            let service = self
+                .resolve_service(spec, &allow)
+                .map_err(|(key, message)| {
+                    let prefix = if valid_name(&spec.name) {
+                        format!("service.{}", spec.name)
+                    } else {
+                        "service".to_string()
+                    };
+                    ConfigError {
+                        source: source.to_string(),
+                        key: Some(if key.is_empty() {
+                            prefix
+                        } else {
+                            format!("{prefix}.{key}")
+                        }),
+                        line: text.and_then(|t| line_of_service(t, i)),
+                        message,
+                    }
+                })?;
+            services.push(service);
         }
-        if split_host_port(&self.upstream.address).is_none() {
-            return Err(err(
-                "upstream.address",
-                format!("`{}` is not a host:port address", self.upstream.address),
-            ));
-        }
-        if self.upstream.connect_timeout.is_zero() {
-            return Err(err(
-                "upstream.connect_timeout",
-                "must be more than 0s".into(),
-            ));
-        }
-        for (key, size) in [
-            ("buffer.client_to_upstream", self.buffer.client_to_upstream),
-            ("buffer.upstream_to_client", self.buffer.upstream_to_client),
-        ] {
-            if size.as_u64() == 0 {
-                return Err(err(key, "must be at least 1 byte".into()));
-            }
-            if size.as_u64() > MAX_BUFFER {
-                return Err(err(
-                    key,
-                    format!("must be at most {}", ByteSize::b(MAX_BUFFER)),
-                ));
-            }
-        }
+        check_distinct(&services).map_err(plain)?;
+
         let total = self.buffer.total.as_u64();
-        let largest = self.bounds().into_iter().max().unwrap_or(0) as u64;
+        let largest = services.iter().flat_map(Service::bounds).max().unwrap_or(0) as u64;
         if total > 0 && total < 2 * largest {
             return Err(err(
                 "buffer.total",
@@ -533,56 +669,33 @@ impl Config {
                 ),
             ));
         }
-        if total > usize::MAX as u64 >> 4 {
-            return Err(err(
-                "buffer.total",
-                "is larger than this machine can address".into(),
-            ));
-        }
-        let r = self.buffer.resume_at;
-        if !(r > 0.0 && r < 1.0) {
-            return Err(err("buffer.resume_at", format!("{r} is outside (0, 1)")));
-        }
-        for (key, size) in [
-            ("socket.client_recv_buffer", self.socket.client_recv_buffer),
-            ("socket.client_send_buffer", self.socket.client_send_buffer),
-            (
-                "socket.upstream_recv_buffer",
-                self.socket.upstream_recv_buffer,
-            ),
-            (
-                "socket.upstream_send_buffer",
-                self.socket.upstream_send_buffer,
-            ),
-        ] {
-            if size.as_u64() > i32::MAX as u64 / 2 {
-                return Err(err(key, "is larger than the kernel accepts".into()));
-            }
-        }
-        if self.socket.notsent_lowat.as_u64() > i32::MAX as u64 {
-            return Err(err(
-                "socket.notsent_lowat",
-                "is larger than the kernel accepts".into(),
-            ));
+        Ok(services)
+    }
+
+    /// Keys that hold for the whole process.
+    fn check_process_wide(&self) -> Result<(), Bad> {
+        let bad = |key: &str, message: &str| Err((key.to_string(), message.to_string()));
+        if self.buffer.total.as_u64() > usize::MAX as u64 >> 4 {
+            return bad("buffer.total", "is larger than this machine can address");
         }
         if self.timeouts.shutdown_grace > Duration::from_secs(24 * 3600) {
-            return Err(err("timeouts.shutdown_grace", "must be at most 24h".into()));
+            return bad("timeouts.shutdown_grace", "must be at most 24h");
         }
         if self.metrics.address.parse::<SocketAddr>().is_err() {
-            return Err(err(
-                "metrics.address",
+            return Err((
+                "metrics.address".into(),
                 format!("`{}` is not an ip:port address", self.metrics.address),
             ));
         }
         if self.runtime.workers > MAX_WORKERS {
-            return Err(err(
-                "runtime.workers",
+            return Err((
+                "runtime.workers".into(),
                 format!("must be at most {MAX_WORKERS} (0 = one per core)"),
             ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(err(
-                "log.level",
+            return Err((
+                "log.level".into(),
                 format!(
                     "`{}` is not a level (error, warn, info, debug, trace)",
                     self.log.level
@@ -592,18 +705,165 @@ impl Config {
         Ok(())
     }
 
-    /// `listen.allow` parsed; a bare address is a one-address network. Errs with the
-    /// first entry that is neither.
-    pub fn allow_list(&self) -> Result<Vec<IpNet>, String> {
-        self.listen
-            .allow
+    /// The service made of `[listen]` and `[upstream]`.
+    fn default_service(&self, allow: Vec<IpNet>) -> Result<Service, Bad> {
+        if self.listen.address.is_empty() {
+            return Err((
+                "listen.address".into(),
+                "missing: the address to accept clients on".into(),
+            ));
+        }
+        let listen = self.listen.address.parse::<SocketAddr>().map_err(|_| {
+            (
+                "listen.address".to_string(),
+                format!("`{}` is not an ip:port address", self.listen.address),
+            )
+        })?;
+        if self.upstream.address.is_empty() {
+            return Err((
+                "upstream.address".into(),
+                "missing: the host:port to relay to".into(),
+            ));
+        }
+        if split_host_port(&self.upstream.address).is_none() {
+            return Err((
+                "upstream.address".into(),
+                format!("`{}` is not a host:port address", self.upstream.address),
+            ));
+        }
+        Ok(Service {
+            name: DEFAULT_SERVICE.to_string(),
+            listen,
+            servers: vec![self.upstream.address.clone()],
+            balance: Balance::default(),
+            send_proxy: None,
+            accept_proxy: false,
+            allow,
+            max_connections_per_client: self.listen.max_connections_per_client,
+            backlog: self.listen.backlog,
+            buffer: self.buffer.clone(),
+            socket: self.socket.clone(),
+            timeouts: self.timeouts.clone(),
+            upstream: Upstream {
+                address: String::new(),
+                ..self.upstream.clone()
+            },
+            health: self.health.clone(),
+            relay: self.relay.clone(),
+        })
+    }
+
+    /// One `[[service]]` with its overlays applied; errors carry keys relative to the
+    /// service (`listen`, `buffer.resume_at`).
+    fn resolve_service(&self, spec: &ServiceSpec, top_allow: &[IpNet]) -> Result<Service, Bad> {
+        if !valid_name(&spec.name) {
+            return Err((
+                "name".into(),
+                format!(
+                    "`{}` is not a service name: use lower-case letters, digits, _ and -",
+                    spec.name
+                ),
+            ));
+        }
+        if spec.listen.is_empty() {
+            return Err((
+                "listen".into(),
+                "missing: the address to accept clients on".into(),
+            ));
+        }
+        let listen = spec.listen.parse::<SocketAddr>().map_err(|_| {
+            (
+                "listen".to_string(),
+                format!("`{}` is not an ip:port address", spec.listen),
+            )
+        })?;
+        if spec.servers.is_empty() {
+            return Err((
+                "servers".into(),
+                "missing: at least one host:port to relay to".into(),
+            ));
+        }
+        if let Some(bad) = spec.servers.iter().find(|s| split_host_port(s).is_none()) {
+            return Err((
+                "servers".into(),
+                format!("`{bad}` is not a host:port address"),
+            ));
+        }
+        if let Some(twice) = spec
+            .servers
             .iter()
-            .map(|s| {
-                s.parse::<IpNet>()
-                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| s.clone())
-            })
-            .collect()
+            .enumerate()
+            .find_map(|(i, s)| spec.servers[..i].contains(s).then_some(s))
+        {
+            return Err(("servers".into(), format!("`{twice}` is listed twice")));
+        }
+        let allow = match &spec.allow {
+            Some(list) => allow_list(list).map_err(|bad| {
+                (
+                    "allow".to_string(),
+                    format!("`{bad}` is not a network (e.g. 10.0.0.0/8)"),
+                )
+            })?,
+            None => top_allow.to_vec(),
+        };
+        forbid(
+            &spec.buffer,
+            "buffer",
+            "total",
+            "is process-wide: set it in [buffer]",
+        )?;
+        forbid(
+            &spec.timeouts,
+            "timeouts",
+            "shutdown_grace",
+            "is process-wide: set it in [timeouts]",
+        )?;
+        forbid(
+            &spec.upstream,
+            "upstream",
+            "address",
+            "a service lists its servers in `servers`",
+        )?;
+        let buffer = overlay(&self.buffer, &spec.buffer, "buffer")?;
+        let socket = overlay(&self.socket, &spec.socket, "socket")?;
+        let timeouts = overlay(&self.timeouts, &spec.timeouts, "timeouts")?;
+        let upstream = overlay(&self.upstream, &spec.upstream, "upstream")?;
+        let health = overlay(&self.health, &spec.health, "health")?;
+        check_sections(&buffer, &socket, &upstream, &health)?;
+        Ok(Service {
+            name: spec.name.clone(),
+            listen,
+            servers: spec.servers.clone(),
+            balance: spec.balance,
+            send_proxy: spec.send_proxy,
+            accept_proxy: spec.accept_proxy,
+            allow,
+            max_connections_per_client: spec
+                .max_connections_per_client
+                .unwrap_or(self.listen.max_connections_per_client),
+            backlog: self.listen.backlog,
+            buffer,
+            socket,
+            timeouts,
+            upstream: Upstream {
+                address: String::new(),
+                ..upstream
+            },
+            health,
+            relay: self.relay.clone(),
+        })
+    }
+
+    /// The effective configuration as TOML, for `--check-config`: every service spelled
+    /// out as a `[[service]]` with all of its sections, the `[listen]` + `[upstream]`
+    /// one included (named `default`). Parsing it again gives the same services.
+    pub fn to_effective_toml(&self) -> Result<String, ConfigError> {
+        let services = self.services()?;
+        let mut flat = self.clone();
+        flat.listen.address.clear();
+        flat.upstream.address.clear();
+        flat.services = services.iter().map(ServiceSpec::spelled_out).collect();
+        Ok(flat.to_toml())
     }
 
     /// The per-direction bounds in bytes, client→upstream first.
@@ -619,6 +879,192 @@ impl Config {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
 }
+
+/// A check's complaint: the key (relative to where it was checked) and what is wrong.
+type Bad = (String, String);
+
+/// Checks the sections a service may override, as in force for one service or as
+/// written at the top level.
+fn check_sections(
+    buffer: &Buffer,
+    socket: &SocketOptions,
+    upstream: &Upstream,
+    health: &Health,
+) -> Result<(), Bad> {
+    let bad = |key: &str, message: String| Err((key.to_string(), message));
+    if upstream.connect_timeout.is_zero() {
+        return bad("upstream.connect_timeout", "must be more than 0s".into());
+    }
+    if upstream.retries > MAX_RETRIES {
+        return bad("upstream.retries", format!("must be at most {MAX_RETRIES}"));
+    }
+    if health.max_failures == 0 {
+        return bad("health.max_failures", "must be at least 1".into());
+    }
+    for (key, size) in [
+        ("buffer.client_to_upstream", buffer.client_to_upstream),
+        ("buffer.upstream_to_client", buffer.upstream_to_client),
+    ] {
+        if size.as_u64() == 0 {
+            return bad(key, "must be at least 1 byte".into());
+        }
+        if size.as_u64() > MAX_BUFFER {
+            return bad(key, format!("must be at most {}", ByteSize::b(MAX_BUFFER)));
+        }
+    }
+    let r = buffer.resume_at;
+    if !(r > 0.0 && r < 1.0) {
+        return bad("buffer.resume_at", format!("{r} is outside (0, 1)"));
+    }
+    for (key, size) in [
+        ("socket.client_recv_buffer", socket.client_recv_buffer),
+        ("socket.client_send_buffer", socket.client_send_buffer),
+        ("socket.upstream_recv_buffer", socket.upstream_recv_buffer),
+        ("socket.upstream_send_buffer", socket.upstream_send_buffer),
+    ] {
+        if size.as_u64() > i32::MAX as u64 / 2 {
+            return bad(key, "is larger than the kernel accepts".into());
+        }
+    }
+    if socket.notsent_lowat.as_u64() > i32::MAX as u64 {
+        return bad(
+            "socket.notsent_lowat",
+            "is larger than the kernel accepts".into(),
+        );
+    }
+    Ok(())
+}
+
+/// Two services may not share a name or a listen address (port 0 aside: each bind
+/// gets a port of its own).
+fn check_distinct(services: &[Service]) -> Result<(), Bad> {
+    for (i, s) in services.iter().enumerate() {
+        for earlier in &services[..i] {
+            if earlier.name == s.name {
+                let why = if s.name == DEFAULT_SERVICE {
+                    "`default` is the name of the [listen] + [upstream] service; pick another"
+                        .to_string()
+                } else {
+                    format!("`{}` names two services", s.name)
+                };
+                return Err((format!("service.{}.name", s.name), why));
+            }
+            if earlier.listen == s.listen && s.listen.port() != 0 {
+                return Err((
+                    format!("service.{}.listen", s.name),
+                    format!("{} is service `{}`'s address too", s.listen, earlier.name),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `[a-z0-9_-]+`: safe as a label value and in a file name.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// A section's value with a service's overlay applied key by key.
+fn overlay<T>(base: &T, over: &Option<toml::Table>, section: &str) -> Result<T, Bad>
+where
+    T: Serialize + serde::de::DeserializeOwned + Clone,
+{
+    let Some(over) = over else {
+        return Ok(base.clone());
+    };
+    let mut table =
+        toml::Table::try_from(base).map_err(|e| (section.to_string(), e.to_string()))?;
+    table.extend(over.clone());
+    serde_path_to_error::deserialize::<_, T>(table).map_err(|e| {
+        let path = e.path().to_string();
+        let message = one_line(&e.into_inner().to_string());
+        let key = if path == "." || path.is_empty() {
+            section.to_string()
+        } else {
+            format!("{section}.{path}")
+        };
+        (key, message)
+    })
+}
+
+/// Refuses `section.key` in a service's overlay.
+fn forbid(over: &Option<toml::Table>, section: &str, key: &str, why: &str) -> Result<(), Bad> {
+    match over {
+        Some(t) if t.contains_key(key) => Err((format!("{section}.{key}"), why.to_string())),
+        _ => Ok(()),
+    }
+}
+
+/// An `allow` list parsed; a bare address is a one-address network. Errs with the first
+/// entry that is neither.
+pub fn allow_list(list: &[String]) -> Result<Vec<IpNet>, String> {
+    list.iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| s.clone())
+        })
+        .collect()
+}
+
+impl ServiceSpec {
+    /// This service as a `[[service]]` table with every section written out.
+    fn spelled_out(s: &Service) -> ServiceSpec {
+        let table = |v: &dyn erased::Table| Some(v.table());
+        ServiceSpec {
+            name: s.name.clone(),
+            listen: s.listen.to_string(),
+            servers: s.servers.clone(),
+            balance: s.balance,
+            send_proxy: s.send_proxy,
+            accept_proxy: s.accept_proxy,
+            allow: Some(s.allow.iter().map(IpNet::to_string).collect()),
+            max_connections_per_client: Some(s.max_connections_per_client),
+            buffer: table(&s.buffer).map(|mut t| {
+                t.remove("total");
+                t
+            }),
+            socket: table(&s.socket),
+            timeouts: table(&s.timeouts).map(|mut t| {
+                t.remove("shutdown_grace");
+                t
+            }),
+            upstream: table(&s.upstream).map(|mut t| {
+                t.remove("address");
+                t
+            }),
+            health: table(&s.health),
+        }
+    }
+}
+
+/// Sections as TOML tables, for [`ServiceSpec::spelled_out`].
+mod erased {
+    pub trait Table {
+        fn table(&self) -> toml::Table;
+    }
+    impl<T: serde::Serialize> Table for T {
+        fn table(&self) -> toml::Table {
+            toml::Table::try_from(self).expect("a section serializes to a table")
+        }
+    }
+}
+
+/// The 1-based line of the `n`th (0-based) `[[service]]` header.
+fn line_of_service(text: &str, n: usize) -> Option<usize> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| l.trim().replace(' ', "") == "[[service]]")
+        .nth(n)
+        .map(|(i, _)| i + 1)
+}
+
+/// Most connect retries: each waits up to `connect_timeout`.
+pub const MAX_RETRIES: u32 = 16;
 
 /// Most worker threads: past the number of cores, more only adds switching.
 pub const MAX_WORKERS: usize = 1024;
@@ -756,6 +1202,89 @@ mod tests {
         let e = c.validate("t.toml", Some(&text)).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("socket.notsent_lowat"), "{e}");
         assert_eq!(e.line, Some(6), "{e}");
+    }
+
+    #[test]
+    fn the_listen_upstream_form_is_one_service_named_default() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        let services = c.services().unwrap();
+        assert_eq!(services.len(), 1);
+        let s = &services[0];
+        assert_eq!(s.name, DEFAULT_SERVICE);
+        assert_eq!(s.listen, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(s.servers, ["localhost:2"]);
+        assert_eq!(s.balance, Balance::RoundRobin);
+        assert_eq!(s.upstream.retries, DEFAULT_RETRIES);
+        assert_eq!(s.health, Health::default());
+    }
+
+    #[test]
+    fn a_service_takes_the_top_level_values_it_does_not_override() {
+        let text = r#"
+[listen]
+allow = ["10.0.0.0/8"]
+max_connections_per_client = 5
+[upstream]
+retries = 1
+[health]
+cooldown = "30s"
+[timeouts]
+idle = "1m"
+[[service]]
+name = "a"
+listen = "127.0.0.1:4001"
+servers = ["127.0.0.1:5000"]
+[[service]]
+name = "b"
+listen = "127.0.0.1:4002"
+servers = ["127.0.0.1:5001", "127.0.0.1:5002"]
+allow = []
+max_connections_per_client = 0
+accept_proxy = true
+[service.upstream]
+retries = 0
+[service.health]
+max_failures = 1
+[service.timeouts]
+idle = "5s"
+"#;
+        let c = Config::parse(text, "t.toml").unwrap();
+        c.validate("t.toml", Some(text)).unwrap();
+        let [a, b] = &c.services().unwrap()[..] else {
+            panic!("two services, no default")
+        };
+        assert_eq!(a.allow, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+        assert_eq!(a.max_connections_per_client, 5);
+        assert_eq!(a.upstream.retries, 1);
+        assert_eq!(a.health.cooldown, Duration::from_secs(30));
+        assert_eq!(a.timeouts.idle, Duration::from_secs(60));
+        assert!(!a.accept_proxy);
+        assert!(b.allow.is_empty());
+        assert_eq!(b.max_connections_per_client, 0);
+        assert_eq!(b.upstream.retries, 0);
+        assert_eq!(b.upstream.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(b.health.max_failures, 1);
+        assert_eq!(b.health.cooldown, Duration::from_secs(30));
+        assert_eq!(b.timeouts.idle, Duration::from_secs(5));
+        assert!(b.accept_proxy);
+    }
+
+    #[test]
+    fn a_service_error_points_at_its_table() {
+        let text = "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nservers = [\"h:1\"]\n\n[[service]]\nname = \"b\"\nlisten = \"nowhere\"\nservers = [\"h:2\"]\n";
+        let c = Config::parse(text, "t.toml").unwrap();
+        let e = c.validate("t.toml", Some(text)).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("service.b.listen"), "{e}");
+        assert_eq!(e.line, Some(6), "{e}");
+    }
+
+    #[test]
+    fn services_on_port_0_may_share_the_address() {
+        let text = "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nservers = [\"h:1\"]\n[[service]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\nservers = [\"h:2\"]\n";
+        Config::parse(text, "t.toml")
+            .unwrap()
+            .validate("t.toml", Some(text))
+            .unwrap();
     }
 
     #[test]

@@ -4,24 +4,28 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use socket2::SockRef;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::budget::Budget;
-use crate::config::{Config, split_host_port};
-use crate::metrics::{CloseReason, ConnectErrorKind, Metrics};
+use crate::config::{self, split_host_port};
+use crate::metrics::{CloseReason, ConnectErrorKind, Metrics, ServerMetrics, ServiceMetrics};
+use crate::pool::Attached;
+use crate::proxy_protocol;
 use crate::registry::Registered;
 use crate::relay::{Ending, Relay, RelayConfig, Side};
+use crate::service::{ClientSlot, Service};
 use crate::socket::{Tuning, effective_buffers, reset_on_close};
 
 /// Keeps `sluice_connections_active` true however the connection's task ends.
-pub struct ActiveGuard<'a>(&'a Metrics);
+pub struct ActiveGuard<'a>(&'a ServiceMetrics);
 
 impl<'a> ActiveGuard<'a> {
-    pub fn new(metrics: &'a Metrics) -> ActiveGuard<'a> {
+    pub fn new(metrics: &'a ServiceMetrics) -> ActiveGuard<'a> {
         metrics.active.increment(1.0);
         ActiveGuard(metrics)
     }
@@ -33,44 +37,97 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
-/// Serves one accepted client until it is done; `force_close` cuts it short at the
-/// shutdown deadline. Returns why it closed (already counted).
+/// How long a client of an `accept_proxy` service has to send its PROXY header: a load
+/// balancer sends it with its first segment, so only a client that is not one waits.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves one accepted client of `service` until it is done. `slot` is the client's
+/// admission (its per-client slot), or `None` for an `accept_proxy` service, whose
+/// clients are admitted here once their header says who they are. The service's
+/// `force_close` cuts the connection short at the shutdown deadline. Returns why it
+/// closed (already counted), or `None` for a client refused before being served.
 pub async fn serve(
     mut client: TcpStream,
     peer: SocketAddr,
-    config: Arc<Config>,
+    service: Arc<Service>,
     metrics: Arc<Metrics>,
     budget: Arc<Budget>,
-    force_close: CancellationToken,
-) -> CloseReason {
+    slot: Option<ClientSlot>,
+) -> Option<CloseReason> {
     let started = Instant::now();
-    let _active = ActiveGuard::new(&metrics);
+    let (addresses, _slot) = match slot {
+        Some(slot) => (Addresses::of(&client, peer), slot),
+        None => admit_by_header(&mut client, peer, &service).await?,
+    };
+    let sm = &service.metrics;
+    let _active = ActiveGuard::new(sm);
     // Dropped before `client` closes (locals drop before parameters), as it must be.
-    let entry = metrics.connections.register(peer, client.as_raw_fd());
-    let reason = serve_inner(
-        &mut client,
-        &entry,
-        &config,
-        &metrics,
-        &budget,
-        &force_close,
-        started,
-    )
-    .await;
-    metrics.closed(reason).increment(1);
-    metrics
-        .connection_duration
+    let entry = metrics
+        .connections
+        .register(sm.name.clone(), addresses.client, client.as_raw_fd());
+    let reason = serve_inner(&mut client, &entry, &service, &addresses, &budget, started).await;
+    sm.closed(reason).increment(1);
+    sm.connection_duration
         .record(started.elapsed().as_secs_f64());
-    reason
+    Some(reason)
+}
+
+/// Who the client is and what it connected to: the socket's addresses, or what a
+/// PROXY header said they were.
+struct Addresses {
+    client: SocketAddr,
+    destination: Option<SocketAddr>,
+}
+
+impl Addresses {
+    fn of(client: &TcpStream, peer: SocketAddr) -> Addresses {
+        Addresses {
+            client: peer,
+            destination: client.local_addr().ok(),
+        }
+    }
+}
+
+/// Reads an `accept_proxy` client's header and applies the service's access rules to
+/// the address it gives. A missing, malformed or late header resets the client and is
+/// counted (`reason="proxy_protocol"`); so is a refusal by the rules.
+async fn admit_by_header(
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    service: &Service,
+) -> Option<(Addresses, ClientSlot)> {
+    let read = tokio::select! {
+        r = proxy_protocol::read_header(client, PROXY_HEADER_TIMEOUT) => r,
+        _ = service.force_close.cancelled() => {
+            reset_on_close(SockRef::from(&*client));
+            return None;
+        }
+    };
+    let addresses = match read {
+        Ok(Some(header)) => Addresses {
+            client: header.source,
+            destination: Some(header.destination),
+        },
+        // LOCAL or UNKNOWN: the sender speaks for itself (a health check).
+        Ok(None) => Addresses::of(client, peer),
+        Err(e) => {
+            service.metrics.rejected_proxy_protocol.increment(1);
+            tracing::debug!(client = %peer, error = %e, "bad or missing PROXY header; rejected");
+            reset_on_close(SockRef::from(&*client));
+            return None;
+        }
+    };
+    let slot = service.admit(client, addresses.client)?;
+    service.metrics.accepted.increment(1);
+    Some((addresses, slot))
 }
 
 async fn serve_inner(
     client: &mut TcpStream,
     entry: &Registered<'_>,
-    config: &Config,
-    metrics: &Metrics,
+    service: &Service,
+    addresses: &Addresses,
     budget: &Arc<Budget>,
-    force_close: &CancellationToken,
     started: Instant,
 ) -> CloseReason {
     // The client's socket options were inherited from the listener (see listener::bind).
@@ -78,29 +135,41 @@ async fn serve_inner(
         let (rcv, snd) = effective_buffers(SockRef::from(&*client));
         tracing::debug!(recv_buffer = rcv, send_buffer = snd, "client socket");
     }
+    let config = &service.config;
 
     let _client_guard = ResetOnPanic::new(client);
     // Boxed: the connect's state (resolver, timeout, handshake: 456 bytes) is needed only
     // until the upstream answers; inline, it would size every connection's task for its
     // whole life.
     let upstream = tokio::select! {
-        r = Box::pin(connect_upstream(config, metrics)) => r,
-        _ = force_close.cancelled() => {
+        r = Box::pin(connect_to_pool(service)) => r,
+        _ = service.force_close.cancelled() => {
             // Cut off before any reply: a reset, not an empty stream that looks complete.
             reset_on_close(SockRef::from(&*client));
             return CloseReason::Shutdown;
         }
     };
-    let (mut upstream, upstream_addr) = match upstream {
+    let (mut upstream, upstream_addr, attached) = match upstream {
         Ok(u) => u,
-        Err((kind, error)) => {
-            metrics.connect_error(kind).increment(1);
-            tracing::debug!(kind = kind.as_label(), error = %error, "upstream connect failed; closing client");
+        Err(error) => {
+            tracing::debug!(error = %error, "no server answered; closing client");
             // A clean FIN would look like an empty reply; a reset says the proxy failed.
             reset_on_close(SockRef::from(&*client));
             return CloseReason::UpstreamConnectFailed;
         }
     };
+    if let Some(version) = config.send_proxy {
+        let destination = addresses
+            .destination
+            .unwrap_or_else(|| upstream.local_addr().unwrap_or(addresses.client));
+        let header = proxy_protocol::encode(version, addresses.client, destination);
+        if let Err(e) = upstream.write_all(&header).await {
+            tracing::debug!(error = %e, "cannot send the PROXY header; closing client");
+            reset_on_close(SockRef::from(&*client));
+            reset_on_close(SockRef::from(&upstream));
+            return CloseReason::Error;
+        }
+    }
 
     let _upstream_guard = ResetOnPanic::new(&upstream);
     // Off the registry's entry before the socket closes (declared after it).
@@ -115,9 +184,17 @@ async fn serve_inner(
             half_close: config.timeouts.half_close,
             mode: config.relay.mode,
         };
-        Relay::new(client, &mut upstream, &relay_config, metrics, entry, budget)
+        Relay::new(
+            client,
+            &mut upstream,
+            &relay_config,
+            &service.metrics,
+            entry,
+            &attached,
+            budget,
+        )
     };
-    let ending = relay.run(force_close).await;
+    let ending = relay.run(&service.force_close).await;
     let totals = relay.totals();
     drop(relay);
     // What the kernel still held when the relay ended, for the close log line.
@@ -206,16 +283,83 @@ impl Drop for ResetOnPanic {
     }
 }
 
-/// Resolves the upstream name now (so DNS changes are followed) and connects to the
-/// first address that answers, all within `connect_timeout`.
+/// Why no server took the client.
+#[derive(Debug, thiserror::Error)]
+#[error("{tried} server(s) tried; the last, {server}, failed: {error}")]
+struct NoServer {
+    tried: usize,
+    server: String,
+    error: io::Error,
+}
+
+/// Connects to a server of the service's pool as its `balance` picks them, trying
+/// another (untried) one after a failure up to `upstream.retries` times. Each failure
+/// counts against the server's health; nothing has been written to a server whose
+/// connect failed, so a retry never sends a byte twice.
+async fn connect_to_pool(service: &Service) -> Result<(TcpStream, SocketAddr, Attached), NoServer> {
+    let config = &service.config;
+    let rules = service.health_rules();
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last = None;
+    while tried.len() <= config.upstream.retries as usize {
+        let Some(i) = service
+            .pool
+            .pick(&tried, std::time::Instant::now(), crate::metrics::now())
+        else {
+            break;
+        };
+        if !tried.is_empty() {
+            service.metrics.retries.increment(1);
+        }
+        tried.push(i);
+        let backend = &service.pool.backends()[i];
+        // Attached before the connect, so clients picked meanwhile see it counted.
+        let attached = backend.attach();
+        match connect_upstream(&backend.address, config, &service.servers[i]).await {
+            Ok((stream, addr)) => {
+                if backend.connect_succeeded() {
+                    tracing::info!(service = %config.name, server = %backend.address, "server back in rotation");
+                }
+                return Ok((stream, addr, attached));
+            }
+            Err((kind, error)) => {
+                service.servers[i].connect_error(kind).increment(1);
+                tracing::debug!(server = %backend.address, kind = kind.as_label(), error = %error, "connect failed");
+                if backend.connect_failed(&rules, std::time::Instant::now()) {
+                    tracing::warn!(
+                        service = %config.name,
+                        server = %backend.address,
+                        failures = rules.max_failures,
+                        cooldown = %humantime::format_duration(rules.cooldown),
+                        "server taken out of rotation after failed connects in a row"
+                    );
+                }
+                last = Some((backend.address.clone(), error));
+            }
+        }
+    }
+    let (server, error) = last.unwrap_or_else(|| {
+        let e = io::Error::new(io::ErrorKind::NotFound, "the service has no server");
+        (String::new(), e)
+    });
+    Err(NoServer {
+        tried: tried.len(),
+        server,
+        error,
+    })
+}
+
+/// Resolves `address` now (so DNS changes are followed) and connects to the first of
+/// its addresses that answers, all within `connect_timeout`.
 async fn connect_upstream(
-    config: &Config,
-    metrics: &Metrics,
+    address: &str,
+    config: &config::Service,
+    metrics: &ServerMetrics,
 ) -> Result<(TcpStream, SocketAddr), (ConnectErrorKind, io::Error)> {
     let started = Instant::now();
     let timeout = config.upstream.connect_timeout;
     let result = tokio::time::timeout(timeout, async {
-        let addrs = resolve(&config.upstream.address).await?;
+        let addrs = resolve(address).await?;
         let tuning = Tuning::upstream(&config.socket);
         let mut last = None;
         for addr in addrs {

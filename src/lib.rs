@@ -6,9 +6,15 @@
 //! - [`budget`]: `buffer.total`, the buffer memory all connections share, granted fairly.
 //! - [`config`]: the configuration file's schema, defaults and validation.
 //! - [`cli`]: the command line, and how it overrides the file.
-//! - [`listener`]: [`Server`], the worker threads and their accept loops, limits, reloads
-//!   and graceful shutdown.
-//! - [`connection`]: one client: connect upstream, relay, record why it closed.
+//! - [`listener`]: [`Server`], the services' listeners, the worker threads and their
+//!   accept loops, limits, reloads (adding, changing and removing services) and graceful
+//!   shutdown.
+//! - [`service`]: a service at run time: its settings, servers, series and access rules.
+//! - [`connection`]: one client: (read its PROXY header,) connect to a server of its
+//!   service with retries, relay, record why it closed.
+//! - [`pool`]: a service's servers, their health and load, and which gets the next client
+//!   (`balance`, `[health]`).
+//! - [`proxy_protocol`]: the PROXY protocol v1/v2 (`accept_proxy`, `send_proxy`).
 //! - [`relay`]: the bounded duplex copy, where pauses and drains happen (its `pipe`
 //!   submodule is the splice mode's queue; `tests` drive its states with scripted I/O).
 //! - [`socket`]: socket2 tuning (buffer sizes, nodelay, keepalive, resets).
@@ -28,9 +34,12 @@ pub mod connection;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod pool;
 pub mod process_metrics;
+pub mod proxy_protocol;
 pub mod registry;
 pub mod relay;
+pub mod service;
 pub mod shutdown;
 pub mod socket;
 

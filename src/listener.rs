@@ -1,19 +1,18 @@
-//! The accept loop: connection limits, access rules, accept-error backoff, reloads and
-//! graceful shutdown.
+//! The services' listeners and accept loops: starting, reloading and stopping
+//! services, the connection limit, accept-error backoff, and graceful shutdown.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use ipnet::IpNet;
 use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -21,9 +20,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::budget::Budget;
-use crate::config::{Config, Scheduler};
+use crate::config::{self, Config, Scheduler};
 use crate::connection;
-use crate::metrics::{CloseReason, Metrics};
+use crate::metrics::{CloseReason, Metrics, ServiceMetrics};
+use crate::pool;
+use crate::service::{ClientSlot, Service};
 use crate::socket::{Tuning, reset_on_close};
 
 /// Longest wait between accept retries after an error such as EMFILE: short enough that
@@ -32,37 +33,167 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// At most one accept-error log line per this interval; the rest are counted into it.
 const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(1);
 
-/// A proxy instance: its configuration (replaceable while running) and its metrics.
+/// A proxy instance: its services (replaceable while running) and its metrics.
 pub struct Server {
-    config: watch::Sender<Arc<Config>>,
     metrics: Arc<Metrics>,
-    /// `buffer.total`, shared by every connection.
+    /// `buffer.total`, shared by every connection of every service.
     budget: Arc<Budget>,
     /// Live connections per worker thread, once [`Server::run`] has started them.
-    live: std::sync::OnceLock<Arc<[AtomicUsize]>>,
+    live: OnceLock<Arc<[AtomicUsize]>>,
+    /// The configuration in force and the services running it.
+    state: Mutex<State>,
+    /// The worker threads, once [`Server::run`] has started them.
+    workers: OnceLock<Arc<Workers>>,
+    /// Fired once every service accepts clients.
+    ready: CancellationToken,
 }
 
-/// Why a reload was refused.
+/// What a reload replaces.
+struct State {
+    config: Arc<Config>,
+    /// In the configuration's order.
+    running: Vec<Running>,
+}
+
+/// One service with its accept loops running.
+struct Running {
+    /// The address it was configured with (its port may be 0).
+    listen: SocketAddr,
+    /// The address it is bound to.
+    local: SocketAddr,
+    /// The settings new clients get; its accept loops follow it.
+    current: watch::Sender<Arc<Service>>,
+    /// Ends this service's accept loops (on removal or a new address); a child of the
+    /// shutdown token.
+    stop: CancellationToken,
+    /// Ends its active health checks.
+    checks: CancellationToken,
+}
+
+impl Running {
+    fn service(&self) -> Arc<Service> {
+        self.current.borrow().clone()
+    }
+}
+
+/// Why a reload was refused; the running configuration stays in force.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     #[error("{0} cannot change on reload; restart sluice to change it")]
     Fixed(&'static str),
+    #[error("service {service}: cannot listen on {address}: {error}")]
+    Bind {
+        service: String,
+        address: SocketAddr,
+        error: io::Error,
+    },
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
+    #[error("sluice is not running yet")]
+    NotRunning,
+}
+
+/// The services' listening sockets, bound before [`Server::run`] starts serving them.
+pub struct Listeners {
+    bound: Vec<(String, std::net::TcpListener)>,
+}
+
+impl Listeners {
+    /// The address service `name` is bound to.
+    pub fn address(&self, name: &str) -> Option<SocketAddr> {
+        let (_, l) = self.bound.iter().find(|(n, _)| n == name)?;
+        l.local_addr().ok()
+    }
+
+    /// Every service's name and bound address, in the configuration's order.
+    pub fn addresses(&self) -> Vec<(String, SocketAddr)> {
+        self.bound
+            .iter()
+            .filter_map(|(n, l)| Some((n.clone(), l.local_addr().ok()?)))
+            .collect()
+    }
+
+    fn take(&mut self, name: &str) -> Option<std::net::TcpListener> {
+        let i = self.bound.iter().position(|(n, _)| n == name)?;
+        Some(self.bound.remove(i).1)
+    }
+}
+
+/// Binds every service's listener (see [`bind_service`]); an error names the service
+/// and its address.
+pub fn bind(config: &Config) -> anyhow::Result<Listeners> {
+    use anyhow::Context;
+    let services = config.services()?;
+    let mut bound = Vec::with_capacity(services.len());
+    for s in &services {
+        let l = bind_service(s)
+            .with_context(|| format!("service {}: cannot listen on {}", s.name, s.listen))?;
+        bound.push((s.name.clone(), l));
+    }
+    Ok(Listeners { bound })
+}
+
+/// Binds a service's listener: SO_REUSEADDR (a restart need not wait out TIME_WAIT),
+/// SO_REUSEPORT (a new sluice can bind the same address while this one drains, so an
+/// upgrade refuses no one), the `[socket]` client options set before listen() so
+/// accepted sockets inherit them (buffer sizes from their first segment, nodelay,
+/// keepalive, and notsent_lowat, which tests/socket_options.rs reads back on an
+/// accepted socket), and the configured backlog.
+pub fn bind_service(service: &config::Service) -> io::Result<std::net::TcpListener> {
+    let addr = service.listen;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    Tuning::client(&service.socket).apply(&SockRef::from(&sock))?;
+    sock.bind(&addr.into())?;
+    sock.listen(service.backlog as i32)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+/// The worker threads' runtimes, and what every accept loop shares.
+struct Workers {
+    /// One per accept-loop slot: each pinned worker's runtime, or the one stealing
+    /// runtime.
+    handles: Vec<Handle>,
+    /// Each slot's inbox, for clients another slot accepted and handed over.
+    inboxes: Arc<[mpsc::UnboundedSender<Handoff>]>,
+    shared: Arc<Accepting>,
+    /// Every accept loop of every service.
+    accepting: TaskTracker,
+    /// A worker's accept loop that failed to start, reported when `run` returns.
+    failed: Mutex<Option<io::Error>>,
 }
 
 impl Server {
     /// A server for a validated configuration.
     pub fn new(config: Config) -> Server {
-        let metrics = Metrics::new(config.bounds());
+        let metrics = Metrics::new();
         let budget = Budget::new(
             config.buffer.total.as_u64() as usize,
             metrics.budget_gauges(),
         );
         Server {
-            config: watch::Sender::new(Arc::new(config)),
             metrics,
             budget: Arc::new(budget),
-            live: std::sync::OnceLock::new(),
+            live: OnceLock::new(),
+            state: Mutex::new(State {
+                config: Arc::new(config),
+                running: Vec::new(),
+            }),
+            workers: OnceLock::new(),
+            ready: CancellationToken::new(),
         }
+    }
+
+    /// Returns once [`Server::run`] has every service accepting clients (and reloads
+    /// can be taken).
+    pub async fn ready(&self) {
+        self.ready.cancelled().await
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -77,18 +208,34 @@ impl Server {
         })
     }
 
-    /// The configuration new connections get now.
+    /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
-        self.config.borrow().clone()
+        self.lock().config.clone()
     }
 
-    /// Puts a validated configuration in force for new connections; live ones keep the
-    /// one they started with. Addresses that are bound cannot change this way.
+    /// Each running service's name and bound address.
+    pub fn addresses(&self) -> Vec<(String, SocketAddr)> {
+        self.lock()
+            .running
+            .iter()
+            .map(|r| (r.service().config.name.clone(), r.local))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts a validated configuration in force. Services new in it are bound and
+    /// started; removed ones stop accepting, and their live connections get
+    /// `timeouts.shutdown_grace` to finish; changed ones give new clients the new
+    /// settings (a new listen address is bound before the old one closes), while live
+    /// connections keep the settings they started with. Nothing changes if any new
+    /// address cannot be bound.
     pub fn reload(&self, new: Config) -> Result<(), ReloadError> {
-        let old = self.config();
-        if new.listen.address != old.listen.address {
-            return Err(ReloadError::Fixed("listen.address"));
-        }
+        let workers = self.workers.get().ok_or(ReloadError::NotRunning)?;
+        let mut state = self.lock();
+        let old = state.config.clone();
         if new.metrics.address != old.metrics.address {
             return Err(ReloadError::Fixed("metrics.address"));
         }
@@ -98,32 +245,175 @@ impl Server {
         if new.runtime.scheduler != old.runtime.scheduler {
             return Err(ReloadError::Fixed("runtime.scheduler"));
         }
-        self.metrics.set_limits(new.bounds());
+        let services = new.services()?;
+        // Bind first: a failure leaves everything as it was.
+        let mut fresh = Vec::new();
+        for s in &services {
+            let same = state
+                .running
+                .iter()
+                .any(|r| r.service().config.name == s.name && r.listen == s.listen);
+            if !same {
+                let l = bind_service(s).map_err(|error| ReloadError::Bind {
+                    service: s.name.clone(),
+                    address: s.listen,
+                    error,
+                })?;
+                fresh.push((s.name.clone(), l));
+            }
+        }
+        let mut fresh = Listeners { bound: fresh };
+        workers
+            .shared
+            .max_connections
+            .store(new.listen.max_connections, Ordering::Relaxed);
         self.budget.resize(new.buffer.total.as_u64() as usize);
-        self.config.send_replace(Arc::new(new));
+
+        let mut previous = std::mem::take(&mut state.running);
+        for s in services {
+            let at = previous
+                .iter()
+                .position(|r| r.service().config.name == s.name);
+            let before = at.map(|i| previous.remove(i));
+            let running = match (before, fresh.take(&s.name)) {
+                (Some(r), None) => {
+                    // Same name, same address: new settings for new clients.
+                    r.checks.cancel();
+                    let old = r.service();
+                    let service = Arc::new(Service::new(
+                        s,
+                        &self.metrics,
+                        Some(&old),
+                        old.force_close.clone(),
+                    ));
+                    let checks = start_checks(workers, &service);
+                    r.current.send_replace(service);
+                    Running { checks, ..r }
+                }
+                (before, Some(listener)) => {
+                    // New, or at a new address: the old address stops accepting.
+                    let old = before.map(|r| {
+                        r.stop.cancel();
+                        r.checks.cancel();
+                        r.service()
+                    });
+                    let force_close = old.as_ref().map_or_else(
+                        || workers.shared.force_close.child_token(),
+                        |o| o.force_close.clone(),
+                    );
+                    let service = Service::new(s, &self.metrics, old.as_deref(), force_close);
+                    start_service(workers, service, listener)
+                }
+                (None, None) => unreachable!("a service without a running one was bound"),
+            };
+            state.running.push(running);
+        }
+        for gone in previous {
+            let service = gone.service();
+            tracing::info!(service = %service.config.name, "service removed; it accepts no more clients");
+            gone.stop.cancel();
+            gone.checks.cancel();
+            // Its live connections get the shutdown grace, then are closed.
+            let grace = new.timeouts.shutdown_grace;
+            let force_close = service.force_close.clone();
+            workers.handles[0].spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(grace) => force_close.cancel(),
+                    _ = force_close.cancelled() => {}
+                }
+            });
+        }
+        state.config = Arc::new(new);
         Ok(())
     }
 
-    /// Accepts and relays clients until `shutdown` fires, then lets live connections
-    /// finish for up to `timeouts.shutdown_grace` and closes the rest.
+    /// Serves every service of the configuration on `listeners` until `shutdown`
+    /// fires, then lets live connections finish for up to `timeouts.shutdown_grace`
+    /// and closes the rest.
     ///
     /// The work is done by `runtime.workers` threads. With `runtime.scheduler =
-    /// "pinned"` each runs its own single-threaded tokio runtime and accept loop on the
-    /// shared listening socket, and a connection stays on one of them (the least busy)
-    /// for its whole life, so its wake-ups never cross threads (HAProxy's and nginx's
-    /// shape). With `"stealing"` one accept loop runs on one work-stealing runtime of
-    /// that many threads. Either way the limits, the drain and the metrics are shared,
-    /// so they stay process-wide and exact.
-    pub async fn run(&self, listener: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
+    /// "pinned"` each runs its own single-threaded tokio runtime and one accept loop per
+    /// service on the shared listening sockets, and a connection stays on one of them
+    /// (the least busy) for its whole life, so its wake-ups never cross threads
+    /// (HAProxy's and nginx's shape). With `"stealing"` one accept loop per service
+    /// runs on one work-stealing runtime of that many threads. Either way the limits,
+    /// the drain and the metrics are shared, so they stay process-wide and exact.
+    pub async fn run(
+        &self,
+        mut listeners: Listeners,
+        shutdown: CancellationToken,
+    ) -> io::Result<()> {
         let config = self.config();
-        let local = listener.local_addr()?;
-        // Accepted sockets inherit the listener's options (buffer sizes before their
-        // handshake, nodelay, keepalive): set once here, not per client.
-        Tuning::client(&config.socket).apply(&SockRef::from(&listener))?;
+        let services = config
+            .services()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let workers = self.start_workers(&config, &shutdown)?;
+        {
+            let mut state = self.lock();
+            for s in services {
+                let listener = listeners.take(&s.name).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("no listener bound for service {}", s.name),
+                    )
+                })?;
+                let service = Service::new(
+                    s,
+                    &self.metrics,
+                    None,
+                    workers.shared.force_close.child_token(),
+                );
+                state
+                    .running
+                    .push(start_service(&workers, service, listener));
+            }
+        }
         let threads = config.runtime.worker_count();
-        // Runtimes are built before any thread starts, so a failure leaves nothing behind.
-        // Sockets and timers only: signals are the control thread's, and a signal driver
-        // per runtime would cost a descriptor each.
+        tracing::info!(services = self.lock().running.len(), workers = threads, scheduler = ?config.runtime.scheduler, "sluice ready");
+        self.ready.cancel();
+
+        shutdown.cancelled().await;
+        for r in &self.lock().running {
+            r.checks.cancel();
+        }
+        // Every accept loop ends on `shutdown`; once they have, nothing is handed over
+        // any more and every listening socket is closed.
+        workers.accepting.close();
+        workers.accepting.wait().await;
+        workers.shared.accept_ended.cancel();
+        let result = workers
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .map_or(Ok(()), Err);
+
+        let tracker = &workers.shared.tracker;
+        tracker.close();
+        let grace = self.config().timeouts.shutdown_grace;
+        tracing::info!(live = tracker.len(), grace = %humantime::format_duration(grace), "shutdown begun");
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::info!(
+                live = tracker.len(),
+                "shutdown grace over; closing live connections"
+            );
+            workers.shared.force_close.cancel();
+            tracker.wait().await;
+        }
+        tracing::info!("shutdown finished");
+        result
+    }
+
+    /// Builds the runtimes and starts a thread for each; every runtime is built before
+    /// any thread starts, so a failure leaves nothing behind. Sockets and timers only:
+    /// signals are the control thread's, and a signal driver per runtime would cost a
+    /// descriptor each.
+    fn start_workers(
+        &self,
+        config: &Config,
+        shutdown: &CancellationToken,
+    ) -> io::Result<Arc<Workers>> {
+        let threads = config.runtime.worker_count();
         let runtimes = match config.runtime.scheduler {
             Scheduler::Pinned => (0..threads)
                 .map(|_| {
@@ -142,9 +432,8 @@ impl Server {
                     .build()?,
             ],
         };
-        // One accept loop (and one balancing slot) per runtime.
-        let workers = runtimes.len();
-        let listener = listener.into_std()?;
+        // One accept loop per service (and one balancing slot) per runtime.
+        let slots = runtimes.len();
         let fd_cap = descriptor_cap();
         let shared = Arc::new(Accepting {
             metrics: self.metrics.clone(),
@@ -152,92 +441,115 @@ impl Server {
             tracker: TaskTracker::new(),
             force_close: CancellationToken::new(),
             shutdown: shutdown.clone(),
-            per_client: Arc::new(PerClient::default()),
+            accept_ended: CancellationToken::new(),
+            max_connections: AtomicUsize::new(config.listen.max_connections),
             limit: Mutex::new(Limit::new(config.listen.max_connections.min(fd_cap))),
             fd_cap,
             warned_fd_cap: AtomicBool::new(false),
             live: self
                 .live
-                .get_or_init(|| (0..workers).map(|_| AtomicUsize::new(0)).collect())
+                .get_or_init(|| (0..slots).map(|_| AtomicUsize::new(0)).collect())
                 .clone(),
         });
-        // Each worker's inbox, for clients another worker accepted and handed over.
         let (inboxes, inbox_rxs): (Vec<_>, Vec<_>) =
-            (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
-        let mut stopped = Vec::with_capacity(workers);
-        let mut registered = Vec::with_capacity(workers);
+            (0..slots).map(|_| mpsc::unbounded_channel()).unzip();
+        let handles = runtimes.iter().map(|r| r.handle().clone()).collect();
         for (i, (runtime, inbox)) in runtimes.into_iter().zip(inbox_rxs).enumerate() {
-            let listener = listener.try_clone()?;
-            let (shared, config, inboxes) =
-                (shared.clone(), self.config.subscribe(), inboxes.clone());
-            let (accepting, accepting_rx) = tokio::sync::oneshot::channel();
-            let (accepting_done, accepting_done_rx) = tokio::sync::oneshot::channel();
-            registered.push(accepting_rx);
-            stopped.push(accepting_done_rx);
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("sluice-worker-{i}"))
-                .spawn(move || {
-                    runtime.block_on(async move {
-                        // Tracked, so the drain waits for clients still on their way here.
-                        shared
-                            .tracker
-                            .spawn(receive_handoffs(shared.clone(), inbox));
-                        let result = match TcpListener::from_std(listener) {
-                            Ok(l) => {
-                                let _ = accepting.send(());
-                                accept_loop(&shared, i, l, config, inboxes).await
-                            }
-                            Err(e) => {
-                                // Nothing to wait for from this worker: let `run` go on
-                                // and the other workers' inboxes close when they stop.
-                                drop((accepting, inboxes));
-                                Err(e)
-                            }
-                        };
-                        let _ = accepting_done.send(result);
-                        // This thread's connections live on its runtime: keep it turning
-                        // until every connection of every worker has ended.
-                        shared.tracker.wait().await;
-                    })
-                })?;
+                .spawn(move || runtime.block_on(worker(shared, inbox)))?;
         }
-        // The workers hold their own handles on the listening socket, and the only
-        // senders to each other's inboxes: once every accept loop has ended, every inbox
-        // closes.
-        drop(listener);
-        drop(inboxes);
-        // "Listening" once every worker is accepting (a worker that failed to register
-        // reports why below).
-        for rx in registered {
-            let _ = rx.await;
-        }
-        tracing::info!(address = %local, upstream = %config.upstream.address, workers = threads, scheduler = ?config.runtime.scheduler, "sluice listening");
+        let workers = Arc::new(Workers {
+            handles,
+            inboxes: inboxes.into(),
+            shared,
+            accepting: TaskTracker::new(),
+            failed: Mutex::new(None),
+        });
+        self.workers
+            .set(workers.clone())
+            .map_err(|_| io::Error::other("Server::run was called twice"))?;
+        Ok(workers)
+    }
+}
 
-        let mut result = Ok(());
-        for rx in stopped {
-            match rx.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = Err(e),
-                Err(_) => result = Err(io::Error::other("a worker thread died")),
+/// Starts `service`'s accept loops on `listener`, one per slot, and its active health
+/// checks.
+fn start_service(
+    workers: &Arc<Workers>,
+    service: Service,
+    listener: std::net::TcpListener,
+) -> Running {
+    let service = Arc::new(service);
+    let local = listener.local_addr().unwrap_or(service.config.listen);
+    let config = &service.config;
+    tracing::info!(address = %local, service = %config.name, servers = ?config.servers, balance = ?config.balance, "sluice listening");
+    let stop = workers.shared.shutdown.child_token();
+    let (current, _) = watch::channel(service.clone());
+    for (slot, handle) in workers.handles.iter().enumerate() {
+        let listener = match listener.try_clone() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(service = %config.name, error = %e, "cannot share the listening socket with a worker");
+                continue;
+            }
+        };
+        let (workers2, rx, stop) = (workers.clone(), current.subscribe(), stop.clone());
+        workers.accepting.spawn_on(
+            async move {
+                if let Err(e) = accept_loop(&workers2, slot, listener, rx, stop).await {
+                    tracing::error!(error = %e, "an accept loop could not start");
+                    *workers2.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                }
+            },
+            handle,
+        );
+    }
+    Running {
+        listen: service.config.listen,
+        local,
+        checks: start_checks(workers, &service),
+        current,
+        stop,
+    }
+}
+
+/// Starts the service's active health checks, if `health.interval` asks for them.
+fn start_checks(workers: &Workers, service: &Service) -> CancellationToken {
+    let stop = workers.shared.shutdown.child_token();
+    let interval = service.config.health.interval;
+    if !interval.is_zero() {
+        workers.handles[0].spawn(pool::check_health(
+            service.pool.backends().to_vec(),
+            service.health_rules(),
+            interval,
+            service.config.upstream.connect_timeout,
+            stop.clone(),
+        ));
+    }
+    stop
+}
+
+/// A worker thread's main task: takes over clients other slots hand it until every
+/// accept loop has ended, then keeps the runtime turning until every connection of
+/// every worker has ended (this thread's connections live on its runtime).
+async fn worker(shared: Arc<Accepting>, mut inbox: mpsc::UnboundedReceiver<Handoff>) {
+    loop {
+        tokio::select! {
+            h = inbox.recv() => match h {
+                Some(h) => shared.take_over(h),
+                None => break,
+            },
+            _ = shared.accept_ended.cancelled() => {
+                while let Ok(h) = inbox.try_recv() {
+                    shared.take_over(h);
+                }
+                break;
             }
         }
-        // New clients are refused from here on: every handle on the listening socket is
-        // closed.
-        let tracker = &shared.tracker;
-        tracker.close();
-        let grace = self.config().timeouts.shutdown_grace;
-        tracing::info!(live = tracker.len(), grace = %humantime::format_duration(grace), "shutdown begun");
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::info!(
-                live = tracker.len(),
-                "shutdown grace over; closing live connections"
-            );
-            shared.force_close.cancel();
-            tracker.wait().await;
-        }
-        tracing::info!("shutdown finished");
-        result
     }
+    shared.tracker.wait().await;
 }
 
 /// What the workers' accept loops share: one limit, one drain, one set of metrics.
@@ -246,33 +558,40 @@ struct Accepting {
     budget: Arc<Budget>,
     /// Every connection task, whichever worker runs it, for the drain at shutdown.
     tracker: TaskTracker,
-    /// Cut live connections short: fired when the shutdown grace is over.
+    /// Cut live connections short: fired when the shutdown grace is over. Each
+    /// service's token is a child of it.
     force_close: CancellationToken,
     /// Stop accepting.
     shutdown: CancellationToken,
-    per_client: Arc<PerClient>,
-    /// `listen.max_connections`, resized by whichever worker first sees a reload.
+    /// Fired once every accept loop has ended: no client is handed over any more.
+    accept_ended: CancellationToken,
+    /// `listen.max_connections` as now configured.
+    max_connections: AtomicUsize,
+    /// `listen.max_connections` as permits, resized by whichever loop first sees a
+    /// reload.
     limit: Mutex<Limit>,
     /// Connections the descriptor limit leaves room for.
     fd_cap: usize,
     /// The descriptor warning is given once per process, not once per worker.
     warned_fd_cap: AtomicBool,
-    /// Live connections on each worker, for balancing.
+    /// Live connections on each slot, for balancing.
     live: Arc<[AtomicUsize]>,
 }
 
-/// A client accepted by one worker and handed to another, less busy one.
+/// A client accepted by one slot and handed to another, less busy one.
 struct Handoff {
     /// Deregistered from the accepting worker's event loop; registered again on arrival.
     stream: std::net::TcpStream,
     peer: SocketAddr,
-    config: Arc<Config>,
+    service: Arc<Service>,
+    /// Its admission, or `None` where the PROXY header decides it.
+    slot: Option<ClientSlot>,
     held: Held,
 }
 
-/// What an admitted connection holds until it ends: its `max_connections` permit, its
-/// per-client slot, and its place in its worker's live count.
-type Held = (OwnedSemaphorePermit, ClientSlot, LiveOn);
+/// What an accepted connection holds until it ends: its `max_connections` permit and
+/// its place in its worker's live count.
+type Held = (OwnedSemaphorePermit, LiveOn);
 
 /// A connection's place in its worker's live count; given back on drop.
 struct LiveOn {
@@ -293,73 +612,27 @@ impl Drop for LiveOn {
     }
 }
 
-/// Serves the clients other workers hand to this one, until every accept loop has
-/// ended (and with it every sender).
-async fn receive_handoffs(shared: Arc<Accepting>, mut inbox: mpsc::UnboundedReceiver<Handoff>) {
-    while let Some(h) = inbox.recv().await {
-        match TcpStream::from_std(h.stream) {
-            Ok(stream) => shared.spawn(stream, h.peer, h.config, h.held),
-            Err(e) => {
-                // The client's socket is closed as `h` drops; nothing was relayed yet.
-                tracing::warn!(client = %h.peer, error = %e, "cannot take over a handed-over client");
-            }
-        }
-    }
-}
-
-/// One worker's accept loop: runs until `shutdown` fires (or the listener fails for
-/// good), spawning each admitted client on this worker's runtime.
+/// One slot's accept loop for one service: runs until the service stops (removal,
+/// shutdown), then serves the clients already waiting in the backlog before its handle
+/// on the listening socket closes.
 async fn accept_loop(
-    shared: &Arc<Accepting>,
+    workers: &Workers,
     me: usize,
-    listener: TcpListener,
-    config_rx: watch::Receiver<Arc<Config>>,
-    inboxes: Vec<mpsc::UnboundedSender<Handoff>>,
+    listener: std::net::TcpListener,
+    mut service: watch::Receiver<Arc<Service>>,
+    stop: CancellationToken,
 ) -> io::Result<()> {
-    let shutdown = &shared.shutdown;
-    let mut rules = Followed::new(config_rx);
+    let listener = TcpListener::from_std(listener)?;
+    let shared = &workers.shared;
     let mut errors = AcceptErrors::default();
+    let mut tuned = service.borrow_and_update().clone();
     loop {
-        let config = rules.current(&listener);
-        if config.listen.max_connections > shared.fd_cap
-            && !shared.warned_fd_cap.swap(true, Ordering::Relaxed)
-        {
-            tracing::warn!(
-                max_connections = config.listen.max_connections,
-                serving_at_most = shared.fd_cap,
-                max_fds = crate::process_metrics::max_fds(),
-                "too few file descriptors for listen.max_connections (two per connection); raise the limit (ulimit -n, LimitNOFILE=) to serve more"
-            );
-        }
-        let (permits, size) = {
-            let mut limit = shared.limit.lock().unwrap_or_else(|e| e.into_inner());
-            limit.resize(config.listen.max_connections.min(shared.fd_cap));
-            (limit.permits.clone(), limit.size)
-        };
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                // Other workers' accept loops each hold a permit while they wait for a
-                // client: only a limit reached by live connections is a pause.
-                if shared.live_total() >= size {
-                    shared.metrics.listener_paused.increment(1);
-                    tracing::debug!(
-                        max = config.listen.max_connections,
-                        "connection limit reached; accepting paused"
-                    );
-                }
-                tokio::select! {
-                    p = permits.acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                    _ = shutdown.cancelled() => break,
-                }
-            }
+        let Some(permit) = shared.permit(&stop).await else {
+            break;
         };
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
         };
         let (stream, peer) = match accepted {
             Ok(a) => {
@@ -370,62 +643,118 @@ async fn accept_loop(
                 errors.record(&e);
                 tokio::select! {
                     _ = tokio::time::sleep(errors.backoff) => continue,
-                    _ = shutdown.cancelled() => break,
+                    _ = stop.cancelled() => break,
                 }
             }
         };
-        // The client gets the configuration in force when it was accepted, not the one
-        // in force when this loop began waiting.
-        let config = rules.current(&listener);
-        let Some(client_slot) = shared.admit(&config, &rules.allowed, &stream, peer) else {
+        // The client gets the settings in force when it was accepted.
+        let current = follow(&mut service, &mut tuned, &listener);
+        shared.admit_and_place(me, stream, peer, current, permit, &workers.inboxes);
+    }
+    // Clients that finished their handshake before the loop stopped are served, not
+    // reset when the socket closes. (With net.ipv4.tcp_migrate_req = 1 the kernel
+    // also hands those that arrive later to another sluice bound to the address.)
+    let current = follow(&mut service, &mut tuned, &listener);
+    let listener = listener.into_std()?;
+    while let Ok((stream, peer)) = listener.accept() {
+        let Ok(stream) = stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream))
+        else {
             continue;
         };
-        shared.metrics.accepted.increment(1);
-        let admitted = (permit, client_slot);
-        shared.place(me, stream, peer, config, admitted, &inboxes);
+        match shared.limit_permits().try_acquire_owned() {
+            Ok(permit) => {
+                shared.admit_and_place(me, stream, peer, current.clone(), permit, &workers.inboxes)
+            }
+            Err(_) => reset_on_close(SockRef::from(&stream)),
+        }
     }
     Ok(())
 }
 
-/// The configuration an accept loop works with, followed across reloads.
-struct Followed {
-    rx: watch::Receiver<Arc<Config>>,
-    /// The configuration the listener's options and `allowed` were taken from.
-    config: Arc<Config>,
-    /// `listen.allow`, parsed once per configuration rather than per client.
-    allowed: Vec<IpNet>,
-}
-
-impl Followed {
-    fn new(mut rx: watch::Receiver<Arc<Config>>) -> Followed {
-        let config = rx.borrow_and_update().clone();
-        let allowed = config.allow_list().unwrap_or_default();
-        Followed {
-            rx,
-            config,
-            allowed,
+/// The service's settings in force now. After a reload, new clients get the new socket
+/// options (set on `listener`, which accepted sockets inherit) and access rules.
+fn follow(
+    rx: &mut watch::Receiver<Arc<Service>>,
+    tuned: &mut Arc<Service>,
+    listener: &TcpListener,
+) -> Arc<Service> {
+    let current = rx.borrow_and_update().clone();
+    if !Arc::ptr_eq(&current, tuned) {
+        if current.config.socket != tuned.config.socket
+            && let Err(e) = Tuning::client(&current.config.socket).apply(&SockRef::from(listener))
+        {
+            tracing::warn!(service = %current.config.name, error = %e, "cannot apply the reloaded [socket] options to the listener");
         }
+        *tuned = current.clone();
     }
-
-    /// The configuration in force now. After a reload, new clients get the new socket
-    /// options (set on `listener`, which accepted sockets inherit) and access rules.
-    fn current(&mut self, listener: &TcpListener) -> Arc<Config> {
-        let config = self.rx.borrow_and_update().clone();
-        if !Arc::ptr_eq(&config, &self.config) {
-            if let Err(e) = Tuning::client(&config.socket).apply(&SockRef::from(listener)) {
-                tracing::warn!(error = %e, "cannot apply the reloaded [socket] options to the listener");
-            }
-            self.allowed = config.allow_list().unwrap_or_default();
-            self.config = config.clone();
-        }
-        config
-    }
+    current
 }
 
 impl Accepting {
     /// Live connections on all workers.
     fn live_total(&self) -> usize {
         self.live.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The permits for `listen.max_connections`, resized to the configured value first.
+    fn limit_permits(&self) -> Arc<Semaphore> {
+        let max = self.max_connections.load(Ordering::Relaxed);
+        if max > self.fd_cap && !self.warned_fd_cap.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                max_connections = max,
+                serving_at_most = self.fd_cap,
+                max_fds = crate::process_metrics::max_fds(),
+                "too few file descriptors for listen.max_connections (two per connection); raise the limit (ulimit -n, LimitNOFILE=) to serve more"
+            );
+        }
+        let mut limit = self.limit.lock().unwrap_or_else(|e| e.into_inner());
+        limit.resize(max.min(self.fd_cap));
+        limit.permits.clone()
+    }
+
+    /// A `max_connections` permit for the next client, waiting while the limit is
+    /// reached; `None` once `stop` fires.
+    async fn permit(&self, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        let permits = self.limit_permits();
+        if let Ok(p) = permits.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        // Other accept loops each hold a permit while they wait for a client: only a
+        // limit reached by live connections is a pause.
+        let size = self.limit.lock().unwrap_or_else(|e| e.into_inner()).size;
+        if self.live_total() >= size {
+            self.metrics.listener_paused.increment(1);
+            tracing::debug!(max = size, "connection limit reached; accepting paused");
+        }
+        tokio::select! {
+            p = permits.acquire_owned() => p.ok(),
+            _ = stop.cancelled() => None,
+        }
+    }
+
+    /// Applies the service's access rules (unless a PROXY header must say who the
+    /// client is first) and places an admitted client.
+    fn admit_and_place(
+        &self,
+        me: usize,
+        stream: TcpStream,
+        peer: SocketAddr,
+        service: Arc<Service>,
+        permit: OwnedSemaphorePermit,
+        inboxes: &[mpsc::UnboundedSender<Handoff>],
+    ) {
+        let slot = if service.config.accept_proxy {
+            None
+        } else {
+            let Some(slot) = service.admit(&stream, peer) else {
+                return;
+            };
+            service.metrics.accepted.increment(1);
+            Some(slot)
+        };
+        self.place(me, stream, peer, service, slot, permit, inboxes);
     }
 
     /// The worker with the fewest live connections, `me` on a tie.
@@ -439,109 +768,79 @@ impl Accepting {
     /// Connections stay on the worker that serves them, and a burst of clients otherwise
     /// lands on whichever worker woke first (all 8 of 8 streams, measured). The target's
     /// count goes up now, not on arrival, so the next decision sees it.
+    #[allow(clippy::too_many_arguments)]
     fn place(
         &self,
         me: usize,
         stream: TcpStream,
         peer: SocketAddr,
-        config: Arc<Config>,
-        (permit, client_slot): (OwnedSemaphorePermit, ClientSlot),
+        service: Arc<Service>,
+        slot: Option<ClientSlot>,
+        permit: OwnedSemaphorePermit,
         inboxes: &[mpsc::UnboundedSender<Handoff>],
     ) {
         let target = self.least_busy(me);
-        let held = (permit, client_slot, LiveOn::new(self.live.clone(), target));
+        let held = (permit, LiveOn::new(self.live.clone(), target));
         if target == me {
-            self.spawn(stream, peer, config, held);
+            self.spawn(stream, peer, service, slot, held);
             return;
         }
         let handoff = stream.into_std().map(|stream| Handoff {
             stream,
             peer,
-            config,
+            service,
+            slot,
             held,
         });
         match handoff {
             Ok(h) => {
                 if let Err(mpsc::error::SendError(h)) = inboxes[target].send(h) {
                     // That worker has stopped (shutdown): serve the client here.
-                    if let Ok(stream) = TcpStream::from_std(h.stream) {
-                        self.spawn(stream, h.peer, h.config, h.held);
-                    }
+                    self.take_over(h);
                 }
             }
             Err(e) => tracing::warn!(client = %peer, error = %e, "cannot hand a client over"),
         }
     }
 
-    /// Spawns an admitted client's connection on the current worker. The live count
-    /// travels in `held`, not in a wrapping future: a wrapper would store the
-    /// connection's future again (see `supervise`).
-    fn spawn(&self, stream: TcpStream, peer: SocketAddr, config: Arc<Config>, held: Held) {
-        let metrics = self.metrics.clone();
+    /// Serves a client another slot handed over.
+    fn take_over(&self, h: Handoff) {
+        match TcpStream::from_std(h.stream) {
+            Ok(stream) => self.spawn(stream, h.peer, h.service, h.slot, h.held),
+            Err(e) => {
+                // The client's socket is closed as `h` drops; nothing was relayed yet.
+                tracing::warn!(client = %h.peer, error = %e, "cannot take over a handed-over client");
+            }
+        }
+    }
+
+    /// Spawns a client's connection on the current worker. The live count travels in
+    /// `held`, not in a wrapping future: a wrapper would store the connection's future
+    /// again (see `supervise`).
+    fn spawn(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        service: Arc<Service>,
+        slot: Option<ClientSlot>,
+        held: Held,
+    ) {
         // A debug span: connection-level events are debug, and an info span would cost
         // every connection a formatted record (7 % of connections per second, 0.3 KiB).
-        let span =
-            tracing::debug_span!("conn", client = %peer, upstream = %config.upstream.address);
+        let span = tracing::debug_span!("conn", service = %service.config.name, client = %peer);
+        let service_metrics = service.metrics.clone();
         let served = connection::serve(
             stream,
             peer,
-            config,
-            metrics.clone(),
+            service,
+            self.metrics.clone(),
             self.budget.clone(),
-            self.force_close.clone(),
+            slot,
         );
-        self.tracker
-            .spawn(supervise(served, metrics, peer, held).instrument(span));
+        self.tracker.spawn(
+            supervise(served, self.metrics.clone(), service_metrics, peer, held).instrument(span),
+        );
     }
-
-    /// Applies `listen.allow` and `listen.max_connections_per_client`. A refused client
-    /// is reset at once and counted; an admitted one gets a slot it holds until it closes.
-    fn admit(
-        &self,
-        config: &Config,
-        allowed: &[IpNet],
-        stream: &TcpStream,
-        peer: SocketAddr,
-    ) -> Option<ClientSlot> {
-        let ip = canonical(peer.ip());
-        if !allowed.is_empty() && !allowed.iter().any(|net| net.contains(&ip)) {
-            self.metrics.rejected_not_allowed.increment(1);
-            tracing::debug!(client = %peer, "client not in listen.allow; rejected");
-            reset_on_close(SockRef::from(stream));
-            return None;
-        }
-        let slot = self
-            .per_client
-            .take(ip, config.listen.max_connections_per_client);
-        if slot.is_none() {
-            self.metrics.rejected_per_client.increment(1);
-            tracing::debug!(client = %peer, "listen.max_connections_per_client reached; rejected");
-            reset_on_close(SockRef::from(stream));
-        }
-        slot
-    }
-}
-
-/// Binds the client listener as `listen` says: SO_REUSEADDR (a restart need not wait
-/// out TIME_WAIT), the `[socket]` client options set before listen() so accepted sockets
-/// inherit them (buffer sizes from their first segment, nodelay, keepalive, and
-/// notsent_lowat, which tests/socket_options.rs reads back on an accepted socket), and
-/// the configured backlog. Call inside a tokio runtime.
-pub fn bind(config: &Config) -> io::Result<TcpListener> {
-    let addr: SocketAddr = config.listen.address.parse().map_err(|_| {
-        io::Error::new(io::ErrorKind::InvalidInput, "listen.address is not ip:port")
-    })?;
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    sock.set_reuse_address(true)?;
-    Tuning::client(&config.socket).apply(&SockRef::from(&sock))?;
-    sock.bind(&addr.into())?;
-    sock.listen(config.listen.backlog as i32)?;
-    sock.set_nonblocking(true)?;
-    TcpListener::from_std(sock.into())
 }
 
 /// Runs one connection's future; a panic in it is caught, logged and counted as a close
@@ -551,9 +850,10 @@ pub fn bind(config: &Config) -> io::Result<TcpListener> {
 ///
 /// A plain combinator rather than an `async fn`: the connection's future is stored once in
 /// the task, not copied into each layer of a state machine (that cost 2 KiB a connection).
-pub fn supervise<F: Future<Output = CloseReason>, H>(
+pub fn supervise<F: Future, H>(
     served: F,
     metrics: Arc<Metrics>,
+    service: Arc<ServiceMetrics>,
     client: SocketAddr,
     held: H,
 ) -> impl Future<Output = ()> {
@@ -561,7 +861,7 @@ pub fn supervise<F: Future<Output = CloseReason>, H>(
         drop(held);
         if let Err(panic) = result {
             metrics.panics.increment(1);
-            metrics.closed(CloseReason::Error).increment(1);
+            service.closed(CloseReason::Error).increment(1);
             let what = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
@@ -604,15 +904,6 @@ pub fn raise_descriptor_limit() -> u64 {
     lim.rlim_cur
 }
 
-/// An IPv4 client on a dual-stack socket arrives as `::ffff:a.b.c.d`; rules are written
-/// for `a.b.c.d`.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
-
 /// `listen.max_connections` as semaphore permits, resizable on reload.
 struct Limit {
     permits: Arc<Semaphore>,
@@ -635,49 +926,6 @@ impl Limit {
         } else if size < self.size {
             let taken = self.permits.forget_permits(self.size - size);
             self.size -= taken;
-        }
-    }
-}
-
-/// Live connections per source address, for `listen.max_connections_per_client`.
-#[derive(Default)]
-struct PerClient {
-    live: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// A client's place in [`PerClient`]; given back on drop.
-struct ClientSlot {
-    owner: Arc<PerClient>,
-    ip: IpAddr,
-}
-
-impl PerClient {
-    /// A slot for `ip` unless it already has `max` (0: no limit).
-    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<ClientSlot> {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        let n = live.entry(ip).or_insert(0);
-        if max > 0 && *n >= max {
-            if *n == 0 {
-                live.remove(&ip);
-            }
-            return None;
-        }
-        *n += 1;
-        Some(ClientSlot {
-            owner: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut live = self.owner.live.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = live.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                live.remove(&self.ip);
-            }
         }
     }
 }
@@ -716,16 +964,24 @@ mod tests {
     /// raised come back down.
     #[tokio::test]
     async fn a_panicking_connection_is_counted_and_returns_its_gauges() {
-        let metrics = Metrics::new([1024, 1024]);
-        let m = metrics.clone();
+        let metrics = Metrics::new();
+        let service = metrics.service("default", [1024, 1024]);
+        let s = service.clone();
         let served = async move {
-            let _active = ActiveGuard::new(&m);
-            if m.now() >= 0.0 {
+            let _active = ActiveGuard::new(&s);
+            if crate::metrics::now() >= 0.0 {
                 panic!("injected");
             }
             CloseReason::Complete
         };
-        supervise(served, metrics.clone(), "127.0.0.1:1".parse().unwrap(), ()).await;
+        supervise(
+            served,
+            metrics.clone(),
+            service,
+            "127.0.0.1:1".parse().unwrap(),
+            (),
+        )
+        .await;
         let text = metrics.render();
         let line = |series: &str| {
             text.lines()
@@ -739,33 +995,9 @@ mod tests {
         };
         assert_eq!(line("sluice_connection_panics_total"), 1.0);
         assert_eq!(
-            line("sluice_connections_closed_total{reason=\"error\"}"),
+            line("sluice_connections_closed_total{service=\"default\",reason=\"error\"}"),
             1.0
         );
-        assert_eq!(line("sluice_connections_active"), 0.0);
-    }
-
-    #[test]
-    fn per_client_slots_are_limited_and_given_back() {
-        let pc = Arc::new(PerClient::default());
-        let ip: IpAddr = "10.1.2.3".parse().unwrap();
-        let a = pc.take(ip, 2).unwrap();
-        let _b = pc.take(ip, 2).unwrap();
-        assert!(pc.take(ip, 2).is_none());
-        assert!(pc.take("10.1.2.4".parse().unwrap(), 2).is_some());
-        drop(a);
-        assert!(pc.take(ip, 2).is_some());
-        assert!(
-            pc.live.lock().unwrap().len() <= 2,
-            "addresses with no live connection are forgotten"
-        );
-    }
-
-    #[test]
-    fn mapped_ipv4_clients_match_ipv4_rules() {
-        assert_eq!(
-            canonical("::ffff:10.0.0.1".parse().unwrap()),
-            "10.0.0.1".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(line("sluice_connections_active{service=\"default\"}"), 0.0);
     }
 }

@@ -35,7 +35,14 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
-        print!("{}", config.to_toml());
+        // Validated already: every service resolves.
+        match config.to_effective_toml() {
+            Ok(text) => print!("{text}"),
+            Err(e) => {
+                eprintln!("sluice: error: {e}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        }
         eprintln!("sluice: configuration ok");
         return ExitCode::SUCCESS;
     }
@@ -65,12 +72,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(cli: Cli, config: sluice::Config) -> anyhow::Result<()> {
-    let listener = sluice::listener::bind(&config).with_context(|| {
-        format!(
-            "cannot listen on {} (listen.address)",
-            config.listen.address
-        )
-    })?;
+    let listeners = sluice::listener::bind(&config)?;
     let metrics_listener = TcpListener::bind(&config.metrics.address)
         .await
         .with_context(|| {
@@ -101,7 +103,7 @@ async fn serve(cli: Cli, config: sluice::Config) -> anyhow::Result<()> {
     };
 
     server
-        .run(listener, stop.clone())
+        .run(listeners, stop.clone())
         .await
         .context("accept loop failed")?;
     stop.cancel();

@@ -5,6 +5,7 @@
 //! run several proxies in one process and read each one's numbers. Handles are created
 //! once here; the relay only touches atomics through them, never a name lookup.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::BudgetGauges;
+use crate::pool::Pool;
 use crate::registry::{Registry, SortBy};
 
 /// The two directions of a connection, in label order.
@@ -118,28 +120,56 @@ pub struct DirectionMetrics {
     pub paused: PauseClock,
 }
 
-/// All of one proxy's metrics.
+/// All of one proxy's metrics: the process-wide series here, each service's in its
+/// [`ServiceMetrics`].
 pub struct Metrics {
     handle: PrometheusHandle,
-    /// Counts time from one origin so pause start times can be summed as plain numbers.
-    epoch: Instant,
-    pub accepted: Counter,
-    pub active: Gauge,
-    closed: Vec<Counter>,
+    /// Kept to register the series of services added by a reload.
+    recorder: metrics_exporter_prometheus::PrometheusRecorder,
     pub listener_paused: Counter,
-    connect_errors: Vec<Counter>,
-    pub connect_duration: Histogram,
-    pub connection_duration: Histogram,
-    pub rejected_per_client: Counter,
-    pub rejected_not_allowed: Counter,
     pub reloads_success: Counter,
     pub reloads_failure: Counter,
     pub panics: Counter,
-    pub directions: [DirectionMetrics; 2],
     budget_limit: Gauge,
     budget_used: Gauge,
+    /// Every service this process has run, in the order they started (a removed
+    /// service stays: its counters keep their totals).
+    services: Mutex<Vec<Arc<ServiceMetrics>>>,
     /// The live connections, asked at each scrape for the kernel's bytes.
     pub connections: Arc<Registry>,
+}
+
+/// One service's series (`service` label).
+pub struct ServiceMetrics {
+    pub name: Arc<str>,
+    pub accepted: Counter,
+    pub active: Gauge,
+    closed: Vec<Counter>,
+    pub connection_duration: Histogram,
+    pub rejected_per_client: Counter,
+    pub rejected_not_allowed: Counter,
+    pub rejected_proxy_protocol: Counter,
+    /// `sluice_upstream_retries_total`: connects tried again on another server.
+    pub retries: Counter,
+    pub directions: [DirectionMetrics; 2],
+    /// Per-server handles, by address; kept across reloads.
+    servers: Mutex<HashMap<String, Arc<ServerMetrics>>>,
+    /// The service's servers as now configured, read at each scrape for the per-server
+    /// gauges (up, connections, queued, paused).
+    pool: Mutex<Option<Arc<Pool>>>,
+}
+
+/// One server's registered series (`service` and `server` labels); its gauges are
+/// read from its [`Backend`](crate::pool::Backend) at each scrape.
+pub struct ServerMetrics {
+    connect_errors: Vec<Counter>,
+    pub connect_duration: Histogram,
+}
+
+impl ServerMetrics {
+    pub fn connect_error(&self, kind: ConnectErrorKind) -> &Counter {
+        &self.connect_errors[kind as usize]
+    }
 }
 
 /// Buckets for the upstream handshake: loopback is tens of microseconds, a far upstream
@@ -153,9 +183,30 @@ const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
 ];
 
+/// Seconds since the process's metrics clock started: the clock pause times are kept
+/// in, so they can be summed as plain numbers.
+pub fn now() -> f64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
+fn counter(r: &dyn Recorder, name: &'static str, labels: Vec<Label>) -> Counter {
+    r.register_counter(&Key::from_parts(name, labels), &META)
+}
+fn gauge(r: &dyn Recorder, name: &'static str, labels: Vec<Label>) -> Gauge {
+    r.register_gauge(&Key::from_parts(name, labels), &META)
+}
+fn histogram(r: &dyn Recorder, name: &'static str, labels: Vec<Label>) -> Histogram {
+    r.register_histogram(&Key::from_parts(name, labels), &META)
+}
+fn label(k: &'static str, v: &str) -> Label {
+    Label::new(k, v.to_string())
+}
+
 impl Metrics {
-    /// A fresh recorder with every series registered at zero.
-    pub fn new(bounds: [usize; 2]) -> Arc<Metrics> {
+    /// A fresh recorder with the process-wide series registered at zero; each service
+    /// registers its own with [`Metrics::service`].
+    pub fn new() -> Arc<Metrics> {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Full("sluice_upstream_connect_duration_seconds".into()),
@@ -171,205 +222,52 @@ impl Metrics {
             .build_recorder();
         let handle = recorder.handle();
         let r: &dyn Recorder = &recorder;
-
-        describe(
-            r,
-            "sluice_connections_accepted_total",
-            Kind::Counter,
-            "Client connections accepted.",
-        );
-        describe(
-            r,
-            "sluice_connections_active",
-            Kind::Gauge,
-            "Client connections open now.",
-        );
-        describe(
-            r,
-            "sluice_connections_closed_total",
-            Kind::Counter,
-            "Client connections closed, by reason.",
-        );
-        describe(
-            r,
-            "sluice_listener_paused_total",
-            Kind::Counter,
-            "Times accepting stopped because listen.max_connections was reached.",
-        );
-        describe(
-            r,
-            "sluice_upstream_connect_errors_total",
-            Kind::Counter,
-            "Failed upstream connects, by kind.",
-        );
-        describe(
-            r,
-            "sluice_upstream_connect_duration_seconds",
-            Kind::Histogram,
-            "Time to connect to the upstream.",
-        );
-        describe(
-            r,
-            "sluice_connection_duration_seconds",
-            Kind::Histogram,
-            "Client connection lifetime.",
-        );
-        describe(
-            r,
-            "sluice_bytes_total",
-            Kind::Counter,
-            "Bytes relayed, by direction.",
-        );
-        describe(
-            r,
-            "sluice_queued_bytes",
-            Kind::Gauge,
-            "Bytes held in sluice's buffers now, all connections, by direction.",
-        );
-        describe(
-            r,
-            "sluice_buffer_limit_bytes",
-            Kind::Gauge,
-            "The configured per-connection buffer bound, by direction.",
-        );
-        describe(
-            r,
-            "sluice_budget_limit_bytes",
-            Kind::Gauge,
-            "buffer.total: the most buffer memory all connections together may hold; 0 when there is no such limit.",
-        );
-        describe(
-            r,
-            "sluice_budget_used_bytes",
-            Kind::Gauge,
-            "Buffer memory granted by buffer.total now (a granted buffer counts whole).",
-        );
-        describe(
-            r,
-            "sluice_budget_waits_total",
-            Kind::Counter,
-            "Times a direction waited in line for buffer.total to grant it a buffer.",
-        );
-        describe(
-            r,
-            "sluice_pauses_total",
-            Kind::Counter,
-            "Times a buffer filled and reading from its source stopped.",
-        );
-        describe(
-            r,
-            "sluice_drains_total",
-            Kind::Counter,
-            "Times a paused buffer drained to the resume mark and reading resumed.",
-        );
-        describe(
-            r,
-            "sluice_connections_rejected_total",
-            Kind::Counter,
-            "Clients closed at once by an access rule, by reason.",
-        );
-        describe(
-            r,
-            "sluice_config_reloads_total",
-            Kind::Counter,
-            "Configuration reloads (SIGHUP), by result.",
-        );
-        describe(
-            r,
-            "sluice_connection_panics_total",
-            Kind::Counter,
-            "Connection tasks that panicked (a bug; the process carries on).",
-        );
-        describe(
-            r,
-            "sluice_build_info",
-            Kind::Gauge,
-            "Always 1; the version label says which sluice this is.",
-        );
-
-        let counter = |name: &'static str, labels: Vec<Label>| {
-            r.register_counter(&Key::from_parts(name, labels), &META)
-        };
-        let gauge = |name: &'static str, labels: Vec<Label>| {
-            r.register_gauge(&Key::from_parts(name, labels), &META)
-        };
-        let histogram = |name: &'static str| r.register_histogram(&Key::from_name(name), &META);
-        let label = |k: &'static str, v: &'static str| vec![Label::new(k, v)];
-
-        let direction = |i: usize| DirectionMetrics {
-            bytes: counter("sluice_bytes_total", label("direction", DIRECTIONS[i])),
-            queued: gauge("sluice_queued_bytes", label("direction", DIRECTIONS[i])),
-            pauses: counter("sluice_pauses_total", label("direction", DIRECTIONS[i])),
-            drains: counter("sluice_drains_total", label("direction", DIRECTIONS[i])),
-            limit: gauge(
-                "sluice_buffer_limit_bytes",
-                label("direction", DIRECTIONS[i]),
-            ),
-            budget_waits: counter(
-                "sluice_budget_waits_total",
-                label("direction", DIRECTIONS[i]),
-            ),
-            paused: PauseClock::default(),
-        };
+        for (name, kind, help) in DESCRIPTIONS {
+            describe(r, name, kind, help);
+        }
         let m = Metrics {
-            epoch: Instant::now(),
-            accepted: counter("sluice_connections_accepted_total", vec![]),
-            active: gauge("sluice_connections_active", vec![]),
-            closed: CloseReason::ALL
-                .iter()
-                .map(|r| {
-                    counter(
-                        "sluice_connections_closed_total",
-                        label("reason", r.as_label()),
-                    )
-                })
-                .collect(),
-            listener_paused: counter("sluice_listener_paused_total", vec![]),
-            connect_errors: ConnectErrorKind::ALL
-                .iter()
-                .map(|k| {
-                    counter(
-                        "sluice_upstream_connect_errors_total",
-                        label("kind", k.as_label()),
-                    )
-                })
-                .collect(),
-            connect_duration: histogram("sluice_upstream_connect_duration_seconds"),
-            connection_duration: histogram("sluice_connection_duration_seconds"),
-            rejected_per_client: counter(
-                "sluice_connections_rejected_total",
-                label("reason", "max_per_client"),
+            listener_paused: counter(r, "sluice_listener_paused_total", vec![]),
+            reloads_success: counter(
+                r,
+                "sluice_config_reloads_total",
+                vec![label("result", "success")],
             ),
-            rejected_not_allowed: counter(
-                "sluice_connections_rejected_total",
-                label("reason", "not_allowed"),
+            reloads_failure: counter(
+                r,
+                "sluice_config_reloads_total",
+                vec![label("result", "failure")],
             ),
-            reloads_success: counter("sluice_config_reloads_total", label("result", "success")),
-            reloads_failure: counter("sluice_config_reloads_total", label("result", "failure")),
-            panics: counter("sluice_connection_panics_total", vec![]),
-            directions: [direction(0), direction(1)],
-            budget_limit: gauge("sluice_budget_limit_bytes", vec![]),
-            budget_used: gauge("sluice_budget_used_bytes", vec![]),
+            panics: counter(r, "sluice_connection_panics_total", vec![]),
+            budget_limit: gauge(r, "sluice_budget_limit_bytes", vec![]),
+            budget_used: gauge(r, "sluice_budget_used_bytes", vec![]),
+            services: Mutex::new(Vec::new()),
             connections: Arc::default(),
             handle,
+            recorder,
         };
         gauge(
+            &m.recorder,
             "sluice_build_info",
-            label("version", env!("CARGO_PKG_VERSION")),
+            vec![label("version", env!("CARGO_PKG_VERSION"))],
         )
         .set(1.0);
-        m.set_limits(bounds);
-        // Keep the recorder alive: the handles and the render handle share its storage,
-        // so dropping our reference here is enough; nothing else needs it.
-        drop(recorder);
         Arc::new(m)
     }
 
-    /// Publishes the configured bounds (again after a reload).
-    pub fn set_limits(&self, bounds: [usize; 2]) {
-        for (d, b) in self.directions.iter().zip(bounds) {
+    /// The series of the service `name` (registered at zero the first time), with its
+    /// bounds published (again after a reload).
+    pub fn service(&self, name: &str, bounds: [usize; 2]) -> Arc<ServiceMetrics> {
+        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        let found = services.iter().find(|s| &*s.name == name).cloned();
+        let service = found.unwrap_or_else(|| {
+            let s = Arc::new(ServiceMetrics::register(&self.recorder, name));
+            services.push(s.clone());
+            s
+        });
+        for (d, b) in service.directions.iter().zip(bounds) {
             d.limit.set(b as f64);
         }
+        service
     }
 
     /// The gauges a [`Budget`](crate::budget::Budget) keeps current.
@@ -380,60 +278,70 @@ impl Metrics {
         }
     }
 
-    pub fn closed(&self, reason: CloseReason) -> &Counter {
-        &self.closed[reason as usize]
-    }
-
-    pub fn connect_error(&self, kind: ConnectErrorKind) -> &Counter {
-        &self.connect_errors[kind as usize]
-    }
-
-    /// Seconds since this recorder started: the clock pause times are kept in.
+    /// Seconds on the metrics clock (see [`now`]).
     pub fn now(&self) -> f64 {
-        self.epoch.elapsed().as_secs_f64()
+        now()
     }
 
     /// The whole exposition: the recorder's series plus those computed at scrape time.
     pub fn render(&self) -> String {
         // Pauses first: a pause is counted before its clock starts, so the counters in
         // the render that follows never trail the paused gauge.
-        let now = self.now();
-        let snaps: Vec<_> = self
-            .directions
+        let now = now();
+        let services = self
+            .services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let snaps: Vec<_> = services
             .iter()
-            .map(|d| d.paused.snapshot(now))
+            .map(|s| s.directions.each_ref().map(|d| d.paused.snapshot(now)))
             .collect();
         let mut out = self.handle.render();
-        out.push_str(
-            "# HELP sluice_paused_connections Connection directions paused now, by direction.\n\
-             # TYPE sluice_paused_connections gauge\n",
+        let by_direction = |out: &mut String,
+                            name: &str,
+                            help: &str,
+                            kind: &str,
+                            value: &dyn Fn(usize, usize) -> String| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for (i, s) in services.iter().enumerate() {
+                for (d, dir) in DIRECTIONS.iter().enumerate() {
+                    out.push_str(&format!(
+                        "{name}{{service=\"{}\",direction=\"{dir}\"}} {}\n",
+                        s.name,
+                        value(i, d)
+                    ));
+                }
+            }
+        };
+        by_direction(
+            &mut out,
+            "sluice_paused_connections",
+            "Connection directions paused now, by direction.",
+            "gauge",
+            &|i, d| snaps[i][d].0.to_string(),
         );
-        for (dir, s) in DIRECTIONS.iter().zip(&snaps) {
-            out.push_str(&format!(
-                "sluice_paused_connections{{direction=\"{dir}\"}} {}\n",
-                s.0
-            ));
-        }
-        out.push_str(
-            "# HELP sluice_paused_seconds_total Time spent paused, all connections, by direction.\n\
-             # TYPE sluice_paused_seconds_total counter\n",
+        by_direction(
+            &mut out,
+            "sluice_paused_seconds_total",
+            "Time spent paused, all connections, by direction.",
+            "counter",
+            &|i, d| snaps[i][d].1.to_string(),
         );
-        for (dir, s) in DIRECTIONS.iter().zip(&snaps) {
-            out.push_str(&format!(
-                "sluice_paused_seconds_total{{direction=\"{dir}\"}} {}\n",
-                s.1
-            ));
-        }
         let kernel = self.connections.kernel_queued();
-        out.push_str(
-            "# HELP sluice_kernel_queued_bytes Bytes the kernel holds for live connections, by direction: unread in the source sockets plus unacknowledged in the destination sockets (sampled every second).\n\
-             # TYPE sluice_kernel_queued_bytes gauge\n",
+        by_direction(
+            &mut out,
+            "sluice_kernel_queued_bytes",
+            "Bytes the kernel holds for live connections, by direction: unread in the source sockets plus unacknowledged in the destination sockets (sampled every second).",
+            "gauge",
+            &|i, d| {
+                kernel
+                    .get(&*services[i].name)
+                    .map_or(0, |k| k[d])
+                    .to_string()
+            },
         );
-        for (dir, k) in DIRECTIONS.iter().zip(kernel) {
-            out.push_str(&format!(
-                "sluice_kernel_queued_bytes{{direction=\"{dir}\"}} {k}\n"
-            ));
-        }
+        render_servers(&mut out, &services);
         crate::process_metrics::render(&mut out);
         out
     }
@@ -445,9 +353,291 @@ impl Metrics {
     }
 }
 
+/// The per-server gauges, read from each service's servers as now configured.
+fn render_servers(out: &mut String, services: &[Arc<ServiceMetrics>]) {
+    let pools: Vec<_> = services
+        .iter()
+        .filter_map(|s| Some((s.name.clone(), s.pool.lock().ok()?.clone()?)))
+        .collect();
+    let now = Instant::now();
+    let each = |out: &mut String,
+                name: &str,
+                help: &str,
+                kind: &str,
+                value: &dyn Fn(&crate::pool::Backend) -> String| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (service, pool) in &pools {
+            for b in pool.backends() {
+                out.push_str(&format!(
+                    "{name}{{service=\"{service}\",server=\"{}\"}} {}\n",
+                    escape(&b.address),
+                    value(b)
+                ));
+            }
+        }
+    };
+    each(
+        out,
+        "sluice_server_up",
+        "1 while the server is in rotation, 0 while it is ejected for failing connects.",
+        "gauge",
+        &|b| u8::from(b.is_up(now)).to_string(),
+    );
+    each(
+        out,
+        "sluice_server_connections",
+        "Live connections to the server.",
+        "gauge",
+        &|b| b.connections().to_string(),
+    );
+    each(
+        out,
+        "sluice_server_ejections_total",
+        "Times the server was taken out of rotation after health.max_failures failed connects in a row.",
+        "counter",
+        &|b| b.ejections().to_string(),
+    );
+    for (name, help, value) in [
+        (
+            "sluice_server_queued_bytes",
+            "Bytes held in sluice's buffers for the server's live connections, by direction.",
+            (|b: &crate::pool::Backend, d| b.queued(d)) as fn(&crate::pool::Backend, usize) -> u64,
+        ),
+        (
+            "sluice_server_paused_connections",
+            "The server's connection directions paused now, by direction.",
+            |b, d| b.paused(d),
+        ),
+    ] {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for (service, pool) in &pools {
+            for b in pool.backends() {
+                for (d, dir) in DIRECTIONS.iter().enumerate() {
+                    out.push_str(&format!(
+                        "{name}{{service=\"{service}\",server=\"{}\",direction=\"{dir}\"}} {}\n",
+                        escape(&b.address),
+                        value(b, d)
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// A label value as the exposition format wants it.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl ServiceMetrics {
+    fn register(r: &dyn Recorder, name: &str) -> ServiceMetrics {
+        let service = || label("service", name);
+        let with = |k: &'static str, v: &str| vec![label("service", name), label(k, v)];
+        let direction = |i: usize| {
+            let labels = || with("direction", DIRECTIONS[i]);
+            DirectionMetrics {
+                bytes: counter(r, "sluice_bytes_total", labels()),
+                queued: gauge(r, "sluice_queued_bytes", labels()),
+                pauses: counter(r, "sluice_pauses_total", labels()),
+                drains: counter(r, "sluice_drains_total", labels()),
+                limit: gauge(r, "sluice_buffer_limit_bytes", labels()),
+                budget_waits: counter(r, "sluice_budget_waits_total", labels()),
+                paused: PauseClock::default(),
+            }
+        };
+        ServiceMetrics {
+            name: name.into(),
+            accepted: counter(r, "sluice_connections_accepted_total", vec![service()]),
+            active: gauge(r, "sluice_connections_active", vec![service()]),
+            closed: CloseReason::ALL
+                .iter()
+                .map(|c| {
+                    counter(
+                        r,
+                        "sluice_connections_closed_total",
+                        with("reason", c.as_label()),
+                    )
+                })
+                .collect(),
+            connection_duration: histogram(
+                r,
+                "sluice_connection_duration_seconds",
+                vec![service()],
+            ),
+            rejected_per_client: counter(
+                r,
+                "sluice_connections_rejected_total",
+                with("reason", "max_per_client"),
+            ),
+            rejected_not_allowed: counter(
+                r,
+                "sluice_connections_rejected_total",
+                with("reason", "not_allowed"),
+            ),
+            rejected_proxy_protocol: counter(
+                r,
+                "sluice_connections_rejected_total",
+                with("reason", "proxy_protocol"),
+            ),
+            retries: counter(r, "sluice_upstream_retries_total", vec![service()]),
+            directions: [direction(0), direction(1)],
+            servers: Mutex::new(HashMap::new()),
+            pool: Mutex::new(None),
+        }
+    }
+
+    pub fn closed(&self, reason: CloseReason) -> &Counter {
+        &self.closed[reason as usize]
+    }
+
+    /// Puts `pool` in the per-server gauges and returns each of its servers' handles,
+    /// in the pool's order (registered at zero for a server not seen before).
+    pub fn servers(&self, recorder: &Metrics, pool: &Arc<Pool>) -> Vec<Arc<ServerMetrics>> {
+        let r: &dyn Recorder = &recorder.recorder;
+        let mut known = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        let handles = pool
+            .backends()
+            .iter()
+            .map(|b| {
+                known
+                    .entry(b.address.clone())
+                    .or_insert_with(|| {
+                        let labels =
+                            || vec![label("service", &self.name), label("server", &b.address)];
+                        Arc::new(ServerMetrics {
+                            connect_errors: ConnectErrorKind::ALL
+                                .iter()
+                                .map(|k| {
+                                    let mut l = labels();
+                                    l.push(label("kind", k.as_label()));
+                                    counter(r, "sluice_upstream_connect_errors_total", l)
+                                })
+                                .collect(),
+                            connect_duration: histogram(
+                                r,
+                                "sluice_upstream_connect_duration_seconds",
+                                labels(),
+                            ),
+                        })
+                    })
+                    .clone()
+            })
+            .collect();
+        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = Some(pool.clone());
+        handles
+    }
+}
+
+/// Every series the recorder renders: name, kind and help text, described once.
+const DESCRIPTIONS: [(&str, Kind, &str); 20] = [
+    (
+        "sluice_connections_accepted_total",
+        Kind::Counter,
+        "Client connections accepted, by service.",
+    ),
+    (
+        "sluice_connections_active",
+        Kind::Gauge,
+        "Client connections open now, by service.",
+    ),
+    (
+        "sluice_connections_closed_total",
+        Kind::Counter,
+        "Client connections closed, by service and reason.",
+    ),
+    (
+        "sluice_listener_paused_total",
+        Kind::Counter,
+        "Times accepting stopped because listen.max_connections was reached.",
+    ),
+    (
+        "sluice_upstream_connect_errors_total",
+        Kind::Counter,
+        "Failed upstream connects, by service, server and kind.",
+    ),
+    (
+        "sluice_upstream_connect_duration_seconds",
+        Kind::Histogram,
+        "Time to connect to a server, by service and server.",
+    ),
+    (
+        "sluice_upstream_retries_total",
+        Kind::Counter,
+        "Connects tried again on another server after one failed, by service.",
+    ),
+    (
+        "sluice_connection_duration_seconds",
+        Kind::Histogram,
+        "Client connection lifetime, by service.",
+    ),
+    (
+        "sluice_bytes_total",
+        Kind::Counter,
+        "Bytes relayed, by service and direction.",
+    ),
+    (
+        "sluice_queued_bytes",
+        Kind::Gauge,
+        "Bytes held in sluice's buffers now, all connections, by service and direction.",
+    ),
+    (
+        "sluice_buffer_limit_bytes",
+        Kind::Gauge,
+        "The configured per-connection buffer bound, by service and direction.",
+    ),
+    (
+        "sluice_budget_limit_bytes",
+        Kind::Gauge,
+        "buffer.total: the most buffer memory all connections together may hold; 0 when there is no such limit.",
+    ),
+    (
+        "sluice_budget_used_bytes",
+        Kind::Gauge,
+        "Buffer memory granted by buffer.total now (a granted buffer counts whole).",
+    ),
+    (
+        "sluice_budget_waits_total",
+        Kind::Counter,
+        "Times a direction waited in line for buffer.total to grant it a buffer.",
+    ),
+    (
+        "sluice_pauses_total",
+        Kind::Counter,
+        "Times a buffer filled and reading from its source stopped.",
+    ),
+    (
+        "sluice_drains_total",
+        Kind::Counter,
+        "Times a paused buffer drained to the resume mark and reading resumed.",
+    ),
+    (
+        "sluice_connections_rejected_total",
+        Kind::Counter,
+        "Clients closed at once by an access rule or a bad PROXY header, by service and reason.",
+    ),
+    (
+        "sluice_config_reloads_total",
+        Kind::Counter,
+        "Configuration reloads (SIGHUP), by result.",
+    ),
+    (
+        "sluice_connection_panics_total",
+        Kind::Counter,
+        "Connection tasks that panicked (a bug; the process carries on).",
+    ),
+    (
+        "sluice_build_info",
+        Kind::Gauge,
+        "Always 1; the version label says which sluice this is.",
+    ),
+];
+
 static META: Metadata<'static> =
     Metadata::new("sluice", metrics::Level::INFO, Some("sluice::metrics"));
 
+#[derive(Clone, Copy)]
 enum Kind {
     Counter,
     Gauge,

@@ -36,7 +36,7 @@ pub struct Registry {
 /// The kernel figures' latest sample, and when it was last asked for.
 struct Sampler {
     /// `None` while no sampler thread runs.
-    totals: Option<[u64; 2]>,
+    totals: Option<KernelTotals>,
     asked: Instant,
 }
 
@@ -71,6 +71,9 @@ fn sample_while_asked(registry: Weak<Registry>) {
     }
 }
 
+/// The kernel's bytes per direction, by service.
+pub type KernelTotals = HashMap<Arc<str>, [u64; 2]>;
+
 /// Some of the live connections, by id.
 type Shard = Mutex<HashMap<u64, Arc<Entry>>>;
 
@@ -78,6 +81,8 @@ type Shard = Mutex<HashMap<u64, Arc<Entry>>>;
 pub struct Entry {
     /// Unique for the life of the process, in order of arrival.
     pub id: u64,
+    /// The service that accepted it.
+    pub service: Arc<str>,
     pub client: SocketAddr,
     client_fd: RawFd,
     /// Set once the upstream has answered; until then the connection is connecting.
@@ -268,6 +273,7 @@ pub struct Listing {
 #[derive(Debug, Serialize)]
 pub struct ConnectionView {
     pub id: u64,
+    pub service: String,
     pub client: String,
     /// `null` while still connecting.
     pub upstream: Option<String>,
@@ -311,10 +317,16 @@ impl Registry {
 
     /// Registers a client connection whose socket is `client_fd`; it stays listed until
     /// the guard drops, which must be before that socket closes.
-    pub fn register(&self, client: SocketAddr, client_fd: RawFd) -> Registered<'_> {
+    pub fn register(
+        &self,
+        service: Arc<str>,
+        client: SocketAddr,
+        client_fd: RawFd,
+    ) -> Registered<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(Entry {
             id,
+            service,
             client,
             client_fd,
             upstream: OnceLock::new(),
@@ -350,14 +362,14 @@ impl Registry {
     /// Sampling asks each socket (about 0.6 µs a question on the machines measured, so
     /// 20 ms at 8,000 connections), which a scrape should not wait for: a thread of its
     /// own keeps the sample fresh while scrapes come, and stops when they stop.
-    pub fn kernel_queued(self: &Arc<Self>) -> [u64; 2] {
+    pub fn kernel_queued(self: &Arc<Self>) -> KernelTotals {
         let mut sampler = self.sampler.lock().unwrap_or_else(|e| e.into_inner());
         sampler.asked = Instant::now();
-        if let Some(totals) = sampler.totals {
-            return totals;
+        if let Some(totals) = &sampler.totals {
+            return totals.clone();
         }
         let totals = self.kernel_totals();
-        sampler.totals = Some(totals);
+        sampler.totals = Some(totals.clone());
         let registry = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name("sluice-kernel-sampler".into())
@@ -369,11 +381,13 @@ impl Registry {
         totals
     }
 
-    /// The kernel's bytes per direction summed over every live connection, now.
-    pub fn kernel_totals(&self) -> [u64; 2] {
-        let mut totals = [0u64; 2];
+    /// The kernel's bytes per direction summed over every live connection of each
+    /// service, now.
+    pub fn kernel_totals(&self) -> KernelTotals {
+        let mut totals = KernelTotals::new();
         self.for_each(|e| {
-            for (t, k) in totals.iter_mut().zip(e.kernel_bytes()) {
+            let sums = totals.entry(e.service.clone()).or_default();
+            for (t, k) in sums.iter_mut().zip(e.kernel_bytes()) {
                 *t += k.total();
             }
         });
@@ -430,6 +444,7 @@ fn view(e: &Entry, now: Instant, clock: f64) -> ConnectionView {
     };
     ConnectionView {
         id: e.id,
+        service: e.service.to_string(),
         client: e.client.to_string(),
         upstream: e.upstream().map(|a| a.to_string()),
         age_seconds: now.saturating_duration_since(e.started).as_secs_f64(),

@@ -59,7 +59,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::{self, Budget, Grant, Waiting};
 pub use crate::config::RelayMode;
-use crate::metrics::{DirectionMetrics, Metrics};
+use crate::metrics::{DirectionMetrics, ServiceMetrics};
+use crate::pool::Attached;
 use crate::registry::{DirectionFigures, Entry};
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -77,6 +78,18 @@ pub enum Side {
 pub const CLIENT_TO_UPSTREAM: usize = 0;
 /// Index of the upstream→client direction in per-direction arrays.
 pub const UPSTREAM_TO_CLIENT: usize = 1;
+
+/// Where one direction's figures go each time it reports.
+#[derive(Clone, Copy)]
+pub struct Reports<'a> {
+    /// The service's series.
+    pub metrics: &'a DirectionMetrics,
+    /// The connection's entry in the registry.
+    pub live: &'a DirectionFigures,
+    /// The server's load (with this direction's index), which balancing reads; `None`
+    /// where no server is attached (unit tests).
+    pub server: Option<(&'a Attached, usize)>,
+}
 
 /// The per-connection settings the relay needs.
 #[derive(Debug, Clone, Copy)]
@@ -686,14 +699,22 @@ impl Direction {
         }
     }
 
-    /// Tells the metrics, and the connection's entry in the registry, what changed since
-    /// the last report.
-    fn report(&mut self, m: &DirectionMetrics, clock: &Metrics, live: &DirectionFigures) {
+    /// Tells the metrics, the connection's entry in the registry and its server's load
+    /// what changed since the last report.
+    fn report(&mut self, to: Reports<'_>) {
+        let Reports {
+            metrics: m,
+            live,
+            server,
+        } = to;
         let queued = self.queued();
         if queued != self.reported_queued {
-            m.queued
-                .increment(queued as f64 - self.reported_queued as f64);
+            let delta = queued as i64 - self.reported_queued as i64;
+            m.queued.increment(delta as f64);
             live.queued.store(queued as u64, Relaxed);
+            if let Some((server, i)) = server {
+                server.add_queued(i, delta);
+            }
             self.reported_queued = queued;
         }
         if self.delivered != self.reported_delivered {
@@ -708,7 +729,7 @@ impl Direction {
         if t.waited {
             m.budget_waits.increment(1);
         }
-        let now = clock.now();
+        let now = crate::metrics::now();
         // A drain ends the pause that was running before this poll; a pause that began
         // in this poll starts after it.
         if t.resumed
@@ -717,28 +738,46 @@ impl Direction {
             m.drains.increment(1);
             m.paused.stop(since, now);
             live.set_paused(None);
+            if let Some((server, i)) = server {
+                server.pause_ended(i, now);
+            }
         }
         if t.paused {
             m.pauses.increment(1);
             m.paused.start(now);
             self.paused_since = Some(now);
             live.set_paused(Some(now));
+            if let Some((server, i)) = server {
+                server.pause_started(i, now);
+            }
         }
     }
 
     /// Ends the direction for good: reports, ends a running pause, drops the queue.
-    fn finish(&mut self, m: &DirectionMetrics, clock: &Metrics, live: &DirectionFigures) {
-        self.report(m, clock, live);
+    fn finish(&mut self, to: Reports<'_>) {
+        self.report(to);
+        let Reports {
+            metrics: m,
+            live,
+            server,
+        } = to;
         live.queued.store(0, Relaxed);
         live.set_paused(None);
         if let Some(since) = self.paused_since.take() {
-            m.paused.stop(since, clock.now());
+            let now = crate::metrics::now();
+            m.paused.stop(since, now);
+            if let Some((server, i)) = server {
+                server.pause_ended(i, now);
+            }
         }
         if self.state != State::Done {
             self.state = State::Done;
         }
         if self.reported_queued > 0 {
             m.queued.decrement(self.reported_queued as f64);
+            if let Some((server, i)) = server {
+                server.add_queued(i, -(self.reported_queued as i64));
+            }
             self.reported_queued = 0;
         }
         self.queue.clear();
@@ -757,9 +796,11 @@ impl Direction {
 pub struct Relay<'a> {
     client: (ReadHalf<'a>, WriteHalf<'a>),
     upstream: (ReadHalf<'a>, WriteHalf<'a>),
-    metrics: &'a Metrics,
+    metrics: &'a ServiceMetrics,
     /// The connection's entry in the registry, kept current with the metrics.
     entry: &'a Entry,
+    /// The connection's place in its server's load.
+    server: &'a Attached,
     dirs: [Direction; 2],
     /// Whether each direction passed its EOF on, so a done direction is not polled.
     done: [bool; 2],
@@ -786,8 +827,9 @@ impl<'a> Relay<'a> {
         client: &'a mut TcpStream,
         upstream: &'a mut TcpStream,
         config: &RelayConfig,
-        metrics: &'a Metrics,
+        metrics: &'a ServiceMetrics,
         entry: &'a Entry,
+        server: &'a Attached,
         budget: &Arc<Budget>,
     ) -> Relay<'a> {
         Relay {
@@ -795,6 +837,7 @@ impl<'a> Relay<'a> {
             upstream: upstream.split(),
             metrics,
             entry,
+            server,
             dirs: [
                 Direction::new(config.bounds[0], config.resume_at)
                     .with_mode(config.mode)
@@ -866,7 +909,6 @@ impl<'a> Relay<'a> {
 
     /// Polls both directions once; reports to the metrics before returning.
     fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        let m = self.metrics;
         let before = self.dirs.each_ref().map(Direction::moved);
         let mut failed = None;
         for i in [CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT] {
@@ -879,7 +921,8 @@ impl<'a> Relay<'a> {
                 (&mut self.upstream.0, &mut self.client.1)
             };
             let step = self.dirs[i].poll_transfer(cx, src, dst);
-            self.dirs[i].report(&m.directions[i], m, &self.entry.directions[i]);
+            let to = self.reports(i);
+            self.dirs[i].report(to);
             match step {
                 Poll::Ready(Ok(())) => self.done[i] = true,
                 Poll::Pending => {}
@@ -914,6 +957,15 @@ impl<'a> Relay<'a> {
         }
     }
 
+    /// Where direction `i` reports.
+    fn reports(&self, i: usize) -> Reports<'a> {
+        Reports {
+            metrics: &self.metrics.directions[i],
+            live: &self.entry.directions[i],
+            server: Some((self.server, i)),
+        }
+    }
+
     /// What the relay did; call after [`Relay::run`].
     pub fn totals(&self) -> Totals {
         Totals {
@@ -927,14 +979,9 @@ impl<'a> Relay<'a> {
 
 impl Drop for Relay<'_> {
     fn drop(&mut self) {
-        let figures = &self.entry.directions;
-        for ((d, dm), live) in self
-            .dirs
-            .iter_mut()
-            .zip(&self.metrics.directions)
-            .zip(figures)
-        {
-            d.finish(dm, self.metrics, live);
+        for i in [CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT] {
+            let to = self.reports(i);
+            self.dirs[i].finish(to);
         }
     }
 }

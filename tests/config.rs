@@ -26,10 +26,15 @@ fn shipped_proxy_toml_is_valid_and_prints_its_effective_config() {
         String::from_utf8_lossy(&out.stderr)
     );
     let printed = String::from_utf8(out.stdout).unwrap();
-    // What it prints is itself a valid configuration, equal to the file's.
+    // What it prints is itself a valid configuration with the same services as the
+    // file's, each spelled out.
     let reparsed = sluice::Config::parse(&printed, "printed").unwrap();
     let shipped = sluice::Config::load(&root().join("proxy.toml")).unwrap();
-    assert_eq!(reparsed, shipped);
+    assert_eq!(reparsed.services().unwrap(), shipped.services().unwrap());
+    assert!(
+        printed.contains("[[service]]\nname = \"default\""),
+        "{printed}"
+    );
     assert_eq!(shipped.buffer.resume_at, 0.5);
     assert_eq!(shipped.bounds(), [65536, 65536]);
 }
@@ -103,8 +108,10 @@ fn flags_and_environment_override_the_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     let c = sluice::Config::parse(&String::from_utf8(out.stdout).unwrap(), "printed").unwrap();
-    assert_eq!(c.listen.address, "127.0.0.1:7001");
-    assert_eq!(c.upstream.address, "upstream.example:7002");
+    let services = c.services().unwrap();
+    assert_eq!(services[0].name, "default");
+    assert_eq!(services[0].listen, "127.0.0.1:7001".parse().unwrap());
+    assert_eq!(services[0].servers, ["upstream.example:7002"]);
     assert_eq!(c.metrics.address, "127.0.0.1:7003");
     assert_eq!(c.log.level, "debug");
 }
@@ -141,4 +148,79 @@ fn help_and_version() {
     }
     let out = sluice().arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+/// A file with two services (and overlays) prints each service's effective settings,
+/// and `--listen`/`--upstream` add the `default` service beside them.
+#[test]
+fn check_config_prints_every_effective_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("two.toml");
+    std::fs::write(
+        &path,
+        r#"
+[buffer]
+client_to_upstream = "32KiB"
+[[service]]
+name = "db"
+listen = "127.0.0.1:4001"
+servers = ["127.0.0.1:5000", "127.0.0.1:5001"]
+balance = "least_queued"
+[service.buffer]
+upstream_to_client = "16KiB"
+[[service]]
+name = "api"
+listen = "127.0.0.1:4002"
+servers = ["localhost:6000"]
+send_proxy = "v2"
+"#,
+    )
+    .unwrap();
+    let out = sluice()
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let services = sluice::Config::parse(&printed, "printed")
+        .unwrap()
+        .services()
+        .unwrap();
+    let names: Vec<_> = services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["db", "api"]);
+    // The overlay replaced one key; the other came from the top-level [buffer].
+    assert_eq!(services[0].bounds(), [32 * 1024, 16 * 1024]);
+    assert_eq!(services[1].bounds(), [32 * 1024, 64 * 1024]);
+    assert_eq!(services[0].balance, sluice::config::Balance::LeastQueued);
+    assert_eq!(
+        services[1].send_proxy,
+        Some(sluice::config::ProxyVersion::V2)
+    );
+
+    let out = sluice()
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&path)
+        .args(["--listen", "127.0.0.1:4000", "--upstream", "127.0.0.1:5000"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let services = sluice::Config::parse(&printed, "printed")
+        .unwrap()
+        .services()
+        .unwrap();
+    let names: Vec<_> = services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["default", "db", "api"]);
+    assert_eq!(services[0].servers, ["127.0.0.1:5000"]);
 }

@@ -169,9 +169,16 @@ async fn sighup_reloads_for_new_connections_only() {
     })
     .await;
 
-    // The listen address cannot change on reload: rejected, said so.
-    let moved =
-        daemon_config(b, "").replace("127.0.0.1:0\"\n[upstream]", "127.0.0.1:1\"\n[upstream]");
+    // The metrics address cannot change on reload: rejected, said so.
+    let moved = daemon_config(b, "").replace(
+        "[metrics]\naddress = \"127.0.0.1:0\"",
+        "[metrics]\naddress = \"127.0.0.1:1\"",
+    );
+    assert_ne!(
+        moved,
+        daemon_config(b, ""),
+        "the metrics address is in the file"
+    );
     std::fs::write(&d.config_path, moved).unwrap();
     d.signal(libc::SIGHUP);
     eventually("the reload fails again", Duration::from_secs(5), || {
@@ -184,7 +191,7 @@ async fn sighup_reloads_for_new_connections_only() {
         || {
             d.log_lines()
                 .iter()
-                .any(|l| l.contains("listen.address cannot change"))
+                .any(|l| l.contains("metrics.address cannot change"))
         },
     )
     .await;

@@ -440,11 +440,23 @@ fn scrape(addr: SocketAddr) -> Option<String> {
     text.starts_with("HTTP/1.").then_some(text)
 }
 
+/// `series` summed over the labels it leaves out (such as `service`), 0 when absent.
 fn metric(text: &str, series: &str) -> u64 {
+    let (name, wanted) = series.split_once('{').unwrap_or((series, "}"));
+    let wanted: Vec<&str> = wanted
+        .trim_end_matches('}')
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .collect();
     text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l[series.len()..].trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let (n, labels) = key.split_once('{').unwrap_or((key, ""));
+            (n == name && wanted.iter().all(|w| labels.contains(w)))
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .sum::<f64>() as u64
 }
 
 fn sha(bytes: &[u8]) -> Vec<u8> {

@@ -844,7 +844,10 @@ fn idle_direction_holds_no_buffer() {
 
 /// The value of `name{direction="..."}` in a Prometheus text exposition.
 fn sample(text: &str, name: &str, direction: usize) -> f64 {
-    let prefix = format!("{name}{{direction=\"{}\"}} ", DIRECTIONS[direction]);
+    let prefix = format!(
+        "{name}{{service=\"test\",direction=\"{}\"}} ",
+        DIRECTIONS[direction]
+    );
     let line = text
         .lines()
         .find(|l| l.starts_with(&prefix))
@@ -853,7 +856,7 @@ fn sample(text: &str, name: &str, direction: usize) -> f64 {
 }
 
 /// Pauses, drains, queued bytes, paused directions and bytes delivered, in that order.
-fn numbers(m: &Metrics, direction: usize) -> [f64; 5] {
+fn numbers(m: &Fixture, direction: usize) -> [f64; 5] {
     let text = m.render();
     [
         "sluice_pauses_total",
@@ -866,8 +869,44 @@ fn numbers(m: &Metrics, direction: usize) -> [f64; 5] {
 }
 
 /// A registry entry for a connection with no real sockets (nothing asks the kernel).
-fn entry(m: &Metrics) -> crate::registry::Registered<'_> {
-    m.connections.register("127.0.0.1:1".parse().unwrap(), -1)
+fn entry(m: &Fixture) -> crate::registry::Registered<'_> {
+    m.all
+        .connections
+        .register("test".into(), "127.0.0.1:1".parse().unwrap(), -1)
+}
+
+/// A process's metrics with one service, `test`, whose series the tests read.
+struct Fixture {
+    all: Arc<crate::metrics::Metrics>,
+    service: Arc<ServiceMetrics>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let all = crate::metrics::Metrics::new();
+        let service = all.service("test", [BOUND, BOUND]);
+        Fixture { all, service }
+    }
+
+    fn render(&self) -> String {
+        self.all.render()
+    }
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = ServiceMetrics;
+    fn deref(&self) -> &ServiceMetrics {
+        &self.service
+    }
+}
+
+/// Where a direction with no server attached reports.
+fn to<'a>(metrics: &'a DirectionMetrics, live: &'a DirectionFigures) -> Reports<'a> {
+    Reports {
+        metrics,
+        live,
+        server: None,
+    }
 }
 
 /// (queued, delivered, paused) as the connection's registry entry shows them.
@@ -879,12 +918,12 @@ fn entry_figures(e: &Entry, direction: usize) -> (u64, u64, bool) {
 
 #[test]
 fn report_counts_a_pause_and_its_drain() {
-    let m = Metrics::new([BOUND, BOUND]);
+    let m = Fixture::new();
     let e = entry(&m);
     let live = &e.directions[CLIENT_TO_UPSTREAM];
     let dm = &m.directions[CLIENT_TO_UPSTREAM];
     let (mut dir, mut src, mut dst) = paused();
-    dir.report(dm, &m, live);
+    dir.report(to(dm, live));
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 0.0, 8.0, 1.0, 0.0]);
     assert_eq!(entry_figures(&e, CLIENT_TO_UPSTREAM), (8, 0, true));
     assert_eq!(dir.transitions, Transitions::default(), "report takes them");
@@ -892,14 +931,14 @@ fn report_counts_a_pause_and_its_drain() {
     // Still paused: nothing new.
     dst.give(2);
     expect_pending(poll(&mut dir, &mut src, &mut dst));
-    dir.report(dm, &m, live);
+    dir.report(to(dm, live));
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 0.0, 6.0, 1.0, 2.0]);
     assert_eq!(entry_figures(&e, CLIENT_TO_UPSTREAM), (6, 2, true));
 
     // At the mark: a drain ends the pause.
     dst.give(2);
     expect_pending(poll(&mut dir, &mut src, &mut dst));
-    dir.report(dm, &m, live);
+    dir.report(to(dm, live));
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 1.0, 4.0, 0.0, 4.0]);
     assert_eq!(entry_figures(&e, CLIENT_TO_UPSTREAM), (4, 4, false));
     // The other direction saw none of it.
@@ -907,20 +946,20 @@ fn report_counts_a_pause_and_its_drain() {
     assert_eq!(entry_figures(&e, UPSTREAM_TO_CLIENT), (0, 0, false));
 
     // A report with nothing new changes nothing.
-    dir.report(dm, &m, live);
+    dir.report(to(dm, live));
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 1.0, 4.0, 0.0, 4.0]);
 }
 
 #[test]
 fn finish_returns_the_queued_gauge_and_ends_a_running_pause() {
-    let m = Metrics::new([BOUND, BOUND]);
+    let m = Fixture::new();
     let e = entry(&m);
     let live = &e.directions[UPSTREAM_TO_CLIENT];
     let dm = &m.directions[UPSTREAM_TO_CLIENT];
     let (mut dir, _src, _dst) = paused();
-    dir.report(dm, &m, live);
+    dir.report(to(dm, live));
     assert_eq!(numbers(&m, UPSTREAM_TO_CLIENT), [1.0, 0.0, 8.0, 1.0, 0.0]);
-    dir.finish(dm, &m, live);
+    dir.finish(to(dm, live));
     // The pause is counted, not drained; nothing is queued or paused any more.
     assert_eq!(numbers(&m, UPSTREAM_TO_CLIENT), [1.0, 0.0, 0.0, 0.0, 0.0]);
     assert_eq!(dir.state, State::Done);
@@ -930,16 +969,16 @@ fn finish_returns_the_queued_gauge_and_ends_a_running_pause() {
 
 #[test]
 fn finish_reports_what_no_report_has_seen_yet() {
-    let m = Metrics::new([BOUND, BOUND]);
+    let m = Fixture::new();
     let e = entry(&m);
     let live = &e.directions[CLIENT_TO_UPSTREAM];
     let dm = &m.directions[CLIENT_TO_UPSTREAM];
     // Paused, never reported: finish counts the pause and still leaves no gauge raised.
     let (mut dir, _src, _dst) = paused();
-    dir.finish(dm, &m, live);
+    dir.finish(to(dm, live));
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 0.0, 0.0, 0.0, 0.0]);
     // Finishing twice (Drop after an explicit finish) changes nothing.
-    dir.finish(dm, &m, live);
+    dir.finish(to(dm, live));
     assert_eq!(numbers(&m, CLIENT_TO_UPSTREAM), [1.0, 0.0, 0.0, 0.0, 0.0]);
 }
 
@@ -1005,7 +1044,7 @@ fn a_direction_waits_in_line_for_the_budget_and_is_served_when_the_holder_emptie
 #[test]
 fn finishing_a_direction_gives_its_grant_back_and_leaves_the_line() {
     let budget = one_buffer_budget();
-    let m = Metrics::new([BOUND, BOUND]);
+    let m = Fixture::new();
     let e = entry(&m);
     let dm = &m.directions[CLIENT_TO_UPSTREAM];
     let mut a = Direction::new(BOUND, RESUME_AT).with_budget(budget.clone());
@@ -1017,13 +1056,13 @@ fn finishing_a_direction_gives_its_grant_back_and_leaves_the_line() {
     b_src.push(b"x");
     expect_pending(poll(&mut b, &mut b_src, &mut b_dst));
     assert!(budget.contended());
-    b.finish(dm, &m, &e.directions[CLIENT_TO_UPSTREAM]);
+    b.finish(to(dm, &e.directions[CLIENT_TO_UPSTREAM]));
     assert!(!budget.contended(), "a closed connection leaves the line");
     assert_eq!(
         sample(&m.render(), "sluice_budget_waits_total", CLIENT_TO_UPSTREAM),
         1.0
     );
-    a.finish(dm, &m, &e.directions[CLIENT_TO_UPSTREAM]);
+    a.finish(to(dm, &e.directions[CLIENT_TO_UPSTREAM]));
     assert_eq!(budget.used(), 0, "bytes thrown away give their grant back");
 }
 

@@ -40,13 +40,14 @@ impl Proxy {
         tweak(&mut c);
         c.validate("test", None).expect("tweaked config is valid");
         let listener = sluice::listener::bind(&c).unwrap();
-        let addr = listener.local_addr().unwrap();
+        let addr = listener.address("default").unwrap();
         let server = Arc::new(Server::new(c));
         let stop = CancellationToken::new();
         let task = {
             let (server, stop) = (server.clone(), stop.clone());
             tokio::spawn(async move { server.run(listener, stop).await.unwrap() })
         };
+        server.ready().await;
         Proxy {
             addr,
             server,
@@ -101,17 +102,34 @@ pub const LIVE_GAUGES: [&str; 5] = [
     "sluice_paused_connections{direction=\"upstream_to_client\"}",
 ];
 
-/// Parses one series' value out of a Prometheus exposition.
+/// The value of `series` in a Prometheus exposition, as PromQL's `sum(series)` would
+/// give it: the labels written must match, labels left out (such as `service`) are
+/// summed over. `sluice_bytes_total{direction="client_to_upstream"}` is every
+/// service's bytes that way. Panics if no series matches.
 pub fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
-        .unwrap_or_else(|| panic!("series {series} not in the scrape:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    let (name, wanted) = split_series(series);
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((key, v)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, labels) = split_series(key);
+        if n == name && wanted.iter().all(|w| labels.contains(w)) {
+            *found.get_or_insert(0.0) += v.trim().parse::<f64>().unwrap();
+        }
+    }
+    found.unwrap_or_else(|| panic!("series {series} not in the scrape:\n{text}"))
+}
+
+/// `name{a="x",b="y"}` as its name and its `a="x"` pairs.
+fn split_series(series: &str) -> (&str, Vec<&str>) {
+    match series.split_once('{') {
+        Some((name, rest)) => {
+            let inner = rest.trim_end_matches('}');
+            (name, inner.split(',').filter(|p| !p.is_empty()).collect())
+        }
+        None => (series, Vec::new()),
+    }
 }
 
 /// Polls `cond` every 10 ms until it holds; panics with `what` after `limit`.

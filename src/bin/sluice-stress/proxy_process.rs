@@ -564,17 +564,20 @@ impl Metrics {
         Metrics { samples }
     }
 
-    /// The value of `name` whose labels include all of `labels`, if exactly such a sample exists.
+    /// The sum of `name` over the samples whose labels include all of `labels` (as
+    /// PromQL's `sum` gives it: labels left out, such as `service`, are summed over);
+    /// `None` if no sample matches.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         self.samples
             .iter()
-            .find(|(n, ls, _)| {
+            .filter(|(n, ls, _)| {
                 n == name
                     && labels
                         .iter()
                         .all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v))
             })
             .map(|(_, _, v)| *v)
+            .reduce(|a, b| a + b)
     }
 
     /// `name{direction=DIR}`, 0 when absent.
