@@ -9,8 +9,8 @@
 //! 2. sluice with one `[[service]]` over them and the policy's `balance`.
 //! 3. `--conns` clients arrive over `--duration` as a Poisson process drawn from `--seed`
 //!    (the same moments for every policy). Each uploads `--upload` bytes of the verifiable
-//!    pattern, half-closes, and waits for the server's close: its completion time runs
-//!    from before its connect to that close.
+//!    pattern (as fast as it can, or at `--upload-rate`), half-closes, and waits for the
+//!    server's close: its completion time runs from before its connect to that close.
 //!
 //! # What it reports
 //!
@@ -36,7 +36,7 @@ use crate::UsageError;
 use crate::budget::{Target, secs};
 use crate::clients::{self, ClientMode, ClientSpec, ConnResult, LiveStats, Percentiles};
 use crate::pattern::word;
-use crate::proxy_process::{Metrics, ProxyProcess, ServiceConfig};
+use crate::proxy_process::{DIRECTIONS, Metrics, ProxyProcess, ServiceConfig};
 use crate::rate::{Rate, format_bytes};
 use crate::scenario::{
     Report, RunReport, RunSummary, Sampler, ScenarioArgs, ScenarioName, UpstreamSummary, Workload,
@@ -66,6 +66,11 @@ const SHARE_FACTOR: f64 = 1.0 / 3.0;
 /// sluice's count of the connections made to each server: its connect-latency
 /// histogram's `_count`, one per successful connect.
 const SLUICE_CONNECTS: &str = "sluice_upstream_connect_duration_seconds_count";
+/// sluice's gauges of each server's live connections and of the bytes it holds for them.
+const SLUICE_LIVE: &str = "sluice_server_connections";
+const SLUICE_QUEUED: &str = "sluice_server_queued_bytes";
+/// How often the servers' live connections and sluice's gauges are read.
+const OBSERVE_EVERY: Duration = Duration::from_millis(250);
 
 /// A `balance` policy of a `[[service]]`, named as in the config file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -90,12 +95,14 @@ impl Policy {
     }
 }
 
-/// The fast servers (`upstream`; the slow one adds [`SLOW_RATE`]) and the uploading clients.
-pub fn workload(conns: usize, upload: u64) -> Workload {
+/// The fast servers (`upstream`; the slow one adds [`SLOW_RATE`]) and the clients, each
+/// uploading `upload` bytes at `rate` (or as fast as it can).
+pub fn workload(conns: usize, upload: u64, rate: Option<Rate>) -> Workload {
     Workload {
         description: format!(
-            "{conns} clients each uploading {} into one service of three sink servers: two reading as fast as they can, one {SLOW_RATE} per connection",
-            format_bytes(upload)
+            "{conns} clients each uploading {}{} into one service of three sink servers: two reading as fast as they can, one {SLOW_RATE} per connection",
+            format_bytes(upload),
+            rate.map_or(String::new(), |r| format!(" at {r}")),
         ),
         upstream: UpstreamSpec {
             mode: UpstreamMode::Sink,
@@ -107,6 +114,7 @@ pub fn workload(conns: usize, upload: u64) -> Workload {
         clients: vec![
             ClientSpec {
                 bytes: Some(upload),
+                write_rate: rate,
                 sndbuf: Some(SOCKET_BUFFER),
                 ..ClientSpec::new(ClientMode::Write)
             };
@@ -145,10 +153,39 @@ pub struct ServerShare {
     pub completed: u64,
     /// Bytes it checked against the pattern.
     pub bytes_verified: u64,
-    /// Most connections it held at once (read every 250 ms).
-    pub peak_active: u64,
+    /// Its highs over the run, read every [`OBSERVE_EVERY`].
+    pub peak: Peak,
     /// Connections sluice made to it ([`SLUICE_CONNECTS`]), when its /metrics has them.
     pub sluice_connects: Option<u64>,
+}
+
+/// One server's highs over a run: what it saw, and what sluice's gauges said.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Peak {
+    /// Most connections it held at once.
+    pub live: u64,
+    /// Highest [`SLUICE_LIVE`], when sluice reports it.
+    pub sluice_connections: Option<u64>,
+    /// Highest `client_to_upstream` [`SLUICE_QUEUED`]: bytes waiting for it to read.
+    pub sluice_queued: Option<u64>,
+}
+
+impl Peak {
+    /// Raises the highs to what `server` and `metrics` say now.
+    fn observe(&mut self, server: &LocalUpstream, metrics: Option<&Metrics>) {
+        let address = server.addr.to_string();
+        let labels = [("service", SERVICE), ("server", address.as_str())];
+        let live = metrics.and_then(|m| m.get(SLUICE_LIVE, &labels));
+        let queued_labels = [labels[0], labels[1], ("direction", DIRECTIONS[0])];
+        let queued = metrics.and_then(|m| m.get(SLUICE_QUEUED, &queued_labels));
+        let higher = |peak: Option<u64>, now: Option<f64>| match (peak, now) {
+            (p, Some(v)) => Some(p.unwrap_or(0).max(v as u64)),
+            (p, None) => p,
+        };
+        self.live = self.live.max(server.stats.active.load(Ordering::Relaxed));
+        self.sluice_connections = higher(self.sluice_connections, live);
+        self.sluice_queued = higher(self.sluice_queued, queued);
+    }
 }
 
 /// One policy's run.
@@ -194,6 +231,8 @@ pub struct BalanceReport {
     pub conns: usize,
     pub duration_secs: f64,
     pub upload: u64,
+    /// Each client's upload pace, bytes/s; absent: as fast as it can.
+    pub upload_rate: Option<u64>,
     pub slow_rate: u64,
     pub seed: u64,
     pub runs: Vec<PolicyRun>,
@@ -211,7 +250,7 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
         true => vec![Policy::RoundRobin, Policy::LeastQueued],
         false => args.policy.clone(),
     };
-    let wl = workload(conns, args.upload);
+    let wl = workload(conns, args.upload, args.upload_rate);
     let description = format!(
         "{} over {} (Poisson arrivals, seed {})",
         wl.description,
@@ -232,6 +271,7 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
         conns,
         duration_secs: duration.as_secs_f64(),
         upload: args.upload,
+        upload_rate: args.upload_rate.map(|r| r.0),
         slow_rate: SLOW_RATE.0,
         seed: args.seed,
         targets: targets(&balance_runs),
@@ -343,15 +383,14 @@ fn start_servers(wl: &Workload) -> Result<Vec<LocalUpstream>> {
 }
 
 /// Starts each client at its arrival time and waits for all of them, with a progress
-/// line; returns their results in arrival order and each server's peak of live
-/// connections.
+/// line; returns their results in arrival order and each server's highs.
 async fn drive(
     proxy: &mut ProxyProcess,
     spec: &ClientSpec,
     schedule: &[Duration],
     servers: &[LocalUpstream],
     label: &str,
-) -> (Vec<ConnResult>, Vec<u64>) {
+) -> (Vec<ConnResult>, Vec<Peak>) {
     let target = proxy.listen_addr();
     let (stop, live) = (CancellationToken::new(), Arc::new(LiveStats::default()));
     let start = Instant::now();
@@ -367,20 +406,22 @@ async fn drive(
         .collect();
     let last = schedule.last().copied().unwrap_or_default();
     let bar = crate::progress::bar(Some(last));
-    let mut peaks = vec![0u64; servers.len()];
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut peaks = vec![Peak::default(); servers.len()];
+    let mut tick = tokio::time::interval(OBSERVE_EVERY);
     while !tasks.iter().all(|t| t.is_finished()) {
         tick.tick().await;
         if proxy.try_exited().is_some() {
             stop.cancel();
         }
+        // A loopback scrape takes about a millisecond; this runtime has other threads.
+        let metrics = proxy.scrape().ok();
+        for (peak, server) in peaks.iter_mut().zip(servers) {
+            peak.observe(server, metrics.as_ref());
+        }
         let active: Vec<u64> = servers
             .iter()
             .map(|s| s.stats.active.load(Ordering::Relaxed))
             .collect();
-        for (peak, now) in peaks.iter_mut().zip(&active) {
-            *peak = (*peak).max(*now);
-        }
         let done = tasks.iter().filter(|t| t.is_finished()).count();
         let msg = format!(
             "{label}: {done}/{} clients done, live per server {active:?}, {} errors",
@@ -438,14 +479,14 @@ fn combined<'a>(parts: impl Iterator<Item = &'a UpstreamSummary>) -> UpstreamSum
 /// Each server's share, from what it saw, and sluice's own count where it has one.
 fn server_shares(
     seen: &[(std::net::SocketAddr, UpstreamSummary)],
-    peaks: &[u64],
+    peaks: &[Peak],
     metrics: Option<&Metrics>,
 ) -> Vec<ServerShare> {
     let total: u64 = seen.iter().map(|s| s.1.accepted).sum();
     seen.iter()
         .zip(SERVERS)
         .zip(peaks)
-        .map(|(((addr, s), (name, slow)), &peak_active)| {
+        .map(|(((addr, s), (name, slow)), peak)| {
             let address = addr.to_string();
             let sluice_connects = metrics
                 .and_then(|m| {
@@ -462,7 +503,7 @@ fn server_shares(
                 share: s.accepted as f64 / total.max(1) as f64,
                 completed: s.completed,
                 bytes_verified: s.bytes_verified,
-                peak_active,
+                peak: peak.clone(),
                 sluice_connects,
                 address,
             }
@@ -579,28 +620,33 @@ impl BalanceReport {
 }
 
 impl PolicyRun {
-    /// Per server: peak live connections and sluice's own count of connects.
+    /// Per server: sluice's own count of connects, peak live connections (the server's
+    /// and sluice's count) and the most sluice held for it.
     fn print_details(&self) {
+        let known = |v: Option<u64>, f: fn(u64) -> String| v.map_or("-".to_string(), f);
         let servers: Vec<String> = self
             .servers
             .iter()
             .map(|s| {
-                let sluice = s
-                    .sluice_connects
-                    .map_or("not reported".to_string(), |n| n.to_string());
                 format!(
-                    "{} peak {} live, sluice counted {sluice}",
-                    s.name, s.peak_active
+                    "{} {} connects by sluice's count, peak live {} ({} by sluice's), peak queued {}",
+                    s.name,
+                    known(s.sluice_connects, |n| n.to_string()),
+                    s.peak.live,
+                    known(s.peak.sluice_connections, |n| n.to_string()),
+                    known(s.peak.sluice_queued, format_bytes),
                 )
             })
             .collect();
         println!(
-            "  {}: {}; {} of {} clients completed, {} verified",
+            "  {}: {} of {} clients completed, {} verified",
             self.policy.as_config(),
-            servers.join("; "),
             self.completed,
             self.clients,
             format_bytes(self.bytes_verified)
         );
+        for s in servers {
+            println!("    {s}");
+        }
     }
 }

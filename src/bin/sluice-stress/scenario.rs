@@ -16,7 +16,7 @@ use crate::baseline::CAP_EXIT_CODE;
 use crate::clients::{self, ClientMode, ClientSpec, ClientsSummary, LiveStats};
 use crate::kernel_memory;
 use crate::proxy_process::{DIRECTIONS, Metrics, ProxyConfig, ProxyProcess};
-use crate::rate::{Rate, format_bytes, parse_duration, parse_size};
+use crate::rate::{Rate, format_bytes, parse_duration, parse_rate, parse_size};
 use crate::svg;
 use crate::upstream::{self, UpstreamMode, UpstreamSpec, UpstreamStats};
 
@@ -99,6 +99,9 @@ pub struct ScenarioArgs {
     /// balance: the bytes each client uploads before it half-closes.
     #[arg(long, default_value = "512KiB", value_parser = parse_size)]
     pub upload: u64,
+    /// balance: each client's upload pace (e.g. 128KiB/s) [default: as fast as it can].
+    #[arg(long, value_parser = parse_rate)]
+    pub upload_rate: Option<Rate>,
     /// balance: the seed of the clients' arrival times (the same for every policy).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -239,7 +242,9 @@ pub fn workload(name: ScenarioName, conns: usize) -> Workload {
         ScenarioName::ManyConns => crate::load::many_conns_workload(conns),
         ScenarioName::Soak => crate::load::soak_workload(conns),
         ScenarioName::Budget => crate::budget::workload(conns),
-        ScenarioName::Balance => crate::balance::workload(conns, crate::balance::DEFAULT_UPLOAD),
+        ScenarioName::Balance => {
+            crate::balance::workload(conns, crate::balance::DEFAULT_UPLOAD, None)
+        }
     }
 }
 
