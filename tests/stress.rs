@@ -40,31 +40,39 @@ fn u(v: &Value) -> u64 {
         .unwrap_or_else(|| panic!("not an unsigned integer: {v}"))
 }
 
-#[test]
-fn slow_readers_scenario_stays_bounded_and_the_unbounded_baseline_grows() {
+/// Runs `sluice-stress scenario ARGS --out DIR` and asserts it succeeded; returns DIR, its
+/// stdout (also printed) and DIR/report.json.
+fn run_scenario(args: &[&str]) -> (tempfile::TempDir, String, Value) {
     let dir = tempfile::tempdir().unwrap();
-    let conns = 50u64;
     let out = stress()
-        .args([
-            "scenario",
-            "slow-readers",
-            "--conns",
-            "50",
-            "--duration",
-            "3s",
-        ])
-        .args(["--baseline", "unbounded", "--baseline-cap", "1GiB", "--out"])
+        .arg("scenario")
+        .args(args)
+        .arg("--out")
         .arg(dir.path())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "scenario failed: {stdout}\n{stderr}");
     println!("{stdout}");
+    let report = std::fs::read_to_string(dir.path().join("report.json")).unwrap();
+    (dir, stdout, serde_json::from_str(&report).unwrap())
+}
 
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
-            .unwrap();
+#[test]
+fn slow_readers_scenario_stays_bounded_and_the_unbounded_baseline_grows() {
+    let conns = 50u64;
+    let (dir, stdout, report) = run_scenario(&[
+        "slow-readers",
+        "--conns",
+        "50",
+        "--duration",
+        "3s",
+        "--baseline",
+        "unbounded",
+        "--baseline-cap",
+        "1GiB",
+    ]);
     let s = run_summary(&report, "sluice");
     let bound = u(&s["bound_upstream_to_client"]);
     assert_eq!(bound, 64 * KIB);
@@ -150,21 +158,15 @@ fn slow_readers_scenario_stays_bounded_and_the_unbounded_baseline_grows() {
 /// the budget's gauges show used ≤ limit in every sample while the readers contend for it.
 #[test]
 fn budget_scenario_reports_its_four_targets_and_used_stays_within_the_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = stress()
-        .args(["scenario", "budget", "--conns", "50", "--total", "1MiB"])
-        .args(["--duration", "3s", "--out"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "scenario failed: {stdout}\n{stderr}");
-    println!("{stdout}");
-
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
-            .unwrap();
+    let (_dir, stdout, report) = run_scenario(&[
+        "budget",
+        "--conns",
+        "50",
+        "--total",
+        "1MiB",
+        "--duration",
+        "3s",
+    ]);
     let budget = &report["budget"];
     // Four targets, each a measurement against a limit (pass or fail is not asserted: the
     // figures depend on the machine).
@@ -214,6 +216,65 @@ fn budget_scenario_reports_its_four_targets_and_used_stays_within_the_limit() {
     assert!(u(&budget["readers"]["bytes_total"]) > 0);
 }
 
+/// `scenario balance` at a small size: under each policy every client's upload arrived
+/// whole at one of the three servers, the servers' counts add up to the clients (and match
+/// sluice's own per-server count where it reports one), and the two targets are judged.
+/// The targets' outcome is not asserted: it is a measurement (README), and timing depends
+/// on the machine.
+#[test]
+fn balance_scenario_delivers_every_upload_under_each_policy() {
+    let (clients, upload) = (30u64, 64 * KIB);
+    let (_dir, stdout, report) = run_scenario(&[
+        "balance",
+        "--conns",
+        "30",
+        "--duration",
+        "3s",
+        "--upload",
+        "64KiB",
+    ]);
+    let balance = &report["balance"];
+    let runs = balance["runs"].as_array().expect("runs");
+    let policies: Vec<&str> = runs.iter().map(|r| r["policy"].as_str().unwrap()).collect();
+    assert_eq!(policies, ["round_robin", "least_queued"]);
+    for run in runs {
+        assert_eq!(u(&run["errors"]), 0, "{}", run["error_samples"]);
+        assert_eq!(u(&run["clients"]), clients);
+        assert_eq!(u(&run["completed"]), clients, "{run}");
+        assert_eq!(u(&run["bytes_expected"]), clients * upload);
+        assert_eq!(u(&run["bytes_verified"]), clients * upload, "{run}");
+        assert_eq!(run["proxy_exit"], "exit status: 0");
+        let servers = run["servers"].as_array().unwrap();
+        let names: Vec<&str> = servers
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["fast-1", "fast-2", "slow"]);
+        let accepted: u64 = servers.iter().map(|s| u(&s["accepted"])).sum();
+        assert_eq!(accepted, clients, "{run}");
+        for s in servers {
+            assert_eq!(u(&s["completed"]), u(&s["accepted"]), "{s}");
+            if s["sluice_connects"].is_u64() {
+                assert_eq!(u(&s["sluice_connects"]), u(&s["accepted"]), "{s}");
+            }
+        }
+        assert!(run["completion"]["p99"].as_f64().unwrap() > 0.0, "{run}");
+    }
+    // Round robin sends every server its turn.
+    assert!(
+        runs[0]["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| u(&s["accepted"]) > 0)
+    );
+    let targets = balance["targets"].as_array().expect("targets");
+    assert_eq!(targets.len(), 2, "{targets:?}");
+    assert!(targets.iter().all(|t| t["pass"].is_boolean()));
+    assert!(stdout.contains("target: slow server's share"), "{stdout}");
+    assert!(stdout.contains("target: p99 completion"), "{stdout}");
+}
+
 #[test]
 fn bad_arguments_exit_with_code_2() {
     for args in [
@@ -238,6 +299,7 @@ fn bad_arguments_exit_with_code_2() {
         ],
         &["upstream", "--mode", "firehose"],
         &["scenario", "slow-readers", "--duration", "0s"],
+        &["scenario", "balance", "--upload", "0"],
         &["demo", "--config", "/nonexistent/proxy.toml"],
         &[],
     ] {

@@ -124,7 +124,7 @@ pub struct Target {
     pub name: &'static str,
     pub measured: f64,
     pub limit: f64,
-    /// `bytes` or `seconds`.
+    /// `bytes`, `seconds` or `share` (a fraction of a whole).
     pub unit: &'static str,
     pub pass: bool,
 }
@@ -520,10 +520,7 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
     }
     let (samples, sample_errors) = sampler.finish();
     up.stop().await;
-    let exit = match proxy.try_exited() {
-        Some(status) => status,
-        None => proxy.stop(STOP_GRACE)?,
-    };
+    let exit = proxy.stop(STOP_GRACE)?;
 
     let summary = RunSummary::of(
         &samples,
@@ -832,7 +829,7 @@ impl BudgetReport {
 }
 
 /// A duration in seconds as µs, ms or s.
-fn secs(s: f64) -> String {
+pub fn secs(s: f64) -> String {
     if s < 1e-3 {
         format!("{:.0} µs", s * 1e6)
     } else if s < 1.0 {

@@ -137,22 +137,7 @@ pub async fn run_clients(
         .into_iter()
         .map(|spec| {
             let (stop, live) = (stop.clone(), live.clone());
-            tokio::spawn(async move {
-                let start = Instant::now();
-                let mut result = ConnResult::default();
-                live.active.fetch_add(1, Ordering::Relaxed);
-                let outcome = one_client(target, &spec, &stop, drain, &live, &mut result).await;
-                live.active.fetch_sub(1, Ordering::Relaxed);
-                result.elapsed_secs = start.elapsed().as_secs_f64();
-                match outcome {
-                    Ok(completed) => result.completed = completed,
-                    Err(e) => {
-                        live.errors.fetch_add(1, Ordering::Relaxed);
-                        result.error = Some(format!("{:?} client: {e:#}", spec.mode));
-                    }
-                }
-                result
-            })
+            tokio::spawn(async move { run_client(target, &spec, &stop, drain, &live).await })
         })
         .collect();
     let mut results = Vec::with_capacity(tasks.len());
@@ -163,6 +148,31 @@ pub async fn run_clients(
         }));
     }
     results
+}
+
+/// Runs one client as `spec` says until it finishes or `stop` fires (then a writer gets
+/// `drain` to finish); its result's `elapsed_secs` runs from before the connect to the end.
+pub async fn run_client(
+    target: SocketAddr,
+    spec: &ClientSpec,
+    stop: &CancellationToken,
+    drain: Duration,
+    live: &LiveStats,
+) -> ConnResult {
+    let start = Instant::now();
+    let mut result = ConnResult::default();
+    live.active.fetch_add(1, Ordering::Relaxed);
+    let outcome = one_client(target, spec, stop, drain, live, &mut result).await;
+    live.active.fetch_sub(1, Ordering::Relaxed);
+    result.elapsed_secs = start.elapsed().as_secs_f64();
+    match outcome {
+        Ok(completed) => result.completed = completed,
+        Err(e) => {
+            live.errors.fetch_add(1, Ordering::Relaxed);
+            result.error = Some(format!("{:?} client: {e:#}", spec.mode));
+        }
+    }
+    result
 }
 
 /// Connects one client as `spec` says (socket buffers set before the handshake), Nagle off.

@@ -284,10 +284,7 @@ pub async fn soak(args: &ScenarioArgs) -> Result<()> {
     bar.finish_and_clear();
     let (samples, sample_errors) = sampler.finish();
     up.stop().await;
-    let exit = match proxy.try_exited() {
-        Some(status) => status,
-        None => proxy.stop(STOP_GRACE)?,
-    };
+    let exit = proxy.stop(STOP_GRACE)?;
 
     let client_summary = clients::summarize(&specs, &results);
     let upstream = UpstreamSummary::of(&up_stats);

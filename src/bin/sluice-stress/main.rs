@@ -18,11 +18,14 @@
 //! - `load.rs`: the `many-conns` and `soak` scenarios (RSS against the bound, RSS over time).
 //! - `budget.rs`: the `budget` scenario (slow readers sharing `buffer.total`: RSS against
 //!   it, used ≤ limit, a new client's latency and /metrics latency under it).
+//! - `balance.rs`: the `balance` scenario (one service, two fast servers and a slow one:
+//!   each server's share of new connections and the clients' completion times per policy).
 //! - `svg.rs`: report.svg, memory, queued bytes and kernel socket memory over time.
 //! - `demo.rs`: `demo`, the README's first command.
 //! - `progress.rs`: progress bars.
 //! - `top.rs`: `top`, a running sluice's live connections from its `GET /connections`.
 
+mod balance;
 mod baseline;
 mod bench;
 mod budget;

@@ -16,7 +16,7 @@ use crate::baseline::CAP_EXIT_CODE;
 use crate::clients::{self, ClientMode, ClientSpec, ClientsSummary, LiveStats};
 use crate::kernel_memory;
 use crate::proxy_process::{DIRECTIONS, Metrics, ProxyConfig, ProxyProcess};
-use crate::rate::{Rate, format_bytes, parse_duration, parse_size};
+use crate::rate::{Rate, format_bytes, parse_duration, parse_rate, parse_size};
 use crate::svg;
 use crate::upstream::{self, UpstreamMode, UpstreamSpec, UpstreamStats};
 
@@ -50,6 +50,11 @@ pub enum ScenarioName {
     /// at 4 KiB/s of a fast source: RSS against the budget, used ≤ limit at every sample, a
     /// new client's ping-pong latency loaded vs unloaded, /metrics latency (default 30s).
     Budget,
+    /// One service, three servers: two fast sinks and one reading 64 KiB/s per connection;
+    /// --conns clients (default 300) arrive over --duration (default 20s), each uploads
+    /// --upload and waits for the server to close. Run once per --policy: each server's
+    /// share of new connections and the clients' completion times.
+    Balance,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -91,6 +96,18 @@ pub struct ScenarioArgs {
     /// budget: 64MiB].
     #[arg(long, value_parser = parse_size)]
     pub total: Option<u64>,
+    /// balance: the bytes each client uploads before it half-closes.
+    #[arg(long, default_value = "512KiB", value_parser = parse_size)]
+    pub upload: u64,
+    /// balance: each client's upload pace (e.g. 128KiB/s) [default: as fast as it can].
+    #[arg(long, value_parser = parse_rate)]
+    pub upload_rate: Option<Rate>,
+    /// balance: the seed of the clients' arrival times (the same for every policy).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// balance: a policy to run (repeat for more) [default: round_robin and least_queued].
+    #[arg(long, value_enum)]
+    pub policy: Vec<crate::balance::Policy>,
 }
 
 impl ScenarioArgs {
@@ -98,6 +115,7 @@ impl ScenarioArgs {
     pub fn conns(&self) -> usize {
         self.conns.unwrap_or(match self.name {
             ScenarioName::Budget => 8000,
+            ScenarioName::Balance => 300,
             _ => 200,
         })
     }
@@ -106,6 +124,7 @@ impl ScenarioArgs {
     pub fn duration(&self) -> Duration {
         self.duration.unwrap_or(match self.name {
             ScenarioName::Budget => Duration::from_secs(30),
+            ScenarioName::Balance => Duration::from_secs(20),
             _ => Duration::from_secs(10),
         })
     }
@@ -223,6 +242,9 @@ pub fn workload(name: ScenarioName, conns: usize) -> Workload {
         ScenarioName::ManyConns => crate::load::many_conns_workload(conns),
         ScenarioName::Soak => crate::load::soak_workload(conns),
         ScenarioName::Budget => crate::budget::workload(conns),
+        ScenarioName::Balance => {
+            crate::balance::workload(conns, crate::balance::DEFAULT_UPLOAD, None)
+        }
     }
 }
 
@@ -433,6 +455,7 @@ pub async fn run(args: ScenarioArgs) -> Result<()> {
     match args.name {
         ScenarioName::Soak => return crate::load::soak(&args).await,
         ScenarioName::Budget => return crate::budget::run(&args).await,
+        ScenarioName::Balance => return crate::balance::run(&args).await,
         _ => {}
     }
     std::fs::create_dir_all(&args.out)
@@ -629,11 +652,7 @@ pub async fn run_once(
     bar.finish_and_clear();
     let (samples, sample_errors) = sampler.finish();
     up.stop().await;
-    let exit = proxy.try_exited();
-    let exit = match exit {
-        Some(status) => status,
-        None => proxy.stop(STOP_GRACE)?,
-    };
+    let exit = proxy.stop(STOP_GRACE)?;
     let killed_at_cap = name == "unbounded" && exit.code() == Some(CAP_EXIT_CODE);
 
     let client_summary = clients::summarize(&specs, &results);
