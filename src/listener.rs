@@ -485,7 +485,7 @@ fn start_service(
     let service = Arc::new(service);
     let local = listener.local_addr().unwrap_or(service.config.listen);
     let config = &service.config;
-    tracing::info!(address = %local, service = %config.name, servers = ?config.servers, balance = ?config.balance, "sluice listening");
+    tracing::info!(address = %local, service = %config.name, servers = ?config.servers, balance = config.balance.as_label(), "sluice listening");
     let stop = workers.shared.shutdown.child_token();
     let (current, _) = watch::channel(service.clone());
     for (slot, handle) in workers.handles.iter().enumerate() {

@@ -86,6 +86,17 @@ pub enum Balance {
     LeastQueued,
 }
 
+impl Balance {
+    /// The name the configuration file uses, for logs.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastConnections => "least_connections",
+            Balance::LeastQueued => "least_queued",
+        }
+    }
+}
+
 /// Passive health: `max_failures` connect failures in a row take a server out for `cooldown`.
 #[derive(Debug, Clone, Copy)]
 pub struct HealthRules {
