@@ -176,22 +176,7 @@ send_proxy = "v2"
 "#,
     )
     .unwrap();
-    let out = sluice()
-        .arg("--check-config")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let printed = String::from_utf8(out.stdout).unwrap();
-    let services = sluice::Config::parse(&printed, "printed")
-        .unwrap()
-        .services()
-        .unwrap();
+    let services = effective_services(&path, &[]);
     let names: Vec<_> = services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["db", "api"]);
     // The overlay replaced one key; the other came from the top-level [buffer].
@@ -203,11 +188,22 @@ send_proxy = "v2"
         Some(sluice::config::ProxyVersion::V2)
     );
 
+    let services = effective_services(
+        &path,
+        &["--listen", "127.0.0.1:4000", "--upstream", "127.0.0.1:5000"],
+    );
+    let names: Vec<_> = services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["default", "db", "api"]);
+    assert_eq!(services[0].servers, ["127.0.0.1:5000"]);
+}
+
+/// The services `sluice --check-config --config FILE ARGS` prints, parsed back.
+fn effective_services(path: &std::path::Path, args: &[&str]) -> Vec<sluice::config::Service> {
     let out = sluice()
         .arg("--check-config")
         .arg("--config")
-        .arg(&path)
-        .args(["--listen", "127.0.0.1:4000", "--upstream", "127.0.0.1:5000"])
+        .arg(path)
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -216,11 +212,8 @@ send_proxy = "v2"
         String::from_utf8_lossy(&out.stderr)
     );
     let printed = String::from_utf8(out.stdout).unwrap();
-    let services = sluice::Config::parse(&printed, "printed")
+    sluice::Config::parse(&printed, "printed")
         .unwrap()
         .services()
-        .unwrap();
-    let names: Vec<_> = services.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["default", "db", "api"]);
-    assert_eq!(services[0].servers, ["127.0.0.1:5000"]);
+        .unwrap()
 }

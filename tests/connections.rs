@@ -11,7 +11,7 @@ use bytesize::ByteSize;
 use common::{Proxy, connect_small_rcvbuf, data, echo_upstream, eventually, upstream};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Generous limit for anything the tests wait for; reached only when something is wrong.
@@ -34,7 +34,7 @@ const KERNEL_QUEUED_U2C: &str = "sluice_kernel_queued_bytes{direction=\"upstream
 async fn lists_exactly_the_live_connections() {
     let upstream = echo_upstream().await;
     let proxy = Proxy::start(upstream, |_| {}).await;
-    let endpoint = serve_endpoint(&proxy).await;
+    let endpoint = proxy.serve_endpoint().await;
 
     let mut clients = Vec::new();
     for i in 0..3 {
@@ -261,7 +261,7 @@ impl Stuck {
             c.socket.client_send_buffer = ByteSize::kib(4);
         })
         .await;
-        let endpoint = serve_endpoint(&proxy).await;
+        let endpoint = proxy.serve_endpoint().await;
         let mut idle = Vec::new();
         for _ in 0..2 {
             let mut c = TcpStream::connect(proxy.addr).await.unwrap();
@@ -323,18 +323,6 @@ async fn flooding_upstream() -> SocketAddr {
         }
     })
     .await
-}
-
-/// Serves the proxy's metrics endpoint on a free loopback port until the proxy stops.
-async fn serve_endpoint(proxy: &Proxy) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(sluice::metrics::serve(
-        listener,
-        proxy.server.metrics(),
-        proxy.stop.clone(),
-    ));
-    addr
 }
 
 /// `GET path` on the endpoint: the status code and the body.

@@ -21,7 +21,7 @@ use serde_json::Value;
 use sluice::connection::PROXY_HEADER_TIMEOUT;
 use sluice::proxy_protocol::{self, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout};
 
 /// The longest any step here may take before the test says what it was waiting for.
@@ -56,7 +56,7 @@ async fn haproxy_in_front_of_sluice(send: &str) {
         echo_upstream().await
     ))
     .await;
-    let endpoint = serve_endpoint(&proxy).await;
+    let endpoint = proxy.serve_endpoint().await;
     let sluice = proxy.address("edge");
     let haproxy = Haproxy::start(
         |port| {
@@ -224,7 +224,7 @@ async fn clients_without_a_valid_header_are_reset_and_counted() {
         .await
         .unwrap();
     assert!(echoes(&mut client).await);
-    let endpoint = serve_endpoint(&proxy).await;
+    let endpoint = proxy.serve_endpoint().await;
     poll_connections(endpoint, "the claimed address is listed", |listing| {
         listed(listing)
             .iter()
@@ -291,18 +291,6 @@ fn rejected(proxy: &Proxy, service: &str, reason: &str) -> f64 {
                 .ok()
         })
         .unwrap_or(0.0)
-}
-
-/// The proxy's metrics endpoint (`/metrics`, `/connections`) on a free port.
-async fn serve_endpoint(proxy: &Proxy) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(sluice::metrics::serve(
-        listener,
-        proxy.server.metrics(),
-        proxy.stop.clone(),
-    ));
-    addr
 }
 
 /// Asks `GET /connections` every 10 ms until `cond` holds; returns that listing.

@@ -75,6 +75,19 @@ impl Proxy {
         self.server.metrics().render()
     }
 
+    /// Serves the proxy's metrics endpoint (`/metrics`, `/connections`) on a free
+    /// loopback port until the proxy stops.
+    pub async fn serve_endpoint(&self) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(sluice::metrics::serve(
+            listener,
+            self.server.metrics(),
+            self.stop.clone(),
+        ));
+        addr
+    }
+
     /// The address service `name` is bound to now.
     pub fn address(&self, name: &str) -> SocketAddr {
         self.server
