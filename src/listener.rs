@@ -485,7 +485,6 @@ fn start_service(
     let service = Arc::new(service);
     let local = listener.local_addr().unwrap_or(service.config.listen);
     let config = &service.config;
-    tracing::info!(address = %local, service = %config.name, servers = ?config.servers, balance = config.balance.as_label(), "sluice listening");
     let stop = workers.shared.shutdown.child_token();
     let (current, _) = watch::channel(service.clone());
     for (slot, handle) in workers.handles.iter().enumerate() {
@@ -507,6 +506,10 @@ fn start_service(
             handle,
         );
     }
+    // Every accept loop holds its own handle now: the descriptor count is what it will
+    // stay at before "listening" is said (tests compare it after their clients).
+    drop(listener);
+    tracing::info!(address = %local, service = %config.name, servers = ?config.servers, balance = config.balance.as_label(), "sluice listening");
     Running {
         listen: service.config.listen,
         local,
