@@ -806,24 +806,6 @@ impl Config {
             })?,
             None => top_allow.to_vec(),
         };
-        forbid(
-            &spec.buffer,
-            "buffer",
-            "total",
-            "is process-wide: set it in [buffer]",
-        )?;
-        forbid(
-            &spec.timeouts,
-            "timeouts",
-            "shutdown_grace",
-            "is process-wide: set it in [timeouts]",
-        )?;
-        forbid(
-            &spec.upstream,
-            "upstream",
-            "address",
-            "a service lists its servers in `servers`",
-        )?;
         let buffer = overlay(&self.buffer, &spec.buffer, "buffer")?;
         let socket = overlay(&self.socket, &spec.socket, "socket")?;
         let timeouts = overlay(&self.timeouts, &spec.timeouts, "timeouts")?;
@@ -976,8 +958,10 @@ where
     let Some(over) = over else {
         return Ok(base.clone());
     };
-    let mut table =
-        toml::Table::try_from(base).map_err(|e| (section.to_string(), e.to_string()))?;
+    if let Some((key, why)) = not_per_service(section).find(|(key, _)| over.contains_key(*key)) {
+        return Err((format!("{section}.{key}"), why.to_string()));
+    }
+    let mut table = as_table(base);
     table.extend(over.clone());
     serde_path_to_error::deserialize::<_, T>(table).map_err(|e| {
         let path = e.path().to_string();
@@ -991,12 +975,43 @@ where
     })
 }
 
-/// Refuses `section.key` in a service's overlay.
-fn forbid(over: &Option<toml::Table>, section: &str, key: &str, why: &str) -> Result<(), Bad> {
-    match over {
-        Some(t) if t.contains_key(key) => Err((format!("{section}.{key}"), why.to_string())),
-        _ => Ok(()),
+/// Keys of the sections a service may override that no service may set: they hold
+/// for the whole process (or, `upstream.address`, name the `default` service's server).
+/// An overlay that sets one is an error; a spelled-out service leaves them out.
+const NOT_PER_SERVICE: [(&str, &str, &str); 3] = [
+    ("buffer", "total", "is process-wide: set it in [buffer]"),
+    (
+        "timeouts",
+        "shutdown_grace",
+        "is process-wide: set it in [timeouts]",
+    ),
+    (
+        "upstream",
+        "address",
+        "a service lists its servers in `servers`",
+    ),
+];
+
+/// The keys of `section` no service may set, with why.
+fn not_per_service(section: &str) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
+    NOT_PER_SERVICE
+        .iter()
+        .filter(move |(s, _, _)| *s == section)
+        .map(|(_, key, why)| (*key, *why))
+}
+
+/// A section as a TOML table.
+fn as_table<T: Serialize>(section: &T) -> toml::Table {
+    toml::Table::try_from(section).expect("a section serializes to a table")
+}
+
+/// A service's section written out in full, without the keys no service may set.
+fn section_in_full<T: Serialize>(value: &T, section: &str) -> Option<toml::Table> {
+    let mut table = as_table(value);
+    for (key, _) in not_per_service(section) {
+        table.remove(key);
     }
+    Some(table)
 }
 
 /// An `allow` list parsed; a bare address is a one-address network. Errs with the first
@@ -1014,7 +1029,6 @@ pub fn allow_list(list: &[String]) -> Result<Vec<IpNet>, String> {
 impl ServiceSpec {
     /// This service as a `[[service]]` table with every section written out.
     fn spelled_out(s: &Service) -> ServiceSpec {
-        let table = |v: &dyn erased::Table| Some(v.table());
         ServiceSpec {
             name: s.name.clone(),
             listen: s.listen.to_string(),
@@ -1024,32 +1038,11 @@ impl ServiceSpec {
             accept_proxy: s.accept_proxy,
             allow: Some(s.allow.iter().map(IpNet::to_string).collect()),
             max_connections_per_client: Some(s.max_connections_per_client),
-            buffer: table(&s.buffer).map(|mut t| {
-                t.remove("total");
-                t
-            }),
-            socket: table(&s.socket),
-            timeouts: table(&s.timeouts).map(|mut t| {
-                t.remove("shutdown_grace");
-                t
-            }),
-            upstream: table(&s.upstream).map(|mut t| {
-                t.remove("address");
-                t
-            }),
-            health: table(&s.health),
-        }
-    }
-}
-
-/// Sections as TOML tables, for [`ServiceSpec::spelled_out`].
-mod erased {
-    pub trait Table {
-        fn table(&self) -> toml::Table;
-    }
-    impl<T: serde::Serialize> Table for T {
-        fn table(&self) -> toml::Table {
-            toml::Table::try_from(self).expect("a section serializes to a table")
+            buffer: section_in_full(&s.buffer, "buffer"),
+            socket: section_in_full(&s.socket, "socket"),
+            timeouts: section_in_full(&s.timeouts, "timeouts"),
+            upstream: section_in_full(&s.upstream, "upstream"),
+            health: section_in_full(&s.health, "health"),
         }
     }
 }
