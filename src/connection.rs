@@ -56,7 +56,7 @@ pub async fn serve(
 ) -> Option<CloseReason> {
     let started = Instant::now();
     let (addresses, _slot) = match slot {
-        Some(slot) => (Addresses::of(&client, peer), slot),
+        Some(slot) => (Addresses::of(peer), slot),
         None => admit_by_header(&mut client, peer, &service).await?,
     };
     let sm = &service.metrics;
@@ -72,18 +72,18 @@ pub async fn serve(
     Some(reason)
 }
 
-/// Who the client is and what it connected to: the socket's addresses, or what a
-/// PROXY header said they were.
+/// Who the client is and what it connected to, as a PROXY header said; without one,
+/// the socket's peer, and its local address (asked only if `send_proxy` needs it).
 struct Addresses {
     client: SocketAddr,
     destination: Option<SocketAddr>,
 }
 
 impl Addresses {
-    fn of(client: &TcpStream, peer: SocketAddr) -> Addresses {
+    fn of(peer: SocketAddr) -> Addresses {
         Addresses {
             client: peer,
-            destination: client.local_addr().ok(),
+            destination: None,
         }
     }
 }
@@ -110,7 +110,7 @@ async fn admit_by_header(
             destination: Some(header.destination),
         },
         // LOCAL or UNKNOWN: the sender speaks for itself (a health check).
-        Ok(None) => Addresses::of(client, peer),
+        Ok(None) => Addresses::of(peer),
         Err(e) => {
             service.metrics.rejected_proxy_protocol.increment(1);
             tracing::debug!(client = %peer, error = %e, "bad or missing PROXY header; rejected");
@@ -131,7 +131,7 @@ async fn serve_inner(
     budget: &Arc<Budget>,
     started: Instant,
 ) -> CloseReason {
-    // The client's socket options were inherited from the listener (see listener::bind).
+    // The client's socket options were inherited from the listener (see listener::bind_service).
     if tracing::enabled!(tracing::Level::DEBUG) {
         let (rcv, snd) = effective_buffers(SockRef::from(&*client));
         tracing::debug!(recv_buffer = rcv, send_buffer = snd, "client socket");
@@ -162,7 +162,8 @@ async fn serve_inner(
     if let Some(version) = config.send_proxy {
         let destination = addresses
             .destination
-            .unwrap_or_else(|| upstream.local_addr().unwrap_or(addresses.client));
+            .or_else(|| client.local_addr().ok())
+            .unwrap_or(addresses.client);
         let header = proxy_protocol::encode(version, addresses.client, destination);
         if let Err(e) = upstream.write_all(&header).await {
             tracing::debug!(error = %e, "cannot send the PROXY header; closing client");

@@ -38,8 +38,6 @@ pub struct Server {
     metrics: Arc<Metrics>,
     /// `buffer.total`, shared by every connection of every service.
     budget: Arc<Budget>,
-    /// Live connections per worker thread, once [`Server::run`] has started them.
-    live: OnceLock<Arc<[AtomicUsize]>>,
     /// The configuration in force and the services running it.
     state: Mutex<State>,
     /// The worker threads, once [`Server::run`] has started them.
@@ -57,9 +55,7 @@ struct State {
 
 /// One service with its accept loops running.
 struct Running {
-    /// The address it was configured with (its port may be 0).
-    listen: SocketAddr,
-    /// The address it is bound to.
+    /// The address it is bound to (its configured one may have port 0).
     local: SocketAddr,
     /// The settings new clients get; its accept loops follow it.
     current: watch::Sender<Arc<Service>>,
@@ -180,7 +176,6 @@ impl Server {
         Server {
             metrics,
             budget: Arc::new(budget),
-            live: OnceLock::new(),
             state: Mutex::new(State {
                 config: Arc::new(config),
                 running: Vec::new(),
@@ -203,8 +198,12 @@ impl Server {
     /// Live connections on each worker thread (empty before [`Server::run`] starts
     /// them): how evenly the connections are spread.
     pub fn worker_connections(&self) -> Vec<usize> {
-        self.live.get().map_or_else(Vec::new, |live| {
-            live.iter().map(|n| n.load(Ordering::Relaxed)).collect()
+        self.workers.get().map_or_else(Vec::new, |w| {
+            w.shared
+                .live
+                .iter()
+                .map(|n| n.load(Ordering::Relaxed))
+                .collect()
         })
     }
 
@@ -249,10 +248,10 @@ impl Server {
         // Bind first: a failure leaves everything as it was.
         let mut fresh = Vec::new();
         for s in &services {
-            let same = state
-                .running
-                .iter()
-                .any(|r| r.service().config.name == s.name && r.listen == s.listen);
+            let same = state.running.iter().any(|r| {
+                let running = r.service();
+                running.config.name == s.name && running.config.listen == s.listen
+            });
             if !same {
                 let l = bind_service(s).map_err(|error| ReloadError::Bind {
                     service: s.name.clone(),
@@ -374,11 +373,9 @@ impl Server {
         self.ready.cancel();
 
         shutdown.cancelled().await;
-        for r in &self.lock().running {
-            r.checks.cancel();
-        }
-        // Every accept loop ends on `shutdown`; once they have, nothing is handed over
-        // any more and every listening socket is closed.
+        // Every accept loop and health check ends on `shutdown` (their tokens are its
+        // children); once the accept loops have, nothing is handed over any more and
+        // every listening socket is closed.
         workers.accepting.close();
         workers.accepting.wait().await;
         workers.shared.accept_ended.cancel();
@@ -447,10 +444,7 @@ impl Server {
             limit: Mutex::new(Limit::new(config.listen.max_connections.min(fd_cap))),
             fd_cap,
             warned_fd_cap: AtomicBool::new(false),
-            live: self
-                .live
-                .get_or_init(|| (0..slots).map(|_| AtomicUsize::new(0)).collect())
-                .clone(),
+            live: (0..slots).map(|_| AtomicUsize::new(0)).collect(),
         });
         let (inboxes, inbox_rxs): (Vec<_>, Vec<_>) =
             (0..slots).map(|_| mpsc::unbounded_channel()).unzip();
@@ -511,7 +505,6 @@ fn start_service(
     drop(listener);
     tracing::info!(address = %local, service = %config.name, servers = ?config.servers, balance = config.balance.as_label(), "sluice listening");
     Running {
-        listen: service.config.listen,
         local,
         checks: start_checks(workers, &service),
         current,
