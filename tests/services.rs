@@ -375,9 +375,7 @@ async fn reload_adds_moves_and_removes_services() {
 
     // Move beta to another address: the new one serves, the old one refuses.
     let old_beta = proxy.address("beta");
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let new_beta = free.local_addr().unwrap();
-    drop(free);
+    let (new_beta, _reserved) = common::reserved_address();
     let third = second.replace(
         "name = \"beta\"\nlisten = \"127.0.0.1:0\"",
         &format!("name = \"beta\"\nlisten = \"{new_beta}\""),
@@ -504,6 +502,25 @@ impl ClientLoop {
     }
 }
 
+/// Whether the kernel moves the clients in a closing listener's backlog to another
+/// socket bound to the address (`net.ipv4.tcp_migrate_req`, Linux ≥ 5.14). Without it,
+/// a client whose handshake completes in the microseconds between the old sluice's last
+/// accept and its close is reset: once in six runs of about 1,000 clients here, with
+/// the other tests running. Under CI (.ci/run sets it) its absence fails the test;
+/// elsewhere the test is skipped.
+fn migrates_requests() -> bool {
+    let on = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        .is_ok_and(|v| v.trim() == "1");
+    if !on {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "net.ipv4.tcp_migrate_req is not 1: run `sysctl -w net.ipv4.tcp_migrate_req=1` (.ci/run does)"
+        );
+        eprintln!("skipped: net.ipv4.tcp_migrate_req is not 1");
+    }
+    on
+}
+
 /// An upgrade: a new sluice starts on the same address (SO_REUSEPORT) while the old
 /// one serves, the old one is stopped with SIGTERM and drains, and the new one reloads:
 /// a client loop connecting throughout is never refused.
@@ -511,9 +528,10 @@ impl ClientLoop {
 fn a_restart_and_a_reload_refuse_no_client() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let up = rt.block_on(echo_upstream());
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = free.local_addr().unwrap();
-    drop(free);
+    if !migrates_requests() {
+        return;
+    }
+    let (addr, _reserved) = common::reserved_address();
     let config = format!(
         "[listen]\naddress = \"{addr}\"\n[upstream]\naddress = \"{up}\"\n[metrics]\naddress = \"127.0.0.1:0\"\n[timeouts]\nshutdown_grace = \"5s\"\n"
     );

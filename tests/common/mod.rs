@@ -301,6 +301,18 @@ pub fn refusing_address() -> (SocketAddr, socket2::Socket) {
     (sock.local_addr().unwrap().as_socket().unwrap(), sock)
 }
 
+/// A free loopback address kept for the caller: a socket bound to it with SO_REUSEPORT
+/// (as sluice binds) that never listens, so sluice can bind it while no other test's
+/// `127.0.0.1:0` is given the port meanwhile. Keep the socket alive while using it.
+pub fn reserved_address() -> (SocketAddr, socket2::Socket) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_reuse_address(true).unwrap();
+    sock.set_reuse_port(true).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    (sock.local_addr().unwrap().as_socket().unwrap(), sock)
+}
+
 /// A loopback address whose handshakes never complete: a listener that never accepts,
 /// with its backlog filled. Keep the returned value alive while using the address.
 pub async fn blackhole() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {
