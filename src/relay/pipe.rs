@@ -286,10 +286,9 @@ fn splice_in(socket: RawFd, pipe: RawFd, len: usize, queued: usize) -> io::Resul
     match splice(socket, pipe, len) {
         Ok(n) => Ok(SplicedIn::Moved(n)),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock && queued > 0 => {
-            let mut waiting: libc::c_int = 0;
-            // SAFETY: FIONREAD writes one int.
-            let r = unsafe { libc::ioctl(socket, libc::FIONREAD, &mut waiting) };
-            if r == 0 && waiting > 0 {
+            // SAFETY: the caller's socket is open for the length of this call.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(socket) };
+            if crate::socket::unread_bytes(&fd) > 0 {
                 Ok(SplicedIn::PipeFull)
             } else {
                 Err(e)
