@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::SockRef;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
@@ -38,7 +37,9 @@ impl Drop for ActiveGuard<'_> {
 }
 
 /// How long a client of an `accept_proxy` service has to send its PROXY header: a load
-/// balancer sends it with its first segment, so only a client that is not one waits.
+/// balancer sends it with its first segment, so only a client that is not one waits;
+/// the specification asks a receiver for "at least 3 seconds to cover a TCP
+/// retransmit".
 pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves one accepted client of `service` until it is done. `slot` is the client's
@@ -113,7 +114,7 @@ async fn admit_by_header(
         Ok(None) => Addresses::of(peer),
         Err(e) => {
             service.metrics.rejected_proxy_protocol.increment(1);
-            tracing::debug!(client = %peer, error = %e, "bad or missing PROXY header; rejected");
+            tracing::debug!(client = %peer, kind = e.as_label(), error = %e, "bad or missing PROXY header; rejected");
             reset_on_close(SockRef::from(&*client));
             return None;
         }
@@ -164,8 +165,9 @@ async fn serve_inner(
             .destination
             .or_else(|| client.local_addr().ok())
             .unwrap_or(addresses.client);
-        let header = proxy_protocol::encode(version, addresses.client, destination);
-        if let Err(e) = upstream.write_all(&header).await {
+        let sent =
+            proxy_protocol::write_header(&mut upstream, version, addresses.client, destination);
+        if let Err(e) = sent.await {
             tracing::debug!(error = %e, "cannot send the PROXY header; closing client");
             reset_on_close(SockRef::from(&*client));
             reset_on_close(SockRef::from(&upstream));

@@ -122,10 +122,6 @@ impl ReadError {
     }
 }
 
-/// How long a receiver should wait for a header: the specification asks for "at least 3
-/// seconds to cover a TCP retransmit".
-pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// The longest v1 line, CRLF included, that the specification lets a receiver accept
 /// (`PROXY UNKNOWN` with two full IPv6 addresses and ports).
 pub const V1_MAX_LENGTH: usize = 107;
