@@ -517,13 +517,16 @@ fn start_checks(workers: &Workers, service: &Service) -> CancellationToken {
     let stop = workers.shared.shutdown.child_token();
     let interval = service.config.health.interval;
     if !interval.is_zero() {
-        workers.handles[0].spawn(pool::check_health(
+        let checks = pool::check_health(
             service.pool.backends().to_vec(),
             service.health_rules(),
             interval,
             service.config.upstream.connect_timeout,
             stop.clone(),
-        ));
+        );
+        // Its lines name the service, as a client's ejection line does.
+        let span = tracing::info_span!("health", service = %service.config.name);
+        workers.handles[0].spawn(checks.instrument(span));
     }
     stop
 }

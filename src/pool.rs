@@ -306,10 +306,6 @@ pub struct Attached {
 }
 
 impl Attached {
-    pub fn backend(&self) -> &Arc<Backend> {
-        &self.backend
-    }
-
     /// The connection's queue in `direction` grew (or shrank, negative) by `delta` bytes.
     pub fn add_queued(&self, direction: usize, delta: i64) {
         let before = self.backend.queued[direction].fetch_add(delta, Relaxed);
@@ -407,10 +403,6 @@ impl Pool {
         &self.backends
     }
 
-    pub fn balance(&self) -> Balance {
-        self.balance
-    }
-
     /// The server for a new client (its index in [`Pool::backends`]), skipping `tried`
     /// (indices already tried for this client), by the pool's [`Balance`] at `now` (health)
     /// and `clock` (pause weight, seconds on the metrics clock). None when every server has
@@ -497,12 +489,12 @@ async fn check_one(backend: &Backend, rules: &HealthRules, timeout: Duration) {
         }
         Ok(Err(e)) => {
             if backend.connect_failed(rules, Instant::now()) {
-                tracing::info!(server = %backend.address, error = %e, cooldown = ?rules.cooldown, "server out of rotation: health check failed");
+                tracing::warn!(server = %backend.address, error = %e, cooldown = ?rules.cooldown, "server out of rotation: health check failed");
             }
         }
         Err(_) => {
             if backend.connect_failed(rules, Instant::now()) {
-                tracing::info!(server = %backend.address, ?timeout, cooldown = ?rules.cooldown, "server out of rotation: health check timed out");
+                tracing::warn!(server = %backend.address, ?timeout, cooldown = ?rules.cooldown, "server out of rotation: health check timed out");
             }
         }
     }
@@ -842,7 +834,7 @@ mod tests {
         assert!(!b[2].is_up(now), "still out after the reload");
         assert_eq!(b[2].ejections(), 1);
         assert_eq!(b[1].connections(), 0);
-        assert_eq!(new.balance(), Balance::LeastQueued);
+        assert_eq!(new.balance, Balance::LeastQueued);
         // The old connection's report lands on the server the new pool sees.
         conn.add_queued(CLIENT_TO_UPSTREAM, -500);
         drop(conn);
@@ -855,7 +847,7 @@ mod tests {
         let b = Backend::new("10.0.0.1:5000".into());
         let first = b.attach();
         let second = b.attach();
-        assert!(Arc::ptr_eq(first.backend(), &b));
+        assert!(Arc::ptr_eq(&first.backend, &b));
         assert_eq!(b.connections(), 2);
         drop(first);
         assert_eq!(b.connections(), 1);
