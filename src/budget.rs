@@ -72,7 +72,7 @@ struct Pool {
     permits: Arc<Semaphore>,
     /// The pool's size and what it still owes after a shrink.
     size: Mutex<Size>,
-    /// Nonzero while the pool owes permits, so a release checks the mutex only then.
+    /// Set while the pool owes permits, so a release takes the mutex only then.
     owing: AtomicBool,
 }
 
@@ -266,8 +266,7 @@ impl Budget {
                 permit.forget();
                 Poll::Ready(self.granted(w.bytes, From::Queue))
             }
-            // The semaphore is never closed.
-            Poll::Ready(Err(_)) => Poll::Pending,
+            Poll::Ready(Err(_)) => unreachable!("the budget's semaphores are never closed"),
             Poll::Pending => Poll::Pending,
         }
     }

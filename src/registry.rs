@@ -41,10 +41,10 @@ struct Sampler {
 }
 
 /// How often the sampler thread samples the kernel's bytes (more seldom if sampling
-/// takes more than [`SAMPLE_SHARE`] of the time).
+/// takes more than 1/[`SAMPLE_SHARE`] of the time).
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
-/// Most of one core's time the sampler may take: with many connections it samples less
-/// often rather than costing the relay more.
+/// The sampler takes at most 1/SAMPLE_SHARE of one core (5 %): with many connections
+/// it samples less often rather than costing the relay more.
 const SAMPLE_SHARE: u32 = 20;
 /// The sampler thread stops when nobody has asked for this long.
 const SAMPLE_UNTIL_QUIET_FOR: Duration = Duration::from_secs(120);
@@ -134,7 +134,7 @@ impl DirectionFigures {
 /// and not yet acknowledged by the peer (unsent or in flight) in the destination socket's
 /// send queue. Both are bytes sluice's sockets pin in the kernel: a sent byte stays in
 /// memory until the peer acknowledges it.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct KernelBytes {
     /// `SIOCINQ` on the source socket.
     pub source_unread: u64,
@@ -394,23 +394,11 @@ impl Registry {
         totals
     }
 
-    /// Live connections now.
-    pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
-            .sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Every live connection, in `sort` order, at most `limit` of them; `clock` is now
     /// on the metrics clock, which pause times are kept in.
     pub fn list(&self, sort: SortBy, limit: usize, clock: f64) -> Listing {
         let now = Instant::now();
-        let mut all = Vec::with_capacity(self.len());
+        let mut all = Vec::new();
         self.for_each(|e| all.push(view(e, now, clock)));
         let key = |c: &ConnectionView| match sort {
             SortBy::Queued => c.client_to_upstream.queued + c.upstream_to_client.queued,
