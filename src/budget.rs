@@ -32,10 +32,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use metrics::Gauge;
-use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::{AcquireError, Notify, OwnedSemaphorePermit, Semaphore};
 
 /// The buffer size a reserve grant gives, and the most bytes a source may have waiting
 /// for its direction to be served from the reserve: a request, a command, a keystroke.
@@ -56,6 +57,10 @@ pub struct Budget {
     waiting: Arc<AtomicUsize>,
     /// Size of the grants held now.
     used: AtomicUsize,
+    /// Wakes the directions in line at every resize: one that asked for more than the
+    /// queue pool now holds asks again (it would wait forever), and with the budget
+    /// off, none waits at all.
+    resized: Arc<Notify>,
     /// Grants from the queue pool held now: with `waiting`, the directions sharing it.
     holders: AtomicUsize,
     gauges: BudgetGauges,
@@ -102,6 +107,10 @@ pub struct Grant {
 pub struct Waiting {
     acquire: Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>,
     bytes: usize,
+    /// The direction's bound, to ask again with after a resize.
+    bound: usize,
+    /// Fires at the budget's next resize.
+    resized: Pin<Box<OwnedNotified>>,
     /// The budget's count of directions in line.
     line: Arc<AtomicUsize>,
 }
@@ -184,6 +193,7 @@ impl Budget {
             limit: AtomicUsize::new(limit),
             waiting: Arc::default(),
             used: AtomicUsize::new(0),
+            resized: Arc::new(Notify::new()),
             holders: AtomicUsize::new(0),
             gauges,
         }
@@ -216,6 +226,14 @@ impl Budget {
         self.reserve.resize(reserve);
         self.limit.store(limit, Ordering::Relaxed);
         self.gauges.limit.set(limit as f64);
+        self.resized.notify_waiters();
+    }
+
+    /// A future that fires at the next resize, armed now.
+    fn next_resize(&self) -> Pin<Box<OwnedNotified>> {
+        let mut resized = Box::pin(self.resized.clone().notified_owned());
+        resized.as_mut().enable();
+        resized
     }
 
     /// The buffer a direction with bound `bound` is granted from the queue pool now: the
@@ -254,20 +272,39 @@ impl Budget {
         Asked::Queued(Waiting {
             acquire: Box::pin(self.queue.permits.clone().acquire_many_owned(bytes as u32)),
             bytes,
+            bound,
+            resized: self.next_resize(),
             line: self.waiting.clone(),
         })
     }
 
     /// Polls a direction's place in line (the first poll takes the place); `Ready` once
-    /// its grant is there, after which the [`Waiting`] is dropped.
-    pub fn poll_wait(&self, cx: &mut Context<'_>, w: &mut Waiting) -> Poll<Grant> {
-        match w.acquire.as_mut().poll(cx) {
-            Poll::Ready(Ok(permit)) => {
-                permit.forget();
-                Poll::Ready(self.granted(w.bytes, From::Queue))
+    /// its grant is there, after which the [`Waiting`] is dropped. `Ready(None)`: the
+    /// budget was turned off while it waited, so it needs no grant.
+    pub fn poll_wait(&self, cx: &mut Context<'_>, w: &mut Waiting) -> Poll<Option<Grant>> {
+        loop {
+            if let Poll::Ready(permit) = w.acquire.as_mut().poll(cx) {
+                permit
+                    .expect("the budget's semaphores are never closed")
+                    .forget();
+                return Poll::Ready(Some(self.granted(w.bytes, From::Queue)));
             }
-            Poll::Ready(Err(_)) => unreachable!("the budget's semaphores are never closed"),
-            Poll::Pending => Poll::Pending,
+            ready!(w.resized.as_mut().poll(cx));
+            // A resize: keep the place in line if the pool can still grant what was
+            // asked; else ask again, at the back, for what it can.
+            w.resized = self.next_resize();
+            if !self.enabled() {
+                return Poll::Ready(None);
+            }
+            if w.bytes > split(self.limit()).0 {
+                w.bytes = self.share(w.bound);
+                w.acquire = Box::pin(
+                    self.queue
+                        .permits
+                        .clone()
+                        .acquire_many_owned(w.bytes as u32),
+                );
+            }
         }
     }
 
@@ -329,6 +366,40 @@ mod tests {
 
     fn poll(b: &Budget, w: &mut Waiting) -> Poll<Grant> {
         b.poll_wait(&mut Context::from_waker(Waker::noop()), w)
+            .map(|g| g.expect("the budget is on"))
+    }
+
+    /// A reload that shrinks the pool below what a direction in line asked for, or
+    /// turns the budget off, does not leave it (and everyone behind it) waiting forever.
+    #[test]
+    fn a_resize_lets_the_line_ask_again() {
+        // 256 KiB: 224 KiB queue pool; one holder takes all of it.
+        let b = budget(256 << 10);
+        let held = granted(b.ask(224 << 10, || None));
+        let mut w = queued(b.ask(128 << 10, || None));
+        // The fair share of two: 112 KiB, rounded down to a power of two.
+        assert_eq!(w.bytes, 64 << 10);
+        assert!(poll(&b, &mut w).is_pending());
+        // 64 KiB: a 56 KiB queue pool can never grant 64 KiB.
+        b.resize(64 << 10);
+        assert!(poll(&b, &mut w).is_pending());
+        assert!(w.bytes <= 56 << 10, "asked again for {}", w.bytes);
+        b.release(held);
+        let Poll::Ready(g) = poll(&b, &mut w) else {
+            panic!("the smaller request is granted once the holder gives back")
+        };
+        assert!(g.bytes <= 56 << 10);
+
+        drop((w, g));
+
+        // Turned off: whoever waits needs no grant any more.
+        let b = budget(64 << 10);
+        let _held = granted(b.ask(56 << 10, || None));
+        let mut w = queued(b.ask(32 << 10, || None));
+        assert!(poll(&b, &mut w).is_pending());
+        b.resize(0);
+        let r = b.poll_wait(&mut Context::from_waker(Waker::noop()), &mut w);
+        assert!(matches!(r, Poll::Ready(None)));
     }
 
     #[test]

@@ -470,7 +470,7 @@ impl Direction {
         let w = self.in_line.as_mut().expect("in line");
         let grant = ready!(budget.poll_wait(cx, w));
         self.in_line = None;
-        self.grant = Some(grant);
+        self.grant = grant;
         Poll::Ready(())
     }
 
