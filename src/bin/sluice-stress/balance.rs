@@ -40,13 +40,11 @@ use crate::proxy_process::{DIRECTIONS, Metrics, ProxyProcess, ServiceConfig};
 use crate::rate::{Rate, format_bytes};
 use crate::scenario::{
     Report, RunReport, RunSummary, Sampler, ScenarioArgs, ScenarioName, UpstreamSummary, Workload,
+    write_report,
 };
 use crate::upstream::{LocalUpstream, UpstreamMode, UpstreamSpec};
 
 const KIB: u64 = 1024;
-/// What each client uploads unless `--upload` says otherwise (its default): eight
-/// seconds at the slow server, a few milliseconds at a fast one.
-pub const DEFAULT_UPLOAD: u64 = 512 * KIB;
 /// The slow server's read rate, per connection.
 pub const SLOW_RATE: Rate = Rate(64 * KIB);
 /// SO_RCVBUF of every server and SO_SNDBUF of every client: small, so a slow server's
@@ -178,10 +176,8 @@ impl Peak {
         let live = metrics.and_then(|m| m.get(SLUICE_LIVE, &labels));
         let queued_labels = [labels[0], labels[1], ("direction", DIRECTIONS[0])];
         let queued = metrics.and_then(|m| m.get(SLUICE_QUEUED, &queued_labels));
-        let higher = |peak: Option<u64>, now: Option<f64>| match (peak, now) {
-            (p, Some(v)) => Some(p.unwrap_or(0).max(v as u64)),
-            (p, None) => p,
-        };
+        // `None` orders below any `Some`: a reading raises the high, no reading keeps it.
+        let higher = |peak: Option<u64>, now: Option<f64>| peak.max(now.map(|v| v as u64));
         self.live = self.live.max(server.stats.active.load(Ordering::Relaxed));
         self.sluice_connections = higher(self.sluice_connections, live);
         self.sluice_queued = higher(self.sluice_queued, queued);
@@ -205,6 +201,9 @@ pub struct PolicyRun {
     pub bytes_verified: u64,
     pub bytes_expected: u64,
     pub proxy_exit: String,
+    /// sluice exited with status 0 (what [`check`] asks; `proxy_exit` is for people).
+    #[serde(skip)]
+    pub proxy_ok: bool,
 }
 
 impl PolicyRun {
@@ -284,16 +283,14 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
         duration_secs: duration.as_secs_f64(),
         runs,
     };
-    let json_path = args.out.join("report.json");
-    let mut json = serde_json::to_value(&report)?;
-    json["balance"] = serde_json::to_value(&balance)?;
-    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)
-        .with_context(|| format!("cannot write {}", json_path.display()))?;
+    // No chart: render_svg labels its runs sluice and the unbounded baseline, not policies.
+    let section = ("balance", serde_json::to_value(&balance)?);
+    let wrote = write_report(&args.out, &report, Some(section), None)?;
     for r in &report.runs {
         crate::scenario::print_run(r);
     }
     balance.print();
-    println!("wrote {}", json_path.display());
+    println!("wrote {wrote}");
     check(&balance.runs)
 }
 
@@ -311,7 +308,7 @@ fn check(runs: &[PolicyRun]) -> Result<()> {
                 r.errors
             );
         }
-        if r.proxy_exit != "exit status: 0" {
+        if !r.proxy_ok {
             bail!(
                 "{}: sluice ended with {}",
                 r.policy.as_config(),
@@ -359,7 +356,14 @@ async fn run_policy(
         sample_errors,
     );
     let shares = server_shares(&seen, &peaks, metrics.as_ref());
-    let balance = policy_run(policy, shares, &results, &summary, args.upload);
+    let balance = policy_run(
+        policy,
+        shares,
+        &results,
+        &summary,
+        args.upload,
+        exit.success(),
+    );
     let run = RunReport {
         proxy: label.to_string(),
         summary,
@@ -452,13 +456,16 @@ async fn upload(
     let client = clients::run_client(target, spec, stop, clients::DEFAULT_DRAIN, live);
     match tokio::time::timeout(COMPLETION_TIMEOUT, client).await {
         Ok(result) => result,
-        Err(_) => ConnResult {
-            elapsed_secs: COMPLETION_TIMEOUT.as_secs_f64(),
-            error: Some(format!(
-                "no close from the server within {COMPLETION_TIMEOUT:?}"
-            )),
-            ..ConnResult::default()
-        },
+        Err(_) => {
+            live.errors.fetch_add(1, Ordering::Relaxed);
+            ConnResult {
+                elapsed_secs: COMPLETION_TIMEOUT.as_secs_f64(),
+                error: Some(format!(
+                    "no close from the server within {COMPLETION_TIMEOUT:?}"
+                )),
+                ..ConnResult::default()
+            }
+        }
     }
 }
 
@@ -518,6 +525,7 @@ fn policy_run(
     results: &[ConnResult],
     summary: &RunSummary,
     upload: u64,
+    proxy_ok: bool,
 ) -> PolicyRun {
     let times = results
         .iter()
@@ -534,6 +542,7 @@ fn policy_run(
         bytes_verified: servers.iter().map(|s| s.bytes_verified).sum(),
         bytes_expected: results.len() as u64 * upload,
         proxy_exit: summary.proxy_exit.clone(),
+        proxy_ok,
         servers,
     }
 }

@@ -57,8 +57,8 @@ use crate::pattern::Verifier;
 use crate::proxy_process::{DIRECTIONS, Metrics, ProxyProcess};
 use crate::rate::{Rate, TokenBucket, format_bytes};
 use crate::scenario::{
-    Report, RunReport, RunSummary, Sample, Sampler, ScenarioArgs, ScenarioName, UpstreamSummary,
-    Workload, render_svg,
+    KERNEL_QUEUED, Report, RunReport, RunSummary, Sample, Sampler, ScenarioArgs, ScenarioName,
+    UpstreamSummary, Workload, render_svg, write_report,
 };
 use crate::upstream::{self, UpstreamMode, UpstreamSpec};
 
@@ -454,7 +454,7 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
     // source no longer writes faster than all readers together read: until then it is
     // filling kernel buffers (hundreds of MiB on loopback), a start-up burst of the
     // stand-in, not the steady load.
-    let queue_pool = total - total / 8;
+    let queue_pool = total - total / sluice::budget::RESERVE_SHARE as u64;
     let ping_by = go + duration / 3;
     let steady_rate = conns as f64 * READ_RATE.0 as f64;
     let mut last_out = (Instant::now(), up_stats.bytes_out.load(Ordering::Relaxed));
@@ -576,17 +576,11 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
             samples,
         }],
     };
-    let json_path = args.out.join("report.json");
-    let mut json = serde_json::to_value(&report)?;
-    json["budget"] = serde_json::to_value(&budget)?;
-    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)
-        .with_context(|| format!("cannot write {}", json_path.display()))?;
-    let svg_path = args.out.join("report.svg");
-    std::fs::write(&svg_path, render_svg(&report))
-        .with_context(|| format!("cannot write {}", svg_path.display()))?;
+    let section = ("budget", serde_json::to_value(&budget)?);
+    let wrote = write_report(&args.out, &report, Some(section), Some(render_svg(&report)))?;
     crate::scenario::print_run(&report.runs[0]);
     budget.print();
-    println!("wrote {} and {}", json_path.display(), svg_path.display());
+    println!("wrote {wrote}");
 
     let s = &report.runs[0].summary;
     if s.errors > 0 {
@@ -600,7 +594,6 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
 
 impl BudgetReport {
     /// Fills in what the samples show and judges the four targets.
-    #[allow(clippy::too_many_arguments)]
     fn new(
         args: &ScenarioArgs,
         samples: &[Sample],
@@ -949,18 +942,10 @@ fn readers_summary(
     };
     let mut sorted = at_end.to_vec();
     sorted.sort_unstable();
-    // Nearest rank, as Percentiles does.
-    let rank = |q: f64| {
-        let i = (q * sorted.len() as f64).ceil() as usize;
-        sorted
-            .get(i.clamp(1, sorted.len().max(1)) - 1)
-            .copied()
-            .unwrap_or(0)
-    };
     Readers {
         conns: at_end.len(),
-        bytes_p1: rank(0.01),
-        bytes_p10: rank(0.10),
+        bytes_p1: clients::nearest_rank(&sorted, 0.01),
+        bytes_p10: clients::nearest_rank(&sorted, 0.10),
         bytes: Percentiles::of(at_end.iter().map(|&b| b as f64).collect()),
         none_at_all: at_end.iter().filter(|&&b| b == 0).count(),
         none_in_second_half,
@@ -974,7 +959,7 @@ fn readers_summary(
 fn at_end(m: Option<&Metrics>) -> AtEnd {
     let waits = |d: &str| m.map_or(0.0, |m| m.direction("sluice_budget_waits_total", d)) as u64;
     let kernel = |d: &str| {
-        m.and_then(|m| m.get("sluice_kernel_queued_bytes", &[("direction", d)]))
+        m.and_then(|m| m.get(KERNEL_QUEUED, &[("direction", d)]))
             .map(|v| v as u64)
     };
     AtEnd {

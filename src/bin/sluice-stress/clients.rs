@@ -396,8 +396,7 @@ impl Percentiles {
             return Percentiles::default();
         }
         values.sort_by(f64::total_cmp);
-        let at =
-            |q: f64| values[((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
+        let at = |q: f64| nearest_rank(&values, q);
         Percentiles {
             min: values[0],
             p50: at(0.50),
@@ -406,6 +405,16 @@ impl Percentiles {
             max: values[values.len() - 1],
         }
     }
+}
+
+/// The value at quantile `q` (0..=1) of `sorted`, by nearest rank: the smallest value with
+/// at least `q` of them at or below it; the default (zero) when there are none.
+pub fn nearest_rank<T: Copy + Default>(sorted: &[T], q: f64) -> T {
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted
+        .get(rank.clamp(1, sorted.len().max(1)) - 1)
+        .copied()
+        .unwrap_or_default()
 }
 
 /// Totals over a set of clients.
@@ -548,5 +557,17 @@ mod tests {
             (1.0, 50.0, 90.0, 99.0, 100.0)
         );
         assert_eq!(Percentiles::of(vec![]).p50, 0.0);
+    }
+
+    #[test]
+    fn nearest_rank_takes_the_smallest_value_with_q_at_or_below_it() {
+        let sorted: Vec<u64> = (1..=10).collect();
+        assert_eq!(nearest_rank(&sorted, 0.0), 1);
+        assert_eq!(nearest_rank(&sorted, 0.01), 1);
+        assert_eq!(nearest_rank(&sorted, 0.10), 1);
+        assert_eq!(nearest_rank(&sorted, 0.11), 2);
+        assert_eq!(nearest_rank(&sorted, 0.5), 5);
+        assert_eq!(nearest_rank(&sorted, 1.0), 10);
+        assert_eq!(nearest_rank::<u64>(&[], 0.5), 0);
     }
 }

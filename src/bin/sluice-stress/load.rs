@@ -12,7 +12,7 @@ use crate::proxy_process::ProxyProcess;
 use crate::rate::{Rate, format_bytes};
 use crate::scenario::{
     Report, RunReport, RunSummary, Sample, Sampler, ScenarioArgs, ScenarioName, UpstreamSummary,
-    Workload, render_svg,
+    Workload, render_svg, write_report,
 };
 use crate::upstream::{self, UpstreamMode, UpstreamSpec};
 
@@ -337,16 +337,8 @@ pub async fn soak(args: &ScenarioArgs) -> Result<()> {
             samples,
         }],
     };
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let json_path = args.out.join("report.json");
-    let mut json = serde_json::to_value(&report)?;
-    json["soak"] = serde_json::to_value(&check)?;
-    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)
-        .with_context(|| format!("cannot write {}", json_path.display()))?;
-    let svg_path = args.out.join("report.svg");
-    std::fs::write(&svg_path, render_svg(&report))
-        .with_context(|| format!("cannot write {}", svg_path.display()))?;
+    let section = ("soak", serde_json::to_value(&check)?);
+    let wrote = write_report(&args.out, &report, Some(section), Some(render_svg(&report)))?;
     crate::scenario::print_run(&report.runs[0]);
     check_bound(&report, false)?;
     println!(
@@ -360,7 +352,7 @@ pub async fn soak(args: &ScenarioArgs) -> Result<()> {
         signed_bytes(check.rss_slope_per_min),
         signed_bytes(check.unqueued_slope_per_min),
     );
-    println!("wrote {} and {}", json_path.display(), svg_path.display());
+    println!("wrote {wrote}");
 
     let s = &report.runs[0].summary;
     let mut problems = Vec::new();

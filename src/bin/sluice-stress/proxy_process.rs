@@ -587,11 +587,7 @@ impl Metrics {
 
     /// Sum of `name` over all its label sets, 0 when absent.
     pub fn sum(&self, name: &str) -> f64 {
-        self.samples
-            .iter()
-            .filter(|(n, _, _)| n == name)
-            .map(|(_, _, v)| v)
-            .sum()
+        self.get(name, &[]).unwrap_or(0.0)
     }
 
     /// Whether any sample of `name` exists.

@@ -1,6 +1,6 @@
 //! `scenario`: a built-in workload run against a real sluice (and optionally the unbounded baseline), sampled every 100 ms into DIR/report.json and DIR/report.svg.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,7 @@ use crate::upstream::{self, UpstreamMode, UpstreamSpec, UpstreamStats};
 /// How often the proxy is sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// sluice's gauge of the bytes in its sockets' kernel queues, by direction (newer daemons).
-const KERNEL_QUEUED: &str = "sluice_kernel_queued_bytes";
+pub const KERNEL_QUEUED: &str = "sluice_kernel_queued_bytes";
 /// sluice's gauges of its buffer budget (`buffer.total`; newer daemons).
 pub const BUDGET_USED: &str = "sluice_budget_used_bytes";
 pub const BUDGET_LIMIT: &str = "sluice_budget_limit_bytes";
@@ -69,10 +69,10 @@ pub struct ScenarioArgs {
     /// Which built-in workload to run.
     #[arg(value_enum)]
     pub name: ScenarioName,
-    /// Concurrent client connections [default: 200; budget: 8000].
+    /// Concurrent client connections [default: 200; budget: 8000; balance: 300].
     #[arg(long)]
     pub conns: Option<usize>,
-    /// How long the clients run [default: 10s; budget: 30s].
+    /// How long the clients run [default: 10s; budget: 30s; balance: 20s].
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// Directory for report.json and report.svg (created if missing).
@@ -167,6 +167,8 @@ pub struct Workload {
 
 const KIB: u64 = 1024;
 
+/// The workload of a scenario [`run`] drives itself; soak, budget and balance have their
+/// own runs and workloads.
 pub fn workload(name: ScenarioName, conns: usize) -> Workload {
     let slow = Some(Rate(16 * KIB));
     match name {
@@ -240,10 +242,8 @@ pub fn workload(name: ScenarioName, conns: usize) -> Workload {
                 .collect(),
         },
         ScenarioName::ManyConns => crate::load::many_conns_workload(conns),
-        ScenarioName::Soak => crate::load::soak_workload(conns),
-        ScenarioName::Budget => crate::budget::workload(conns),
-        ScenarioName::Balance => {
-            crate::balance::workload(conns, crate::balance::DEFAULT_UPLOAD, None)
+        ScenarioName::Soak | ScenarioName::Budget | ScenarioName::Balance => {
+            unreachable!("run() hands soak, budget and balance to their own modules")
         }
     }
 }
@@ -257,7 +257,7 @@ pub enum ProxyKind {
 /// One sample of the proxy, taken every 100 ms.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Sample {
-    /// Seconds since the proxy started.
+    /// Seconds since sampling began ([`Sampler::started`]).
     pub t: f64,
     pub rss_bytes: u64,
     pub queued_client_to_upstream: u64,
@@ -437,6 +437,33 @@ pub struct Report {
     pub runs: Vec<RunReport>,
 }
 
+/// Writes `report` to `out`/report.json, with `section` (its name and value) beside the
+/// report's own fields, and `svg` (its chart) to `out`/report.svg; creates `out` if missing.
+/// Returns what it wrote, for the closing "wrote ..." line.
+pub fn write_report(
+    out: &Path,
+    report: &Report,
+    section: Option<(&str, serde_json::Value)>,
+    svg: Option<String>,
+) -> Result<String> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let json_path = out.join("report.json");
+    let mut json = serde_json::to_value(report)?;
+    if let Some((name, value)) = section {
+        json[name] = value;
+    }
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("cannot write {}", json_path.display()))?;
+    let mut wrote = json_path.display().to_string();
+    if let Some(svg) = svg {
+        let svg_path = out.join("report.svg");
+        std::fs::write(&svg_path, svg)
+            .with_context(|| format!("cannot write {}", svg_path.display()))?;
+        wrote += &format!(" and {}", svg_path.display());
+    }
+    Ok(wrote)
+}
+
 pub async fn run(args: ScenarioArgs) -> Result<()> {
     let (conns, duration) = (args.conns(), args.duration());
     if conns == 0 {
@@ -489,16 +516,11 @@ pub async fn run(args: ScenarioArgs) -> Result<()> {
         duration_secs: duration.as_secs_f64(),
         runs,
     };
-    let json_path = args.out.join("report.json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", json_path.display()))?;
-    let svg_path = args.out.join("report.svg");
-    std::fs::write(&svg_path, render_svg(&report))
-        .with_context(|| format!("cannot write {}", svg_path.display()))?;
+    let wrote = write_report(&args.out, &report, None, Some(render_svg(&report)))?;
     for r in &report.runs {
         print_run(r);
     }
-    println!("wrote {} and {}", json_path.display(), svg_path.display());
+    println!("wrote {wrote}");
     // Every run reports RSS against the bound; many-conns fails when it is passed.
     crate::load::check_bound(&report, args.name == ScenarioName::ManyConns)?;
 
@@ -708,7 +730,6 @@ impl Sampler {
         let thread = {
             let (stop, samples, errors) = (stop.clone(), samples.clone(), errors.clone());
             std::thread::spawn(move || {
-                let start = started;
                 let mut prev: Option<(Instant, [f64; 2])> = None;
                 let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
@@ -746,7 +767,7 @@ impl Sampler {
                             };
                             prev = Some((now, bytes));
                             let s = Sample {
-                                t: start.elapsed().as_secs_f64(),
+                                t: started.elapsed().as_secs_f64(),
                                 rss_bytes: rss,
                                 queued_client_to_upstream: m
                                     .direction("sluice_queued_bytes", DIRECTIONS[0])

@@ -402,24 +402,21 @@ mod tests {
     use super::*;
 
     /// A per-connection upstream on port 0.
-    async fn per_connection() -> (SocketAddr, Arc<UpstreamStats>, CancellationToken) {
-        let spec = Arc::new(UpstreamSpec {
+    fn per_connection() -> LocalUpstream {
+        LocalUpstream::start(Arc::new(UpstreamSpec {
             mode: UpstreamMode::PerConnection,
             rate: None,
             bytes: None,
             rcvbuf: None,
             sndbuf: None,
-        });
-        let listener = bind("127.0.0.1:0".parse().unwrap(), &spec).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stats, stop) = (Arc::new(UpstreamStats::default()), CancellationToken::new());
-        tokio::spawn(serve(listener, spec, stats.clone(), stop.clone()));
-        (addr, stats, stop)
+        }))
+        .unwrap()
     }
 
     #[tokio::test]
     async fn the_first_line_chooses_each_connections_mode() {
-        let (addr, stats, stop) = per_connection().await;
+        let upstream = per_connection();
+        let (addr, stats) = (upstream.addr, &upstream.stats);
         // Echo, with bytes sent in the same write as the line.
         let mut echo = TcpStream::connect(addr).await.unwrap();
         echo.write_all(b"echo\nping").await.unwrap();
@@ -442,6 +439,6 @@ mod tests {
         }
         let samples = stats.error_samples.lock().unwrap().clone();
         assert!(samples[0].contains("firehose"), "{samples:?}");
-        stop.cancel();
+        upstream.stop().await;
     }
 }

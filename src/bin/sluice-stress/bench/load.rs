@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 
 use super::cpu::CpuMeter;
 use super::upstreams::{self, Upstream};
+use crate::clients::nearest_rank;
 
 /// Size of each write in the throughput test: large enough that syscalls are not the limit.
 const STREAM_CHUNK: usize = 128 * 1024;
@@ -245,8 +246,8 @@ pub async fn http_requests(target: SocketAddr, duration: Duration) -> Result<Req
     all.sort_by(f64::total_cmp);
     Ok(Requests {
         per_sec: all.len() as f64 / elapsed.as_secs_f64(),
-        p50_us: quantile(&all, 0.5),
-        p99_us: quantile(&all, 0.99),
+        p50_us: nearest_rank(&all, 0.5),
+        p99_us: nearest_rank(&all, 0.99),
     })
 }
 
@@ -326,10 +327,4 @@ pub async fn slow_readers(
         streams.push(stream);
     }
     Ok(SlowReport { bytes, streams })
-}
-
-/// Value at quantile `q` (0..=1) of sorted samples (nearest rank).
-pub fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }

@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
+use crate::clients::nearest_rank;
 use crate::kernel_memory;
 use cpu::CpuMeter;
 use memory::{MemoryFigure, SlowReaders};
@@ -281,57 +282,37 @@ async fn bench(args: BenchArgs) -> Result<()> {
             .await;
         }
     }
-    // Memory: a fresh process per measurement, the same rotation, medians again.
-    for round in 0..plan.repeats {
-        for k in 0..n {
-            let i = (k + round) % n;
-            let (subject, result) = (&subjects[i], &mut results[i]);
-            if !subject.kind.has_process() {
-                continue;
+    // Memory: a fresh process per measurement, the same rotation, medians again; every
+    // round of one test before the next. The last is what a slow reader costs the
+    // machine: the same readers, every subject as shipped, its RSS and the kernel memory
+    // in its sockets.
+    for test in [
+        MemoryTest::Idle,
+        MemoryTest::SlowReader,
+        MemoryTest::SlowReaderCost,
+    ] {
+        for round in 0..plan.repeats {
+            for k in 0..n {
+                let i = (k + round) % n;
+                let (subject, result) = (&subjects[i], &mut results[i]);
+                if !subject.kind.has_process() {
+                    continue;
+                }
+                let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
+                let readers = plan.slow_readers();
+                let measured = match test {
+                    MemoryTest::Idle => {
+                        memory::idle(subject, plan.idle_conns, plan.idle_hold).await
+                    }
+                    MemoryTest::SlowReader => {
+                        memory::slow_readers(subject, Profile::Memory, readers, read_kernel).await
+                    }
+                    MemoryTest::SlowReaderCost => {
+                        memory::slow_readers(subject, Profile::Shipped, readers, read_kernel).await
+                    }
+                };
+                record_memory(result, &tag, test, measured);
             }
-            let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
-            let idle = memory::idle(subject, plan.idle_conns, plan.idle_hold).await;
-            record_memory(result, &tag, "idle KiB/conn", MemoryTest::Idle, idle);
-        }
-    }
-    for round in 0..plan.repeats {
-        for k in 0..n {
-            let i = (k + round) % n;
-            let (subject, result) = (&subjects[i], &mut results[i]);
-            if !subject.kind.has_process() {
-                continue;
-            }
-            let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
-            let readers = plan.slow_readers();
-            let slow = memory::slow_readers(subject, Profile::Memory, readers, read_kernel).await;
-            record_memory(
-                result,
-                &tag,
-                "slow reader KiB/conn",
-                MemoryTest::SlowReader,
-                slow,
-            );
-        }
-    }
-    // What a slow reader costs the machine: the same readers, every subject as shipped,
-    // its RSS and the kernel memory in its sockets.
-    for round in 0..plan.repeats {
-        for k in 0..n {
-            let i = (k + round) % n;
-            let (subject, result) = (&subjects[i], &mut results[i]);
-            if !subject.kind.has_process() {
-                continue;
-            }
-            let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
-            let readers = plan.slow_readers();
-            let cost = memory::slow_readers(subject, Profile::Shipped, readers, read_kernel).await;
-            record_memory(
-                result,
-                &tag,
-                "slow reader cost, RSS KiB/conn",
-                MemoryTest::SlowReaderCost,
-                cost,
-            );
         }
     }
     for result in &mut results {
@@ -489,13 +470,24 @@ enum MemoryTest {
     SlowReaderCost,
 }
 
+impl MemoryTest {
+    /// What the figure is, in progress lines and failures.
+    fn what(self) -> &'static str {
+        match self {
+            MemoryTest::Idle => "idle KiB/conn",
+            MemoryTest::SlowReader => "slow reader KiB/conn",
+            MemoryTest::SlowReaderCost => "slow reader cost, RSS KiB/conn",
+        }
+    }
+}
+
 fn record_memory(
     result: &mut SubjectResult,
     tag: &str,
-    what: &str,
     test: MemoryTest,
     measured: Result<MemoryFigure>,
 ) {
+    let what = test.what();
     match measured {
         Ok(m) => {
             match &m.kernel {
@@ -610,8 +602,8 @@ async fn speed_round(
         let what = format!("RTT {conns} conn(s) p50 µs");
         match measured {
             Ok((samples, cost)) => {
-                let q99 = load::quantile(&samples, 0.99);
-                record(result, tag, &what, p50, Ok(load::quantile(&samples, 0.5)));
+                let q99 = nearest_rank(&samples, 0.99);
+                record(result, tag, &what, p50, Ok(nearest_rank(&samples, 0.5)));
                 record(result, tag, "      p99 µs", p99, Ok(q99));
                 if conns == 64 {
                     let what = "      CPU s/100k round trips";

@@ -573,8 +573,6 @@ impl Drop for Running {
     }
 }
 
-/// Make `command`'s child die with this process (the thread that spawns it lives for the whole
-/// run), so an interrupted bench leaves no proxy behind.
 /// Starts nginx (`exe`) with `config` written into `dir`, its error log there too.
 /// Returns the child and the error log's path.
 pub fn spawn_nginx(exe: &Path, dir: &Path, config: &str) -> Result<(Child, PathBuf)> {
@@ -621,6 +619,8 @@ pub fn wait_for_listener(
     Ok(())
 }
 
+/// Make `command`'s child die with this process (the thread that spawns it lives for the whole
+/// run), so an interrupted bench leaves no proxy behind.
 pub fn die_with_parent(mut command: Command) -> Command {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
