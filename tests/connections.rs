@@ -12,7 +12,6 @@ use common::{Proxy, connect_small_rcvbuf, data, echo_upstream, eventually, upstr
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 /// Generous limit for anything the tests wait for; reached only when something is wrong.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -53,13 +52,14 @@ async fn lists_exactly_the_live_connections() {
 
     // Every byte echoed has been delivered both ways; the relay reports once per poll, so
     // the figures may trail the client's read by a moment.
-    let listing = poll(endpoint, "?sort=age", "the echoed bytes are counted", |l| {
-        l["connections"].as_array().unwrap().iter().all(|c| {
-            let sent = clients[position(&addrs, c)].1;
-            c["client_to_upstream"]["bytes"] == sent && c["upstream_to_client"]["bytes"] == sent
+    let listing =
+        common::poll_connections(endpoint, "?sort=age", "the echoed bytes are counted", |l| {
+            l["connections"].as_array().unwrap().iter().all(|c| {
+                let sent = clients[position(&addrs, c)].1;
+                c["client_to_upstream"]["bytes"] == sent && c["upstream_to_client"]["bytes"] == sent
+            })
         })
-    })
-    .await;
+        .await;
     assert_eq!(listing["live"], 3);
     assert_eq!(listing["sort"], "age");
     let listed = listing["connections"].as_array().unwrap();
@@ -90,7 +90,7 @@ async fn lists_exactly_the_live_connections() {
 
     // The second client closes: it leaves the list, the others stay.
     drop(clients.remove(1));
-    let listing = poll(endpoint, "", "the closed connection is gone", |l| {
+    let listing = common::poll_connections(endpoint, "", "the closed connection is gone", |l| {
         l["live"] == 2
     })
     .await;
@@ -117,7 +117,7 @@ async fn lists_exactly_the_live_connections() {
 #[tokio::test]
 async fn a_slow_reader_shows_queued_paused_and_kernel_bytes() {
     let stuck = Stuck::start().await;
-    let listing = connections(stuck.endpoint, "").await;
+    let listing = common::connections(stuck.endpoint, "").await;
     let c = stuck.entry(&listing);
     let u2c = &c["upstream_to_client"];
     let queued = u2c["queued"].as_u64().unwrap();
@@ -153,7 +153,7 @@ async fn a_slow_reader_shows_queued_paused_and_kernel_bytes() {
     } = stuck;
     let slow_addr = slow.local_addr().unwrap().to_string();
     drop(slow);
-    poll(endpoint, "", "the slow reader's connection is gone", |l| {
+    common::poll_connections(endpoint, "", "the slow reader's connection is gone", |l| {
         l["live"] == 2
             && l["connections"]
                 .as_array()
@@ -177,7 +177,7 @@ async fn a_slow_reader_shows_queued_paused_and_kernel_bytes() {
 #[tokio::test]
 async fn sort_and_limit_pick_the_stuck_connection_and_bad_queries_are_refused() {
     let stuck = Stuck::start().await;
-    let listing = connections(stuck.endpoint, "?sort=kernel&limit=1").await;
+    let listing = common::connections(stuck.endpoint, "?sort=kernel&limit=1").await;
     assert_eq!(listing["live"], 3);
     assert_eq!(listing["sort"], "kernel");
     let listed = listing["connections"].as_array().unwrap();
@@ -185,7 +185,7 @@ async fn sort_and_limit_pick_the_stuck_connection_and_bad_queries_are_refused() 
     assert_eq!(listed[0]["client"], stuck.slow_addr());
 
     // Oldest first puts it last.
-    let listing = connections(stuck.endpoint, "?sort=age").await;
+    let listing = common::connections(stuck.endpoint, "?sort=age").await;
     assert_eq!(listing["connections"][2]["client"], stuck.slow_addr());
 
     for (query, reason) in [
@@ -193,7 +193,7 @@ async fn sort_and_limit_pick_the_stuck_connection_and_bad_queries_are_refused() 
         ("?limit=x", "limit=x"),
         ("?sort=age&limit=-1", "limit=-1"),
     ] {
-        let (status, body) = get(stuck.endpoint, &format!("/connections{query}")).await;
+        let (status, body) = common::get(stuck.endpoint, &format!("/connections{query}")).await;
         assert_eq!(status, 400, "{query}: {body}");
         assert!(body.contains(reason), "{query}: {body}");
     }
@@ -269,7 +269,7 @@ impl Stuck {
             idle.push(c);
         }
         // The idle ones are connected before the slow reader arrives, so it is the youngest.
-        poll(endpoint, "", "the idle connections are connected", |l| {
+        common::poll_connections(endpoint, "", "the idle connections are connected", |l| {
             let c = l["connections"].as_array().unwrap();
             c.len() == 2 && c.iter().all(|c| !c["upstream"].is_null())
         })
@@ -277,7 +277,7 @@ impl Stuck {
         let mut slow = connect_small_rcvbuf(proxy.addr, 4096).await;
         slow.write_all(&[FLOOD]).await.unwrap();
         let slow_addr = slow.local_addr().unwrap().to_string();
-        poll(endpoint, "", "the slow reader's direction pauses", |l| {
+        common::poll_connections(endpoint, "", "the slow reader's direction pauses", |l| {
             let Some(c) = find(l, &slow_addr) else {
                 return false;
             };
@@ -323,47 +323,6 @@ async fn flooding_upstream() -> SocketAddr {
         }
     })
     .await
-}
-
-/// `GET path` on the endpoint: the status code and the body.
-async fn get(endpoint: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(endpoint).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: sluice\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
-}
-
-/// `GET /connections{query}`, which must succeed.
-async fn connections(endpoint: SocketAddr, query: &str) -> Value {
-    let (status, body) = get(endpoint, &format!("/connections{query}")).await;
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-/// Asks for `/connections{query}` every 10 ms until `cond` holds; returns that listing.
-async fn poll(
-    endpoint: SocketAddr,
-    query: &str,
-    what: &str,
-    mut cond: impl FnMut(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let listing = connections(endpoint, query).await;
-        if cond(&listing) {
-            return listing;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting until {what}; last listing: {listing}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// The listed connection from `client`, if any.

@@ -77,7 +77,7 @@ async fn haproxy_in_front_of_sluice(send: &str) {
     );
 
     // /connections lists it under its own address and port, and nothing as HAProxy's.
-    let listing = poll_connections(endpoint, "the client is listed", |listing| {
+    let listing = common::poll_connections(endpoint, "", "the client is listed", |listing| {
         listed(listing)
             .iter()
             .any(|c| c["client"] == client_addr.to_string() && c["service"] == "edge")
@@ -225,7 +225,7 @@ async fn clients_without_a_valid_header_are_reset_and_counted() {
         .unwrap();
     assert!(echoes(&mut client).await);
     let endpoint = proxy.serve_endpoint().await;
-    poll_connections(endpoint, "the claimed address is listed", |listing| {
+    common::poll_connections(endpoint, "", "the claimed address is listed", |listing| {
         listed(listing)
             .iter()
             .any(|c| c["client"] == claimed.to_string())
@@ -291,33 +291,6 @@ fn rejected(proxy: &Proxy, service: &str, reason: &str) -> f64 {
                 .ok()
         })
         .unwrap_or(0.0)
-}
-
-/// Asks `GET /connections` every 10 ms until `cond` holds; returns that listing.
-async fn poll_connections(
-    endpoint: SocketAddr,
-    what: &str,
-    mut cond: impl FnMut(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let mut s = TcpStream::connect(endpoint).await.unwrap();
-        s.write_all(b"GET /connections HTTP/1.1\r\nHost: sluice\r\n\r\n")
-            .await
-            .unwrap();
-        let mut response = String::new();
-        s.read_to_string(&mut response).await.unwrap();
-        let (_, body) = response.split_once("\r\n\r\n").unwrap();
-        let listing: Value = serde_json::from_str(body).unwrap();
-        if cond(&listing) {
-            return listing;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting until {what}; last listing: {listing}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 fn listed(listing: &Value) -> &[Value] {

@@ -301,6 +301,48 @@ pub fn refusing_address() -> (SocketAddr, socket2::Socket) {
     (sock.local_addr().unwrap().as_socket().unwrap(), sock)
 }
 
+/// `GET path` on a metrics endpoint: the status code and the body.
+pub async fn get(endpoint: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(endpoint).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: sluice\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+/// `GET /connections{query}`, which must answer 200, as JSON.
+pub async fn connections(endpoint: SocketAddr, query: &str) -> serde_json::Value {
+    let (status, body) = get(endpoint, &format!("/connections{query}")).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Asks for `/connections{query}` every 10 ms until `cond` holds (20 s at most);
+/// returns that listing.
+pub async fn poll_connections(
+    endpoint: SocketAddr,
+    query: &str,
+    what: &str,
+    mut cond: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listing = connections(endpoint, query).await;
+        if cond(&listing) {
+            return listing;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}; last listing: {listing}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A free loopback address kept for the caller: a socket bound to it with SO_REUSEPORT
 /// (as sluice binds) that never listens, so sluice can bind it while no other test's
 /// `127.0.0.1:0` is given the port meanwhile. Keep the socket alive while using it.
