@@ -24,6 +24,8 @@
 //! - [`process_metrics`]: the `process_*` metrics from /proc.
 //! - [`registry`]: the live connections, what each holds in sluice and in the kernel
 //!   (`sluice_kernel_queued_bytes`, `GET /connections`).
+//! - [`notify`]: the service manager's notify protocol (`READY=1`, `RELOADING=1`,
+//!   `STOPPING=1`, `STATUS=`) on `NOTIFY_SOCKET`.
 //! - [`shutdown`]: signals (SIGTERM/SIGINT to stop, SIGHUP to reload).
 //! - [`logging`]: tracing subscriber set-up.
 //!
@@ -36,6 +38,7 @@ pub mod connection;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod pool;
 pub mod process_metrics;
 pub mod proxy_protocol;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use sluice::cli::Cli;
+use sluice::notify::{self, Notifier};
 use sluice::{Server, metrics, shutdown};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -86,7 +87,15 @@ async fn serve(cli: Cli, config: sluice::Config) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let mut reloads = shutdown::watch(stop.clone()).context("cannot install signal handlers")?;
 
-    tracing::info!(address = %metrics_listener.local_addr()?, "metrics endpoint listening");
+    let admin = metrics_listener.local_addr()?;
+    tracing::info!(address = %admin, "metrics endpoint listening");
+    let notifier = Arc::new(Notifier::from_env().context("cannot use NOTIFY_SOCKET")?);
+    tokio::spawn(tell_supervisor(
+        notifier.clone(),
+        server.clone(),
+        admin,
+        stop.clone(),
+    ));
     let metrics_task = tokio::spawn(metrics::serve(
         metrics_listener,
         server.metrics(),
@@ -94,10 +103,12 @@ async fn serve(cli: Cli, config: sluice::Config) -> anyhow::Result<()> {
     ));
 
     let reloader = {
-        let server = server.clone();
+        let (server, notifier) = (server.clone(), notifier.clone());
         tokio::spawn(async move {
             while reloads.recv().await.is_some() {
+                notifier.reloading();
                 reload(&cli, &server);
+                notifier.ready(&server.addresses(), admin, live(&server));
             }
         })
     };
@@ -110,6 +121,42 @@ async fn serve(cli: Cli, config: sluice::Config) -> anyhow::Result<()> {
     reloader.abort();
     let _ = metrics_task.await;
     Ok(())
+}
+
+/// Tells the service manager (when `NOTIFY_SOCKET` is set) that sluice is ready once every
+/// service accepts, how many connections are live while it runs, and that it is stopping.
+async fn tell_supervisor(
+    notifier: Arc<Notifier>,
+    server: Arc<Server>,
+    admin: std::net::SocketAddr,
+    stop: CancellationToken,
+) {
+    if !notifier.enabled() {
+        return;
+    }
+    tokio::select! {
+        _ = server.ready() => {}
+        _ = stop.cancelled() => return notifier.stopping(),
+    }
+    notifier.ready(&server.addresses(), admin, live(&server));
+    let mut told = live(&server);
+    let mut every = tokio::time::interval(notify::STATUS_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stop.cancelled() => return notifier.stopping(),
+        }
+        let now = live(&server);
+        if now != told {
+            notifier.status(server.addresses().len(), now);
+            told = now;
+        }
+    }
+}
+
+/// Live connections across every worker.
+fn live(server: &Server) -> usize {
+    server.worker_connections().iter().sum()
 }
 
 /// Re-reads the configuration on SIGHUP; a bad file leaves the running one in force.

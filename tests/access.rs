@@ -1,7 +1,7 @@
 //! Access rules: `listen.allow` and `listen.max_connections_per_client`. A refused client
 //! is reset at once and counted; everyone else is unaffected.
 
-mod common;
+use sluice_testkit as common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! `buffer.total`: the budget all connections share, with real sockets.
 
-mod common;
+use sluice_testkit as common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,7 +2,7 @@
 //! what each holds in sluice and in the kernel, against a proxy running in this process
 //! (its metrics endpoint served on 127.0.0.1:0 by `sluice::metrics::serve`).
 
-mod common;
+use sluice_testkit as common;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -344,7 +344,7 @@ fn position(addrs: &[String], c: &Value) -> usize {
 
 /// Runs the built `sluice-stress top` with `args`.
 async fn top(args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice-stress"))
+    tokio::process::Command::new(common::workspace_binary("sluice-stress"))
         .arg("top")
         .args(args)
         .output()

@@ -1,7 +1,7 @@
 //! The daemon's life: graceful shutdown on SIGTERM, a second signal, SIGHUP reloads, and
 //! running out of file descriptors. These run the real binary.
 
-mod common;
+use sluice_testkit as common;
 
 use std::io::{Read, Write};
 use std::time::Duration;

@@ -9,7 +9,7 @@
 //! client. Without `haproxy` installed the HAProxy tests are skipped with a note, except
 //! under CI (env `CI` set), where that is a failure.
 
-mod common;
+use sluice_testkit as common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

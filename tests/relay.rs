@@ -1,7 +1,7 @@
 //! The relay end to end through a real proxy on loopback: bytes arrive intact, the
 //! bounds hold, half-close, resets and timeouts behave, and the counters move.
 
-mod common;
+use sluice_testkit as common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! failing server is taken out and comes back, a failed connect is retried elsewhere,
 //! and reloads add, move and remove services.
 
-mod common;
+use sluice_testkit as common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

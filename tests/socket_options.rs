@@ -1,7 +1,7 @@
 //! The `[socket]` options as the kernel holds them on sluice's own two sockets of a
 //! relayed connection, read back with getsockopt.
 
-mod common;
+use sluice_testkit as common;
 
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};

@@ -2,7 +2,7 @@
 //! and an idle connection holds none. A test binary of its own, with one test, so the
 //! process's pipes are this test's alone and /proc/self/fd can be counted.
 
-mod common;
+use sluice_testkit as common;
 
 use std::time::Duration;
 

@@ -400,7 +400,7 @@ impl Drop for ProxyProcess {
 /// Runs `cargo build --bin sluice` for the profile `exe` was built with (target/release or
 /// target/debug), in the source tree this binary was compiled from.
 fn build_sluice(exe: &Path) -> Result<()> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     if !manifest.exists() {
         return Ok(());
     }

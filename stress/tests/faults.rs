@@ -8,7 +8,7 @@
 //! comes back byte-exact. The chaos upstream serves its first connection normally (`--healthy 1`):
 //! that is the healthy transfer, opened before any faulty one.
 
-mod common;
+use sluice_testkit as common;
 
 use std::io;
 use std::io::BufRead;

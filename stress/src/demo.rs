@@ -93,7 +93,7 @@ fn find_config(explicit: Option<PathBuf>) -> Result<PathBuf> {
     }
     let candidates = [
         PathBuf::from("proxy.toml"),
-        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml")),
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../proxy.toml")),
     ];
     candidates
         .iter()

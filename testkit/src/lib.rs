@@ -1,4 +1,4 @@
-//! Shared test helpers: an in-process proxy on 127.0.0.1:0, stand-in upstreams, and
+//! sluice's test kit: an in-process proxy on 127.0.0.1:0, stand-in upstreams, and
 //! slow readers and writers.
 #![allow(dead_code)]
 
@@ -397,7 +397,7 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("sluice.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+        let mut cmd = std::process::Command::new(workspace_binary("sluice"));
         cmd.arg("--config")
             .arg(&config_path)
             .stderr(std::process::Stdio::piped())
@@ -518,4 +518,25 @@ pub fn daemon_config(upstream: SocketAddr, extra: &str) -> String {
     format!(
         "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{upstream}\"\n[metrics]\naddress = \"127.0.0.1:0\"\n{extra}\n"
     )
+}
+
+/// A binary of this workspace (`sluice`, `sluice-stress`): the file cargo built beside the
+/// running test or tool (`target/<profile>/NAME`; tests run from `target/<profile>/deps`).
+/// `cargo test` at the top builds every member's binaries before it runs any test.
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the running executable's path");
+    let mut dir = exe
+        .parent()
+        .expect("the executable's directory")
+        .to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built (run `cargo build --workspace`)",
+        path.display()
+    );
+    path
 }

@@ -13,13 +13,12 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 const STRESS: &str = env!("CARGO_BIN_EXE_sluice-stress");
-const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
 
 fn stress() -> Command {
     let mut cmd = Command::new(STRESS);
-    cmd.env("SLUICE_BIN", SLUICE);
+    cmd.env("SLUICE_BIN", sluice_testkit::workspace_binary("sluice"));
     cmd
 }
 
@@ -402,7 +401,7 @@ impl Sluice {
             ),
         )
         .unwrap();
-        let mut cmd = Command::new(SLUICE);
+        let mut cmd = Command::new(sluice_testkit::workspace_binary("sluice"));
         cmd.arg("--config").arg(&path);
         let (child, addrs) = spawn_logging(cmd, 2);
         let find = |metrics: bool| addrs.iter().find(|a| a.0 == metrics).expect("both lines").1;

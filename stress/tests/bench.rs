@@ -155,9 +155,9 @@ fn quick_bench_reports_every_subject() {
     let json_path = dir.path().join("bench.json");
     let mut command = Command::new(env!("CARGO_BIN_EXE_sluice-stress"));
     command.args(["bench", "--quick", "--json"]).arg(&json_path);
-    if let Some(sluice) = option_env!("CARGO_BIN_EXE_sluice") {
-        command.arg("--sluice").arg(sluice);
-    }
+    command
+        .arg("--sluice")
+        .arg(sluice_testkit::workspace_binary("sluice"));
     let output = command.output().expect("run sluice-stress bench");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
