@@ -3,7 +3,8 @@
 //! It runs as its own process (`sluice-stress unbounded-relay`, hidden from help) so its RSS
 //! is measured the way sluice's is. It serves a tiny `/metrics` with the same names sluice
 //! uses for the numbers it has (`sluice_queued_bytes`, `sluice_bytes_total`), so a scenario
-//! samples both proxies with one code path. It lives only in sluice-stress, never in the daemon.
+//! samples both proxies with one code path, and says it is ready as sluice does (`READY=1` on
+//! `NOTIFY_SOCKET`). It lives only in sluice-stress, never in the daemon.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -66,7 +67,11 @@ pub async fn run(args: UnboundedArgs) -> Result<()> {
         .with_context(|| format!("cannot bind {}", args.listen))?;
     let metrics = std::net::TcpListener::bind(args.metrics)
         .with_context(|| format!("cannot bind {}", args.metrics))?;
-    // The same two lines sluice prints, so ProxyProcess learns the ports the same way.
+    // Ready as sluice says it, so ProxyProcess learns the ports the same way.
+    sluice_testkit::notify::ready(
+        &[("default", listener.local_addr()?)],
+        Some(metrics.local_addr()?),
+    );
     eprintln!(
         "INFO unbounded relay listening address={} upstream={}",
         listener.local_addr()?,

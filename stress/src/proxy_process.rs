@@ -1,35 +1,31 @@
-//! A proxy under test as a child process: spawn it, learn its ports from its log, read its RSS and metrics, stop it with SIGTERM.
+//! A proxy under test as a child process: the test kit's `ChildProcess` (spawn, ready by
+//! `NOTIFY_SOCKET`, RSS, /metrics, SIGTERM) and the config the stress tool generates for
+//! sluice, built as a `sluice::Config`.
 //!
-//! Used for the real `sluice` binary (with a generated config file) and for the unbounded
-//! baseline relay, so both are measured the same way: a separate process whose memory is
-//! nobody else's. Everything here is blocking (std), so it can be used from a sampler thread.
-//!
-//! Spawn from a thread that outlives the child (the main thread): the child gets
-//! `PR_SET_PDEATHSIG`, which fires when the *spawning thread* exits.
+//! Used for the real `sluice` binary and for the unbounded baseline relay, so both are
+//! measured the same way: a separate process whose memory is nobody else's.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::Result;
+use bytesize::ByteSize;
+use serde::de::DeserializeOwned;
+use sluice::Config;
+use sluice_testkit::config;
 
-/// How long a child may take to print its listening addresses before we give up.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
-/// How many of the child's last log lines we keep for error messages.
-const LOG_TAIL_LINES: usize = 200;
+pub use sluice_testkit::child::{ChildProcess as ProxyProcess, signal};
+pub use sluice_testkit::procfs::{own_rss, rss_of};
+pub use sluice_testkit::scrape::Scrape as Metrics;
+
 /// Timeout for one metrics scrape; loopback answers in microseconds, a stuck proxy must not stall a sampler.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The two directions, as they appear in the `direction` label of sluice's metrics.
 pub const DIRECTIONS: [&str; 2] = ["client_to_upstream", "upstream_to_client"];
 
-/// The settings of a generated sluice config file. Listen and metrics addresses are always
-/// `127.0.0.1:0`; the real ports are learned from the log.
+/// The settings of a generated sluice config. Listen and metrics addresses are always
+/// `127.0.0.1:0`; the real ports come from sluice's readiness message.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     /// Where sluice connects for every accepted client.
@@ -40,22 +36,22 @@ pub struct ProxyConfig {
     pub upstream_to_client: u64,
     /// Fraction of the bound at which a paused direction reads again.
     pub resume_at: f64,
-    /// `[buffer] total`, the buffer memory all connections share; `None` leaves the key
-    /// out (no such limit, the daemon's default).
+    /// `[buffer] total`, the buffer memory all connections share; `None` leaves it at the
+    /// daemon's default (no such limit).
     pub total: Option<u64>,
     /// SO_RCVBUF/SO_SNDBUF on both sides of sluice. Small kernel buffers make backpressure
     /// reach sluice's own buffers quickly instead of hiding megabytes in the kernel. `None`
-    /// leaves the keys out, so sluice runs with its shipped default (what a user gets).
+    /// leaves them at sluice's shipped default (what a user gets).
     pub socket_buffer: Option<u64>,
     /// `[listen] max_connections`; high enough for any scenario.
     pub max_connections: u64,
-    /// `[log] level`; `info` is needed for the listening lines we parse.
+    /// `[log] level`.
     pub log_level: String,
     /// `[relay] mode`: `copy` (the default) or `splice`.
     pub relay_mode: &'static str,
     /// `[runtime] scheduler`: `stealing` (the default) or `pinned`.
     pub scheduler: &'static str,
-    /// `[[service]]` sections. With any, the file has no `[listen]` / `[upstream]`
+    /// `[[service]]` sections. With any, the config has no `[listen]` / `[upstream]`
     /// address (so no `default` service, and `upstream` is not used), and clients connect
     /// to the first service.
     pub services: Vec<ServiceConfig>,
@@ -70,19 +66,6 @@ pub struct ServiceConfig {
     pub servers: Vec<SocketAddr>,
     /// `balance`: `round_robin`, `least_connections` or `least_queued`.
     pub balance: &'static str,
-}
-
-impl ServiceConfig {
-    /// The section's text.
-    fn to_toml(&self) -> String {
-        let servers: Vec<String> = self.servers.iter().map(|s| format!("\"{s}\"")).collect();
-        format!(
-            "\n[[service]]\nname = \"{}\"\nlisten = \"127.0.0.1:0\"\nservers = [{}]\nbalance = \"{}\"\n",
-            self.name,
-            servers.join(", "),
-            self.balance
-        )
-    }
 }
 
 impl ProxyConfig {
@@ -103,552 +86,64 @@ impl ProxyConfig {
         }
     }
 
-    /// The config file text, in the contract's schema.
-    pub fn to_toml(&self) -> String {
-        format!(
-            r#"# generated by sluice-stress
-[listen]
-{listen}max_connections = {max}
-
-[upstream]
-{upstream}connect_timeout = "5s"
-
-[buffer]
-client_to_upstream = {c2u}
-upstream_to_client = {u2c}
-resume_at = {resume}
-{total}
-[relay]
-mode = "{mode}"
-
-[runtime]
-scheduler = "{scheduler}"
-
-[socket]
-{socket_buffers}nodelay = true
-keepalive = "60s"
-
-[timeouts]
-idle = "10m"
-half_close = "60s"
-shutdown_grace = "2s"
-
-[metrics]
-address = "127.0.0.1:0"
-
-[log]
-level = "{level}"
-format = "text"
-{services}"#,
-            listen = self.default_service("address = \"127.0.0.1:0\"\n".to_string()),
-            max = self.max_connections,
-            upstream = self.default_service(format!("address = \"{}\"\n", self.upstream)),
-            c2u = self.client_to_upstream,
-            u2c = self.upstream_to_client,
-            resume = self.resume_at,
-            total = self
-                .total
-                .map_or(String::new(), |t| format!("total = {t}\n")),
-            mode = self.relay_mode,
-            scheduler = self.scheduler,
-            socket_buffers = self.socket_buffer.map_or(String::new(), |sb| format!(
-                "client_recv_buffer = {sb}\nclient_send_buffer = {sb}\n\
-                 upstream_recv_buffer = {sb}\nupstream_send_buffer = {sb}\n"
-            )),
-            level = self.log_level,
-            services = self
-                .services
-                .iter()
-                .map(ServiceConfig::to_toml)
-                .collect::<String>(),
-        )
-    }
-
-    /// `line` when the file describes the default service (no `[[service]]`), else nothing.
-    fn default_service(&self, line: String) -> String {
-        if self.services.is_empty() {
-            line
+    /// The configuration sluice runs with.
+    pub fn to_config(&self) -> Config {
+        let mut c = if self.services.is_empty() {
+            config::relay_to(self.upstream)
         } else {
-            String::new()
-        }
-    }
-}
-
-/// A running child proxy. Dropping it kills the child (SIGKILL); call [`ProxyProcess::stop`]
-/// for a graceful SIGTERM.
-pub struct ProxyProcess {
-    /// What we call it in messages ("sluice", "unbounded relay").
-    name: String,
-    child: Child,
-    /// Where clients connect.
-    listen: SocketAddr,
-    /// Where `/metrics` is served, if the child has a metrics endpoint.
-    metrics: Option<SocketAddr>,
-    /// The last lines the child wrote to stderr, for error messages.
-    log: Arc<Mutex<VecDeque<String>>>,
-    /// Holds the generated config file alive for as long as the child runs.
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl ProxyProcess {
-    /// The `sluice` binary: `$SLUICE_BIN` if set, else the file next to this executable
-    /// (cargo puts both binaries of the package in the same directory).
-    pub fn sluice_binary() -> Result<PathBuf> {
-        if let Some(path) = std::env::var_os("SLUICE_BIN") {
-            return Ok(PathBuf::from(path));
-        }
-        let exe = std::env::current_exe().context("cannot find the current executable")?;
-        let path = exe.with_file_name("sluice");
-        if !path.exists() {
-            // `cargo run --bin sluice-stress` builds only this binary; build its sibling the
-            // same way, so `demo` works from a fresh clone with one command.
-            build_sluice(&exe)?;
-        }
-        if !path.exists() {
-            bail!(
-                "the sluice binary is not at {} (build it with `cargo build`, or set SLUICE_BIN)",
-                path.display()
-            );
-        }
-        Ok(path)
-    }
-
-    /// Writes `config` to a temporary file and starts sluice with it.
-    pub fn spawn_sluice(config: &ProxyConfig) -> Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("sluice-stress-")
-            .tempdir()
-            .context("cannot create a temporary directory for the sluice config")?;
-        let path = dir.path().join("sluice.toml");
-        std::fs::write(&path, config.to_toml())
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        let mut cmd = Command::new(Self::sluice_binary()?);
-        cmd.arg("--config").arg(&path);
-        Self::spawn(cmd, "sluice", true, Some(dir))
-    }
-
-    /// Starts sluice with an existing config file plus extra arguments (e.g. `--listen`
-    /// overrides, as the demo does with the shipped `proxy.toml`).
-    pub fn spawn_sluice_with_file(config: &Path, extra_args: &[String]) -> Result<Self> {
-        let mut cmd = Command::new(Self::sluice_binary()?);
-        cmd.arg("--config").arg(config).args(extra_args);
-        Self::spawn(cmd, "sluice", true, None)
-    }
-
-    /// Starts any proxy that logs `... listening address=ADDR` (and, if `expect_metrics`,
-    /// `metrics endpoint listening address=ADDR`) to stderr, and waits for those lines.
-    pub fn spawn(
-        mut cmd: Command,
-        name: &str,
-        expect_metrics: bool,
-        dir: Option<tempfile::TempDir>,
-    ) -> Result<Self> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            // Plain log lines, whatever the logging library thinks of terminals.
-            .env("NO_COLOR", "1")
-            // Own process group: a terminal's Ctrl-C reaches only sluice-stress, which then
-            // stops the child itself and can still print its summary.
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                // Die with the parent, so a killed sluice-stress leaves no proxy behind.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::new(Mutex::new(VecDeque::new()));
-        let (tx, rx) = mpsc::channel::<String>();
-        {
-            let log = Arc::clone(&log);
-            std::thread::Builder::new()
-                .name(format!("{name}-stderr"))
-                .spawn(move || drain_log(stderr, log, tx))
-                .context("cannot start the log reader thread")?;
-        }
-
-        let mut proc = ProxyProcess {
-            name: name.to_string(),
-            child,
-            listen: SocketAddr::from(([0, 0, 0, 0], 0)),
-            metrics: None,
-            log,
-            _dir: dir,
+            config::without_services()
         };
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let mut listen = None;
-        while listen.is_none() || (expect_metrics && proc.metrics.is_none()) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => match parse_listening_line(&line) {
-                    Some((true, addr)) => proc.metrics = Some(addr),
-                    Some((false, addr)) => listen = Some(addr),
-                    None => {}
-                },
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    bail!(
-                        "{name} did not print its listening addresses within {STARTUP_TIMEOUT:?}; log:\n{}",
-                        proc.log_text()
-                    );
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = proc.child.wait().ok();
-                    bail!(
-                        "{name} exited during start-up ({}); log:\n{}",
-                        status.map_or("unknown status".to_string(), |s| s.to_string()),
-                        proc.log_text()
-                    );
-                }
-            }
+        c.listen.max_connections = self.max_connections as usize;
+        c.upstream.connect_timeout = Duration::from_secs(5);
+        c.buffer.client_to_upstream = ByteSize::b(self.client_to_upstream);
+        c.buffer.upstream_to_client = ByteSize::b(self.upstream_to_client);
+        c.buffer.resume_at = self.resume_at;
+        if let Some(total) = self.total {
+            c.buffer.total = ByteSize::b(total);
         }
-        proc.listen = listen.expect("loop ends only with an address");
-        Ok(proc)
-    }
-
-    #[allow(dead_code)] // part of the API the bench subcommand uses
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Where clients should connect.
-    pub fn listen_addr(&self) -> SocketAddr {
-        self.listen
-    }
-
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics
-    }
-
-    /// `http://ADDR/metrics`, for people to open while a run goes on.
-    pub fn metrics_url(&self) -> Option<String> {
-        self.metrics.map(|a| format!("http://{a}/metrics"))
-    }
-
-    /// The child's resident set size now.
-    #[allow(dead_code)] // part of the API the bench subcommand uses
-    pub fn rss_bytes(&self) -> Result<u64> {
-        rss_of(self.pid())
-    }
-
-    /// Scrapes and parses `/metrics`.
-    pub fn scrape(&self) -> Result<Metrics> {
-        let addr = self
-            .metrics
-            .ok_or_else(|| anyhow!("{} has no metrics endpoint", self.name))?;
-        Ok(Metrics::parse(&http_get(addr, "/metrics")?))
-    }
-
-    /// The last lines of the child's stderr, oldest first.
-    pub fn log_text(&self) -> String {
-        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        log.iter().cloned().collect::<Vec<_>>().join("\n")
-    }
-
-    /// `Some(status)` once the child has exited.
-    pub fn try_exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// SIGTERM, then wait up to `grace` for it to exit (SIGKILL after that, and an error).
-    /// A child that has already exited (sluice died, the baseline at its cap) just gives
-    /// its status.
-    pub fn stop(mut self, grace: Duration) -> Result<ExitStatus> {
-        if let Some(status) = self.try_exited() {
-            return Ok(status);
+        c.relay.mode = label(self.relay_mode);
+        c.runtime.scheduler = label(self.scheduler);
+        if let Some(sb) = self.socket_buffer.map(ByteSize::b) {
+            c.socket.client_recv_buffer = sb;
+            c.socket.client_send_buffer = sb;
+            c.socket.upstream_recv_buffer = sb;
+            c.socket.upstream_send_buffer = sb;
         }
-        signal(self.pid(), libc::SIGTERM)?;
-        let deadline = Instant::now() + grace;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                bail!(
-                    "{} did not exit within {grace:?} of SIGTERM; killed it. log:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Runs `cargo build --bin sluice` for the profile `exe` was built with (target/release or
-/// target/debug), in the source tree this binary was compiled from.
-fn build_sluice(exe: &Path) -> Result<()> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    if !manifest.exists() {
-        return Ok(());
-    }
-    let release = exe
-        .parent()
-        .and_then(|d| d.file_name())
-        .is_some_and(|n| n == "release");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.arg("build").arg("--manifest-path").arg(&manifest);
-    if release {
-        cmd.arg("--release");
-    }
-    cmd.args(["--bin", "sluice"]);
-    eprintln!(
-        "sluice-stress: the sluice binary is not built yet; running cargo build{} --bin sluice",
-        if release { " --release" } else { "" }
-    );
-    let status = cmd.status().context("cannot run cargo to build sluice")?;
-    if !status.success() {
-        bail!("building sluice failed ({status})");
-    }
-    Ok(())
-}
-
-/// Reads the child's stderr line by line: keeps a tail for error messages and passes lines
-/// to the start-up waiter while it listens.
-fn drain_log(stderr: impl Read, log: Arc<Mutex<VecDeque<String>>>, tx: mpsc::Sender<String>) {
-    let mut tx = Some(tx);
-    for line in BufReader::new(stderr).lines() {
-        let Ok(line) = line else { break };
-        let line = strip_ansi(&line);
-        {
-            let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-            if log.len() == LOG_TAIL_LINES {
-                log.pop_front();
-            }
-            log.push_back(line.clone());
-        }
-        if let Some(sender) = &tx
-            && sender.send(line).is_err()
-        {
-            // Start-up is over; nobody listens any more.
-            tx = None;
-        }
-    }
-}
-
-/// Finds `metrics endpoint listening address=ADDR` (→ `(true, ADDR)`) or
-/// `... listening [service=NAME ...] address=ADDR` (→ `(false, ADDR)`) in a log line: the
-/// first `address=` field after the word `listening`.
-pub fn parse_listening_line(line: &str) -> Option<(bool, SocketAddr)> {
-    const KEY: &str = "listening ";
-    let at = line.find(KEY)?;
-    let value = line[at + KEY.len()..]
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("address="))?;
-    let value = value.trim_matches(|c| c == '"' || c == ',' || c == '\'');
-    let addr = value.parse().ok()?;
-    Some((line[..at].ends_with("metrics endpoint "), addr))
-}
-
-/// Removes ANSI escape sequences (`ESC [ ... letter`), in case the child colours its log.
-pub fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Sends `sig` to `pid`; a process that is already gone is not an error.
-pub fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
-    // SAFETY: kill has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::ESRCH) {
-            return Err(err).with_context(|| format!("cannot signal process {pid}"));
-        }
-    }
-    Ok(())
-}
-
-/// Resident set size of a process, from `/proc/PID/status` (`VmRSS`).
-pub fn rss_of(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    parse_vmrss(&status).ok_or_else(|| anyhow!("no VmRSS line in {path}"))
-}
-
-/// RSS of this process.
-pub fn own_rss() -> Result<u64> {
-    rss_of(std::process::id())
-}
-
-fn parse_vmrss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut parts = line["VmRSS:".len()..].split_whitespace();
-    let value: u64 = parts.next()?.parse().ok()?;
-    match parts.next() {
-        Some("kB") | None => Some(value * 1024),
-        Some(_) => None,
-    }
-}
-
-/// A minimal HTTP/1.0 GET returning the body; enough for a Prometheus endpoint on loopback.
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT)
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
-    stream.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .with_context(|| format!("cannot read the response from {addr}{path}"))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("malformed HTTP response from {addr}{path}"))?;
-    let status_line = head.lines().next().unwrap_or("");
-    if status_line.split_whitespace().nth(1) != Some("200") {
-        bail!("GET {addr}{path}: {status_line}");
-    }
-    Ok(body.to_string())
-}
-
-/// Label pairs of one sample, in exposition order.
-type Labels = Vec<(String, String)>;
-
-/// One scrape of a Prometheus text exposition.
-#[derive(Debug, Clone, Default)]
-pub struct Metrics {
-    /// (metric name, labels, value) for every sample line.
-    samples: Vec<(String, Labels, f64)>,
-}
-
-impl Metrics {
-    /// Parses the text format; lines it does not understand are skipped.
-    pub fn parse(text: &str) -> Self {
-        let samples = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .filter_map(parse_sample)
-            .collect();
-        Metrics { samples }
-    }
-
-    /// The sum of `name` over the samples whose labels include all of `labels` (as
-    /// PromQL's `sum` gives it: labels left out, such as `service`, are summed over);
-    /// `None` if no sample matches.
-    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        self.samples
+        c.socket.nodelay = true;
+        c.socket.keepalive = Duration::from_secs(60);
+        c.timeouts.idle = Duration::from_secs(600);
+        c.timeouts.half_close = Duration::from_secs(60);
+        c.timeouts.shutdown_grace = Duration::from_secs(2);
+        c.log.level = self.log_level.clone();
+        c.services = self
+            .services
             .iter()
-            .filter(|(n, ls, _)| {
-                n == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v))
+            .map(|s| {
+                let mut spec = config::service(&s.name, &s.servers);
+                spec.balance = label(s.balance);
+                spec
             })
-            .map(|(_, _, v)| *v)
-            .reduce(|a, b| a + b)
-    }
-
-    /// `name{direction=DIR}`, 0 when absent.
-    pub fn direction(&self, name: &str, dir: &str) -> f64 {
-        self.get(name, &[("direction", dir)]).unwrap_or(0.0)
-    }
-
-    /// Sum of `name` over all its label sets, 0 when absent.
-    pub fn sum(&self, name: &str) -> f64 {
-        self.get(name, &[]).unwrap_or(0.0)
-    }
-
-    /// Whether any sample of `name` exists.
-    #[allow(dead_code)] // part of the API the bench subcommand uses
-    pub fn has(&self, name: &str) -> bool {
-        self.samples.iter().any(|(n, _, _)| n == name)
+            .collect();
+        c
     }
 }
 
-fn parse_sample(line: &str) -> Option<(String, Labels, f64)> {
-    let (name, labels, rest) = match line.find('{') {
-        Some(open) if line[..open].find(' ').is_none() => {
-            let close = open + line[open..].find('}')?;
-            (
-                &line[..open],
-                parse_labels(&line[open + 1..close])?,
-                &line[close + 1..],
-            )
-        }
-        _ => {
-            let (name, rest) = line.split_once(' ')?;
-            (name, Vec::new(), rest)
-        }
-    };
-    let value = rest.split_whitespace().next()?;
-    let value = match value {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v.parse().ok()?,
-    };
-    Some((name.to_string(), labels, value))
+impl From<&ProxyConfig> for Config {
+    fn from(p: &ProxyConfig) -> Config {
+        p.to_config()
+    }
 }
 
-fn parse_labels(s: &str) -> Option<Labels> {
-    let mut labels = Vec::new();
-    let mut rest = s.trim();
-    while !rest.is_empty() {
-        let (key, after) = rest.split_once('=')?;
-        let after = after.trim_start().strip_prefix('"')?;
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = None;
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => match chars.next() {
-                    Some((_, 'n')) => value.push('\n'),
-                    Some((_, c)) => value.push(c),
-                    None => return None,
-                },
-                '"' => {
-                    end = Some(i);
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        let end = end?;
-        labels.push((key.trim().trim_start_matches(',').trim().to_string(), value));
-        rest = after[end + 1..].trim_start().trim_start_matches(',').trim();
-    }
-    Some(labels)
+/// A setting's value as the config file writes it (`"splice"`, `"least_queued"`), read
+/// into its type; the stress tool only names values sluice has.
+fn label<T: DeserializeOwned>(name: &str) -> T {
+    T::deserialize(toml::Value::String(name.into()))
+        .unwrap_or_else(|e| panic!("`{name}` is not a value sluice knows: {e}"))
+}
+
+/// `GET path` from `addr`, which must answer 200: the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    sluice_testkit::http::get_ok(addr, path, SCRAPE_TIMEOUT)
 }
 
 #[cfg(test)]
@@ -656,49 +151,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_listening_lines_with_and_without_colour() {
-        let plain = "2025-01-01T00:00:00Z  INFO sluice: sluice listening address=127.0.0.1:4000 upstream=127.0.0.1:5000";
-        assert_eq!(
-            parse_listening_line(plain),
-            Some((false, "127.0.0.1:4000".parse().unwrap()))
-        );
-        let coloured = "\u{1b}[32m INFO\u{1b}[0m sluice: metrics endpoint listening \u{1b}[3maddress\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:9090";
-        assert_eq!(
-            parse_listening_line(&strip_ansi(coloured)),
-            Some((true, "127.0.0.1:9090".parse().unwrap()))
-        );
-        assert_eq!(parse_listening_line("sluice starting"), None);
-        let service = "INFO sluice::listener: sluice listening service=db address=127.0.0.1:4001 servers=2 balance=least_queued";
-        assert_eq!(
-            parse_listening_line(service),
-            Some((false, "127.0.0.1:4001".parse().unwrap()))
-        );
-    }
-
-    #[test]
-    fn parses_prometheus_text() {
-        let text = "# HELP sluice_queued_bytes bytes\n# TYPE sluice_queued_bytes gauge\n\
-            sluice_queued_bytes{direction=\"client_to_upstream\"} 10\n\
-            sluice_queued_bytes{direction=\"upstream_to_client\"} 20\n\
-            sluice_connections_active 3\n\
-            sluice_build_info{version=\"0.1.0\",x=\"a\\\"b\"} 1\n\
-            h_bucket{le=\"+Inf\"} 5 1700000000\n";
-        let m = Metrics::parse(text);
-        assert_eq!(
-            m.direction("sluice_queued_bytes", "upstream_to_client"),
-            20.0
-        );
-        assert_eq!(m.sum("sluice_queued_bytes"), 30.0);
-        assert_eq!(m.get("sluice_connections_active", &[]), Some(3.0));
-        assert_eq!(m.get("sluice_build_info", &[("x", "a\"b")]), Some(1.0));
-        assert_eq!(m.get("h_bucket", &[("le", "+Inf")]), Some(5.0));
-        assert!(!m.has("nope"));
-    }
-
-    #[test]
-    fn parses_vmrss() {
-        let status = "Name:\tsluice\nVmPeak:\t 1000 kB\nVmRSS:\t    5120 kB\n";
-        assert_eq!(parse_vmrss(status), Some(5120 * 1024));
-        assert!(own_rss().unwrap() > 0);
+    fn the_generated_config_is_valid_and_says_what_was_asked() {
+        let mut p = ProxyConfig::new("127.0.0.1:5000".parse().unwrap());
+        p.total = Some(1_000_001);
+        p.relay_mode = "splice";
+        p.scheduler = "pinned";
+        let text = sluice_testkit::config::to_toml(&p.to_config());
+        let c = Config::parse(&text, "generated").unwrap();
+        c.validate("generated", Some(&text)).unwrap();
+        assert_eq!(c.buffer.total.as_u64(), 1_000_001);
+        assert_eq!(c.socket.upstream_send_buffer.as_u64(), 16 * 1024);
+        assert_eq!(c.relay.mode, sluice::config::RelayMode::Splice);
+        p.services = vec![ServiceConfig {
+            name: "pool".into(),
+            servers: vec!["127.0.0.1:5001".parse().unwrap()],
+            balance: "least_queued",
+        }];
+        let c = p.to_config();
+        assert!(c.listen.address.is_empty());
+        assert_eq!(c.services[0].balance, sluice::pool::Balance::LeastQueued);
+        c.validate("generated", None).unwrap();
     }
 }

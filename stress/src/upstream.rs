@@ -1,45 +1,21 @@
-//! The stand-in upstream: `source` writes the verifiable pattern, `sink` reads (and verifies it when it sees one), `echo` echoes, `per-connection` lets each client's first line choose; optionally slow.
+//! `sluice-stress upstream`: the command line over the test kit's stand-in upstreams
+//! (source, sink, echo, per-connection; faults with `--fault`, see chaos.rs).
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Args, ValueEnum};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use clap::Args;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::pattern::{Pattern, Verifier};
-use crate::rate::{Rate, TokenBucket, format_bytes, parse_rate, parse_size};
-
-/// I/O size when no rate is set.
-const IO_CHUNK: usize = 64 * 1024;
-/// How long a finished source waits for its peer to close before dropping the socket.
-const LINGER: Duration = Duration::from_secs(30);
-/// How many error messages we keep for the report.
-const ERROR_SAMPLES: usize = 10;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum UpstreamMode {
-    /// Write the verifiable pattern (endlessly, or --bytes bytes, then close).
-    Source,
-    /// Read and discard; verify the pattern when the stream carries one.
-    Sink,
-    /// Write back what was read.
-    Echo,
-    /// Each connection's first line names its mode (`source\n`, `sink\n` or `echo\n`),
-    /// then it is served that way: one upstream (sluice has one per process) can feed slow
-    /// readers and answer a latency probe's pings. A connection that sends nothing is
-    /// idle on both sides.
-    PerConnection,
-}
-
-/// The longest first line a `per-connection` upstream reads before giving up on it.
-const MODE_LINE_MAX: usize = 64;
+use crate::UsageError;
+use crate::chaos::{self, Chaos, ChaosStats, Fault};
+use crate::rate::{Rate, parse_rate, parse_size};
+pub use sluice_testkit::upstream::{
+    LocalUpstream, UpstreamMode, UpstreamSpec, UpstreamStats, bind, is_peer_gone, serve, stats_line,
+};
 
 /// `sluice-stress upstream`: a stand-in upstream for sluice.
 #[derive(Debug, Clone, Args)]
@@ -65,22 +41,12 @@ pub struct UpstreamArgs {
     /// Misbehave on purpose (see chaos.rs): reset-after=BYTES, close-after=BYTES, stall,
     /// slow-close=DURATION, refuse, blackhole, trickle[=DURATION]. BYTES count the mode's
     /// main direction: written (source), read (sink), echoed (echo).
-    #[arg(long, value_parser = crate::chaos::parse_fault)]
-    pub fault: Option<crate::chaos::Fault>,
+    #[arg(long, value_parser = chaos::parse_fault)]
+    pub fault: Option<Fault>,
     /// With --fault: serve the first N connections normally, fault the rest (refuse and
     /// blackhole turn the listener faulty once N are accepted).
     #[arg(long, default_value_t = 0, requires = "fault")]
     pub healthy: u64,
-}
-
-/// What one upstream does per connection.
-#[derive(Debug, Clone)]
-pub struct UpstreamSpec {
-    pub mode: UpstreamMode,
-    pub rate: Option<Rate>,
-    pub bytes: Option<u64>,
-    pub rcvbuf: Option<u64>,
-    pub sndbuf: Option<u64>,
 }
 
 impl From<&UpstreamArgs> for UpstreamSpec {
@@ -95,274 +61,15 @@ impl From<&UpstreamArgs> for UpstreamSpec {
     }
 }
 
-/// Counters shared with whoever runs the upstream (a scenario reads them live).
-#[derive(Debug, Default)]
-pub struct UpstreamStats {
-    pub accepted: AtomicU64,
-    pub active: AtomicU64,
-    /// Connections that ended cleanly (EOF, or --bytes written and the peer closed).
-    pub completed: AtomicU64,
-    /// Connections the peer reset or abandoned; normal when clients stop at a deadline.
-    pub resets: AtomicU64,
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
-    /// Sink: bytes checked against the pattern.
-    pub bytes_verified: AtomicU64,
-    /// Sink: streams without the pattern header (counted, not checked).
-    pub unverified_streams: AtomicU64,
-    /// Verification failures and unexpected I/O errors.
-    pub errors: AtomicU64,
-    pub error_samples: std::sync::Mutex<Vec<String>>,
-}
-
-impl UpstreamStats {
-    pub fn error(&self, msg: String) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
-        let mut samples = self.error_samples.lock().unwrap_or_else(|e| e.into_inner());
-        if samples.len() < ERROR_SAMPLES {
-            samples.push(msg);
-        }
-    }
-}
-
-/// Binds a listener with the spec's socket buffer sizes (inherited by accepted sockets).
-pub fn bind(addr: SocketAddr, spec: &UpstreamSpec) -> Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }?;
-    socket.set_reuseaddr(true)?;
-    if let Some(n) = spec.rcvbuf {
-        socket.set_recv_buffer_size(n as u32)?;
-    }
-    if let Some(n) = spec.sndbuf {
-        socket.set_send_buffer_size(n as u32)?;
-    }
-    socket
-        .bind(addr)
-        .with_context(|| format!("cannot bind the upstream to {addr}"))?;
-    Ok(socket.listen(4096)?)
-}
-
-/// A stand-in upstream serving on a free loopback port in this process, until stopped:
-/// what the scenarios and the demo put behind the proxy.
-pub struct LocalUpstream {
-    pub addr: SocketAddr,
-    pub stats: Arc<UpstreamStats>,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl LocalUpstream {
-    /// Binds 127.0.0.1:0 with `spec`'s socket options and serves it on this runtime.
-    pub fn start(spec: Arc<UpstreamSpec>) -> Result<LocalUpstream> {
-        let listener = bind("127.0.0.1:0".parse()?, &spec)?;
-        let addr = listener.local_addr()?;
-        let stats = Arc::new(UpstreamStats::default());
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, spec, stats.clone(), stop.clone()));
-        Ok(LocalUpstream {
-            addr,
-            stats,
-            stop,
-            task,
-        })
-    }
-
-    /// Stops accepting and waits for the accept loop to end.
-    pub async fn stop(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
-    }
-}
-
-/// Accepts and serves connections until `shutdown` fires.
-pub async fn serve(
-    listener: TcpListener,
-    spec: Arc<UpstreamSpec>,
-    stats: Arc<UpstreamStats>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // EMFILE and friends: back off instead of ending the upstream.
-                eprintln!("upstream: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        stats.accepted.fetch_add(1, Ordering::Relaxed);
-        stats.active.fetch_add(1, Ordering::Relaxed);
-        let (spec, stats, shutdown) = (spec.clone(), stats.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let result = tokio::select! {
-                _ = shutdown.cancelled() => Ok(()),
-                r = handle(stream, &spec, &stats) => r,
-            };
-            match result {
-                Ok(()) => {}
-                Err(e) if is_peer_gone(&e) => {
-                    stats.resets.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => stats.error(format!("upstream {:?}: {e}", spec.mode)),
-            }
-            stats.active.fetch_sub(1, Ordering::Relaxed);
-        });
-    }
-}
-
-/// A reset, broken pipe or early EOF: the peer went away, which is how endless streams end.
-pub fn is_peer_gone(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::UnexpectedEof
-    )
-}
-
-/// Serves one connection as the mode says (also the healthy path of `--fault`).
-pub async fn handle(
-    mut stream: TcpStream,
-    spec: &UpstreamSpec,
-    stats: &UpstreamStats,
-) -> io::Result<()> {
-    let (mode, mut first) = match spec.mode {
-        UpstreamMode::PerConnection => read_mode_line(&mut stream).await?,
-        mode => (mode, Vec::new()),
-    };
-    let mut bucket = spec.rate.map(TokenBucket::new);
-    let chunk = bucket.as_ref().map_or(IO_CHUNK, TokenBucket::chunk);
-    // Room for what followed the mode line, whatever the chunk.
-    let mut buf = vec![0u8; chunk.max(2 * MODE_LINE_MAX)];
-    match mode {
-        UpstreamMode::Source => {
-            let pattern = Pattern::random();
-            let limit = spec.bytes.unwrap_or(u64::MAX);
-            let mut offset = 0u64;
-            while offset < limit {
-                let n = chunk.min((limit - offset) as usize);
-                pattern.fill(offset, &mut buf[..n]);
-                stream.write_all(&buf[..n]).await?;
-                offset += n as u64;
-                stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                if let Some(b) = bucket.as_mut() {
-                    b.take(n).await;
-                }
-            }
-            stream.shutdown().await?;
-            // Read until the peer closes, so unread input cannot turn our close into a reset.
-            let drain = async {
-                loop {
-                    let n = stream.read(&mut buf).await?;
-                    if n == 0 {
-                        return io::Result::Ok(());
-                    }
-                    stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                }
-            };
-            let _ = tokio::time::timeout(LINGER, drain).await;
-        }
-        UpstreamMode::Sink | UpstreamMode::Echo => {
-            let mut verifier = (mode == UpstreamMode::Sink).then(Verifier::new);
-            loop {
-                // What came after the mode line is the stream's first read.
-                let n = if first.is_empty() {
-                    stream.read(&mut buf).await?
-                } else {
-                    let n = first.len();
-                    buf[..n].copy_from_slice(&first);
-                    first.clear();
-                    n
-                };
-                if n == 0 {
-                    break;
-                }
-                stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                if let Some(v) = verifier.as_mut() {
-                    match v.feed(&buf[..n]) {
-                        Ok(()) => {
-                            stats.bytes_verified.fetch_add(n as u64, Ordering::Relaxed);
-                        }
-                        Err(crate::pattern::VerifyError::BadMagic) if v.offset() == 0 => {
-                            // Not our stream (nc, a file): just count it.
-                            stats.unverified_streams.fetch_add(1, Ordering::Relaxed);
-                            verifier = None;
-                        }
-                        Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
-                    }
-                }
-                if mode == UpstreamMode::Echo {
-                    stream.write_all(&buf[..n]).await?;
-                    stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                if let Some(b) = bucket.as_mut() {
-                    b.take(n).await;
-                }
-            }
-            stream.shutdown().await?;
-        }
-        UpstreamMode::PerConnection => unreachable!("the mode line names a concrete mode"),
-    }
-    stats.completed.fetch_add(1, Ordering::Relaxed);
-    Ok(())
-}
-
-/// Reads a `per-connection` client's first line: the mode it asks for, and any bytes that
-/// came after the line in the same reads.
-async fn read_mode_line(stream: &mut TcpStream) -> io::Result<(UpstreamMode, Vec<u8>)> {
-    let mut line = Vec::with_capacity(2 * MODE_LINE_MAX);
-    let mut buf = [0u8; MODE_LINE_MAX];
-    loop {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        line.extend_from_slice(&buf[..n]);
-        if let Some(end) = line.iter().position(|&b| b == b'\n') {
-            let rest = line.split_off(end + 1);
-            let mode = match line.trim_ascii() {
-                b"source" => UpstreamMode::Source,
-                b"sink" => UpstreamMode::Sink,
-                b"echo" => UpstreamMode::Echo,
-                other => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "per-connection: the first line must be source, sink or echo, not {:?}",
-                            String::from_utf8_lossy(other)
-                        ),
-                    ));
-                }
-            };
-            return Ok((mode, rest));
-        }
-        if line.len() > MODE_LINE_MAX {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("per-connection: no mode line in the first {MODE_LINE_MAX} bytes"),
-            ));
-        }
-    }
-}
-
 /// `sluice-stress upstream ...`: serve until Ctrl-C, printing totals every 5 s.
 pub async fn run(args: UpstreamArgs) -> Result<()> {
     if let Some(fault) = args.fault {
-        return crate::chaos::run(args, fault).await;
+        return run_faulty(args, fault).await;
     }
     let spec = Arc::new(UpstreamSpec::from(&args));
     let listener = bind(args.listen, &spec)?;
     let addr = listener.local_addr()?;
+    sluice_testkit::notify::ready(&[("upstream", addr)], None);
     eprintln!(
         "upstream listening address={addr} mode={:?} rate={}",
         args.mode,
@@ -370,75 +77,64 @@ pub async fn run(args: UpstreamArgs) -> Result<()> {
     );
     let stats = Arc::new(UpstreamStats::default());
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(serve(listener, spec, stats.clone(), shutdown.clone()));
+    let server = tokio::spawn({
+        let (stats, shutdown) = (stats.clone(), shutdown.clone());
+        async move {
+            serve(listener, spec, stats, shutdown).await;
+            Ok(())
+        }
+    });
+    serve_until_interrupted(server, shutdown, || stats_line(&stats)).await
+}
+
+/// `sluice-stress upstream --fault F ...`: the same with the fault.
+async fn run_faulty(args: UpstreamArgs, fault: Fault) -> Result<()> {
+    let spec = Arc::new(UpstreamSpec::from(&args));
+    chaos::check(&spec, fault).map_err(UsageError)?;
+    let chaos = Chaos {
+        fault,
+        healthy: args.healthy,
+    };
+    let listener = chaos::bind(args.listen, &spec, fault)?;
+    let addr = listener.local_addr()?;
+    sluice_testkit::notify::ready(&[("upstream", addr)], None);
+    eprintln!(
+        "upstream listening address={addr} mode={:?} fault={fault} healthy={}",
+        args.mode, args.healthy
+    );
+    let stats = Arc::new(UpstreamStats::default());
+    let chaos_stats = Arc::new(ChaosStats::default());
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(chaos::serve(
+        listener,
+        spec,
+        chaos,
+        stats.clone(),
+        chaos_stats.clone(),
+        shutdown.clone(),
+    ));
+    serve_until_interrupted(server, shutdown, || chaos::stats_line(&stats, &chaos_stats)).await
+}
+
+/// Prints `totals` every 5 s until Ctrl-C, then stops `server` and prints them once more.
+/// A server that ends by itself (a listener fault that could not be set up) ends the run.
+async fn serve_until_interrupted(
+    server: JoinHandle<Result<()>>,
+    shutdown: CancellationToken,
+    totals: impl Fn() -> String,
+) -> Result<()> {
+    tokio::pin!(server);
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
     ticker.tick().await;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
-            _ = ticker.tick() => eprintln!("{}", stats_line(&stats)),
+            _ = ticker.tick() => eprintln!("{}", totals()),
+            r = &mut server => return r.context("the chaos upstream failed")?,
         }
     }
     shutdown.cancel();
     let _ = server.await;
-    eprintln!("{}", stats_line(&stats));
+    eprintln!("{}", totals());
     Ok(())
-}
-
-pub fn stats_line(s: &UpstreamStats) -> String {
-    format!(
-        "upstream: {} accepted, {} active, {} in, {} out, {} verified, {} errors",
-        s.accepted.load(Ordering::Relaxed),
-        s.active.load(Ordering::Relaxed),
-        format_bytes(s.bytes_in.load(Ordering::Relaxed)),
-        format_bytes(s.bytes_out.load(Ordering::Relaxed)),
-        format_bytes(s.bytes_verified.load(Ordering::Relaxed)),
-        s.errors.load(Ordering::Relaxed),
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A per-connection upstream on port 0.
-    fn per_connection() -> LocalUpstream {
-        LocalUpstream::start(Arc::new(UpstreamSpec {
-            mode: UpstreamMode::PerConnection,
-            rate: None,
-            bytes: None,
-            rcvbuf: None,
-            sndbuf: None,
-        }))
-        .unwrap()
-    }
-
-    #[tokio::test]
-    async fn the_first_line_chooses_each_connections_mode() {
-        let upstream = per_connection();
-        let (addr, stats) = (upstream.addr, &upstream.stats);
-        // Echo, with bytes sent in the same write as the line.
-        let mut echo = TcpStream::connect(addr).await.unwrap();
-        echo.write_all(b"echo\nping").await.unwrap();
-        let mut got = [0u8; 4];
-        echo.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"ping");
-        // Source: the verifiable pattern.
-        let mut source = TcpStream::connect(addr).await.unwrap();
-        source.write_all(b"source\n").await.unwrap();
-        let mut got = vec![0u8; 4096];
-        source.read_exact(&mut got).await.unwrap();
-        Verifier::new().feed(&got).unwrap();
-        // Anything else is refused and counted as an error.
-        let mut bad = TcpStream::connect(addr).await.unwrap();
-        bad.write_all(b"firehose\n").await.unwrap();
-        assert_eq!(bad.read(&mut got).await.unwrap_or(0), 0);
-        // Counted just after the close.
-        while stats.errors.load(Ordering::Relaxed) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let samples = stats.error_samples.lock().unwrap().clone();
-        assert!(samples[0].contains("firehose"), "{samples:?}");
-        upstream.stop().await;
-    }
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The first line the relay prints on stdout, followed by the address it listens on.
+/// The first line the relay prints on stdout, followed by the address it listens on (for
+/// people; `bench` learns the address from its `READY=1` on `NOTIFY_SOCKET`).
 pub const READY_PREFIX: &str = "copy_bidirectional listening on ";
 
 /// What `tokio::io::copy_bidirectional` uses per direction.
@@ -25,6 +26,7 @@ pub fn serve(upstream: SocketAddr, buffer: usize) -> Result<()> {
         .context("building the runtime")?;
     runtime.block_on(async move {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
+        sluice_testkit::notify::ready(&[("copy_bidirectional", listener.local_addr()?)], None);
         let mut stdout = std::io::stdout();
         writeln!(stdout, "{READY_PREFIX}{}", listener.local_addr()?)?;
         stdout.flush()?;

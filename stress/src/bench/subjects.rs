@@ -2,12 +2,10 @@
 //! HAProxy and nginx; how each is configured, started on a free loopback port, watched and stopped.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -190,18 +188,8 @@ impl Subject {
             config.client_to_upstream = MEMORY_BUFFER as u64;
             config.upstream_to_client = MEMORY_BUFFER as u64;
         }
-        let dir = tempdir("sluice")?;
-        let path = dir.path().join("sluice.toml");
-        std::fs::write(&path, config.to_toml())?;
-        let mut command = Command::new(&self.exe);
-        command.arg("--config").arg(&path);
-        let proxy = ProxyProcess::spawn(command, "sluice", true, Some(dir))?;
-        Ok(Running {
-            addr: proxy.listen_addr(),
-            process: Process::Sluice(proxy),
-            processes: 1,
-            _dir: None,
-        })
+        let proxy = ProxyProcess::spawn_sluice_from(&self.exe, &config)?;
+        Ok(Running::ours(proxy))
     }
 
     fn launch_copy_bidirectional(&self, upstream: SocketAddr, profile: Profile) -> Result<Running> {
@@ -209,20 +197,14 @@ impl Subject {
             Profile::Defaults | Profile::Shipped => super::relay::TOKIO_DEFAULT_BUFFER,
             Profile::Memory => MEMORY_BUFFER,
         };
-        let mut child = die_with_parent(Command::new(&self.exe))
+        let mut command = Command::new(&self.exe);
+        command
             .args(["bench", "--serve-copy-bidirectional"])
             .arg(upstream.to_string())
             .arg("--relay-buffer")
-            .arg(buffer.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("running {}", self.exe.display()))?;
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let running = Running::process(child, None, 1);
-        let addr = wait_for_line(stdout, super::relay::READY_PREFIX)?;
-        running.ready(addr)
+            .arg(buffer.to_string());
+        let relay = ProxyProcess::spawn(command, "copy_bidirectional", false, None)?;
+        Ok(Running::ours(relay))
     }
 
     fn launch_haproxy(&self, upstream: SocketAddr) -> Result<Running> {
@@ -440,8 +422,8 @@ pub struct Running {
 enum Process {
     /// A direct connection has none.
     None,
-    /// sluice, started and watched by the stress tool's `ProxyProcess`.
-    Sluice(ProxyProcess),
+    /// sluice or the copy_bidirectional relay: a child of ours, ready when it says so.
+    Ours(ProxyProcess),
     /// Anything else.
     Child(Child),
 }
@@ -452,6 +434,16 @@ impl Running {
             addr: upstream,
             process: Process::None,
             processes: 0,
+            _dir: None,
+        }
+    }
+
+    /// A child of ours, ready (it said so) with its one process.
+    fn ours(proxy: ProxyProcess) -> Running {
+        Running {
+            addr: proxy.listen_addr(),
+            process: Process::Ours(proxy),
+            processes: 1,
             _dir: None,
         }
     }
@@ -468,7 +460,7 @@ impl Running {
     fn root_pid(&self) -> Option<u32> {
         match &self.process {
             Process::None => None,
-            Process::Sluice(proxy) => Some(proxy.pid()),
+            Process::Ours(proxy) => Some(proxy.pid()),
             Process::Child(child) => Some(child.id()),
         }
     }
@@ -513,7 +505,7 @@ impl Running {
     fn check_alive(&mut self) -> Result<()> {
         let status = match &mut self.process {
             Process::None => None,
-            Process::Sluice(proxy) => proxy.try_exited(),
+            Process::Ours(proxy) => proxy.try_exited(),
             Process::Child(child) => child.try_wait()?,
         };
         if let Some(status) = status {
@@ -543,7 +535,7 @@ impl Running {
         let tree = self.pids();
         match std::mem::replace(&mut self.process, Process::None) {
             Process::None => return,
-            Process::Sluice(proxy) => {
+            Process::Ours(proxy) => {
                 // An error here means it had to be killed; the measurement is done anyway.
                 let _ = proxy.stop(STOP_TIMEOUT);
             }
@@ -634,40 +626,6 @@ pub fn die_with_parent(mut command: Command) -> Command {
     command
 }
 
-/// Read lines from a child's output until one contains `marker`; return the address after it.
-/// The rest of the output is drained in the background so the child never blocks on a full pipe.
-fn wait_for_line(output: impl Read + Send + 'static, marker: &'static str) -> Result<SocketAddr> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let mut sent = false;
-        for line in BufReader::new(output).lines() {
-            let Ok(line) = line else { break };
-            if sent {
-                continue;
-            }
-            let clean = proxy_process::strip_ansi(&line);
-            if let Some(rest) = clean.split(marker).nth(1) {
-                let addr = rest.split_whitespace().next().unwrap_or("").to_string();
-                let _ = tx.send(Ok(addr));
-                sent = true;
-            } else if seen.len() < 20 {
-                seen.push(clean);
-            }
-        }
-        if !sent {
-            let _ = tx.send(Err(seen.join("\n")));
-        }
-    });
-    match rx.recv_timeout(START_TIMEOUT) {
-        Ok(Ok(addr)) => addr
-            .parse()
-            .with_context(|| format!("parsing the address in `{marker}{addr}`")),
-        Ok(Err(output)) => bail!("exited before printing `{marker}`; its output:\n{output}"),
-        Err(_) => bail!("did not print `{marker}` within {START_TIMEOUT:?}"),
-    }
-}
-
 /// A loopback port nobody listens on right now (competitors cannot report a port 0 back).
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -730,15 +688,7 @@ fn parent_of(pid: u32) -> Option<u32> {
 
 /// VmRSS of one process, KiB (0 once it has gone).
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
+    proxy_process::rss_of(pid).map_or(0, |bytes| bytes / 1024)
 }
 
 /// A scratch directory for generated configs, removed on drop.
