@@ -33,7 +33,9 @@ async fn paced_source(seed: u64, len: usize, rate: usize) -> std::net::SocketAdd
 async fn sigterm_lets_live_transfers_finish_then_exits_0() {
     const LEN: usize = 1 << 20;
     let up = paced_source(21, LEN, 1 << 20).await;
-    let mut d = Daemon::start(&daemon_config(up, "[timeouts]\nshutdown_grace = \"20s\""));
+    let mut c = config(&up.to_string());
+    c.timeouts.shutdown_grace = Duration::from_secs(20);
+    let mut d = Daemon::start(&c);
     let mut s = TcpStream::connect(d.addr).await.unwrap();
     let mut first = [0u8; 1];
     s.read_exact(&mut first).await.unwrap();
@@ -96,15 +98,15 @@ async fn transfers_that_outlive_the_grace_are_closed_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
     let up = paced_source(23, 64 << 20, 64 << 10).await;
-    let mut d = Daemon::start(&daemon_config(up, "[timeouts]\nshutdown_grace = \"60s\""));
+    let mut c = config(&up.to_string());
+    c.timeouts.shutdown_grace = Duration::from_secs(60);
+    let mut d = Daemon::start(&c);
     let mut s = TcpStream::connect(d.addr).await.unwrap();
     let mut b = [0u8; 1];
     s.read_exact(&mut b).await.unwrap();
     d.signal(libc::SIGTERM);
-    eventually("shutdown begins", Duration::from_secs(5), || {
-        d.log_lines().iter().any(|l| l.contains("shutdown begun"))
-    })
-    .await;
+    // Shutdown has begun once sluice says STOPPING=1.
+    d.stopping();
     d.signal(libc::SIGINT);
     let status = tokio::task::spawn_blocking(move || d.wait(Duration::from_secs(5)))
         .await
@@ -127,17 +129,14 @@ async fn sighup_reloads_for_new_connections_only() {
         })
     };
     let (a, b) = (named(b"A").await, named(b"B").await);
-    let d = Daemon::start(&daemon_config(a, ""));
+    let mut d = Daemon::start(&config(&a.to_string()));
     let mut live = TcpStream::connect(d.addr).await.unwrap();
     let mut who = [0u8; 1];
     live.read_exact(&mut who).await.unwrap();
     assert_eq!(&who, b"A");
 
-    let text = std::fs::read_to_string(&d.config_path)
-        .unwrap()
-        .replace(&a.to_string(), &b.to_string());
-    std::fs::write(&d.config_path, text).unwrap();
-    d.signal(libc::SIGHUP);
+    d.write_config(&config(&b.to_string()));
+    d.reload();
     eventually("the reload succeeds", Duration::from_secs(5), || {
         d.value("sluice_config_reloads_total{result=\"success\"}") == 1.0
     })
@@ -152,8 +151,10 @@ async fn sighup_reloads_for_new_connections_only() {
     assert_eq!(&echo, b"ping");
 
     // A bad file is rejected and the running configuration stays.
-    std::fs::write(&d.config_path, daemon_config(b, "[buffer]\nresume_at = 7")).unwrap();
-    d.signal(libc::SIGHUP);
+    let mut bad = config(&b.to_string());
+    bad.buffer.resume_at = 7.0;
+    d.write_config(&bad);
+    d.reload();
     eventually("the reload fails", Duration::from_secs(5), || {
         d.value("sluice_config_reloads_total{result=\"failure\"}") == 1.0
     })
@@ -170,17 +171,14 @@ async fn sighup_reloads_for_new_connections_only() {
     .await;
 
     // The metrics address cannot change on reload: rejected, said so.
-    let moved = daemon_config(b, "").replace(
-        "[metrics]\naddress = \"127.0.0.1:0\"",
-        "[metrics]\naddress = \"127.0.0.1:1\"",
-    );
-    assert_ne!(
-        moved,
-        daemon_config(b, ""),
+    let mut moved = config(&b.to_string());
+    moved.metrics.address = "127.0.0.1:1".into();
+    assert!(
+        sluice_testkit::config::to_toml(&moved).contains("\"127.0.0.1:1\""),
         "the metrics address is in the file"
     );
-    std::fs::write(&d.config_path, moved).unwrap();
-    d.signal(libc::SIGHUP);
+    d.write_config(&moved);
+    d.reload();
     eventually("the reload fails again", Duration::from_secs(5), || {
         d.value("sluice_config_reloads_total{result=\"failure\"}") == 2.0
     })
@@ -204,7 +202,7 @@ async fn sighup_reloads_for_new_connections_only() {
 fn descriptor_exhaustion_queues_clients_without_spinning() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let up = rt.block_on(echo_upstream());
-    let mut d = Daemon::start_with(&daemon_config(up, ""), |cmd| {
+    let mut d = Daemon::start_with(&config(&up.to_string()), |cmd| {
         use std::os::unix::process::CommandExt;
         // SAFETY: setrlimit is async-signal-safe and touches only the child.
         unsafe {
@@ -249,9 +247,9 @@ fn descriptor_exhaustion_queues_clients_without_spinning() {
             .collect();
         (f[11] + f[12]) / 100.0
     };
-    let before = cpu(d.child.id());
+    let before = cpu(d.pid());
     std::thread::sleep(Duration::from_secs(2));
-    let spent = cpu(d.child.id()) - before;
+    let spent = cpu(d.pid()) - before;
     assert!(
         spent < 0.5,
         "sluice burned {spent:.2}s of CPU in 2s while clients waited"

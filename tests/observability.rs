@@ -3,22 +3,25 @@
 //! run by a real Prometheus against a real sluice.
 //!
 //! Every test runs the `sluice` binary with a temporary config (listen and metrics on
-//! 127.0.0.1:0; the real ports come from its start-up log lines) in front of an in-test
+//! 127.0.0.1:0; the real ports come from its `READY=1` on `NOTIFY_SOCKET`) in front of an in-test
 //! upstream (the Prometheus test adds a second service with two servers). Both ends of every
 //! connection write as fast as they can and read slowly through small socket buffers, so both
 //! directions back up within milliseconds.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::collections::BTreeSet;
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use bytesize::ByteSize;
 use serde_json::Value;
+use sluice::config::ServiceSpec;
+use sluice_testkit::{Daemon, Scrape, config, http, refusing_address};
 use socket2::{Domain, Socket, Type};
 
 /// Per-connection bound of each direction in sluice's config: small, so backpressure shows
@@ -31,6 +34,8 @@ const SOCKET_BUFFER: usize = 4096;
 const SLOW_READ_RATE: f64 = 16.0 * 1024.0;
 /// Generous limit for anything the tests wait for; reached only when something is wrong.
 const DEADLINE: Duration = Duration::from_secs(60);
+/// How long one HTTP request (a scrape, a Prometheus query) may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The two values of the `direction` label.
 const DIRECTIONS: [&str; 2] = ["client_to_upstream", "upstream_to_client"];
 /// What `$__rate_interval` becomes when the dashboard's queries are sent to Prometheus: at
@@ -53,33 +58,33 @@ const DASHBOARD: &str = concat!(
 fn backpressure_metrics_track_slow_readers_and_return_to_zero() {
     const CONNS: usize = 4;
     let upstream = Upstream::start();
-    let sluice = Sluice::start(upstream.addr, "");
-    let load = Load::start(sluice.listen, &upstream, CONNS);
+    let sluice = start_sluice(upstream.addr, Vec::new());
+    let load = Load::start(sluice.addr, &upstream, CONNS);
 
     // Backed up: every connection open, both directions holding bytes and paused.
-    let backed_up = sluice.poll("both directions backed up", |s| {
+    let backed_up = sluice.poll("both directions backed up", DEADLINE, |s| {
         check_queued_within_bound(s, CONNS);
-        s.get("sluice_connections_active", &[]) == CONNS as f64
+        s.require("sluice_connections_active", &[]) == CONNS as f64
             && DIRECTIONS.iter().all(|d| {
-                s.get("sluice_queued_bytes", &[("direction", d)]) > 0.0
-                    && s.get("sluice_paused_connections", &[("direction", d)]) > 0.0
+                s.require("sluice_queued_bytes", &[("direction", d)]) > 0.0
+                    && s.require("sluice_paused_connections", &[("direction", d)]) > 0.0
             })
     });
     for d in DIRECTIONS {
         let dir = [("direction", d)];
         assert_eq!(
-            backed_up.get("sluice_buffer_limit_bytes", &dir),
+            backed_up.require("sluice_buffer_limit_bytes", &dir),
             BOUND as f64
         );
         eprintln!(
             "{d} backed up: {} bytes queued, {} paused",
-            backed_up.get("sluice_queued_bytes", &dir),
-            backed_up.get("sluice_paused_connections", &dir)
+            backed_up.require("sluice_queued_bytes", &dir),
+            backed_up.require("sluice_paused_connections", &dir)
         );
     }
 
     // Still flowing: more pauses, drains and paused time in both directions at a later scrape.
-    sluice.poll("pauses, drains and paused time rising", |s| {
+    sluice.poll("pauses, drains and paused time rising", DEADLINE, |s| {
         check_queued_within_bound(s, CONNS);
         DIRECTIONS.iter().all(|d| {
             let dir = [("direction", *d)];
@@ -89,53 +94,53 @@ fn backpressure_metrics_track_slow_readers_and_return_to_zero() {
                 "sluice_paused_seconds_total",
             ]
             .iter()
-            .all(|m| s.get(m, &dir) > backed_up.get(m, &dir))
+            .all(|m| s.require(m, &dir) > backed_up.require(m, &dir))
         })
     });
 
     // Every connection ends cleanly (both sides half-close, then close).
     let crossed = load.finish(&upstream);
     // Not atomic either: wait for a scrape that shows the gauges and the counters settled.
-    let after = sluice.poll("all connections closed and counted", |s| {
-        s.get("sluice_connections_active", &[]) == 0.0
-            && s.get("sluice_connections_closed_total", &[]) == CONNS as f64
+    let after = sluice.poll("all connections closed and counted", DEADLINE, |s| {
+        s.require("sluice_connections_active", &[]) == 0.0
+            && s.require("sluice_connections_closed_total", &[]) == CONNS as f64
             && DIRECTIONS
                 .iter()
                 .zip(crossed)
-                .all(|(d, n)| s.get("sluice_bytes_total", &[("direction", d)]) == n as f64)
+                .all(|(d, n)| s.require("sluice_bytes_total", &[("direction", d)]) == n as f64)
     });
     for (d, n) in DIRECTIONS.iter().zip(crossed) {
         let dir = [("direction", *d)];
         eprintln!(
             "{d}: {n} bytes crossed, {} pauses, {} drains, {:.3} s paused",
-            after.get("sluice_pauses_total", &dir),
-            after.get("sluice_drains_total", &dir),
-            after.get("sluice_paused_seconds_total", &dir)
+            after.require("sluice_pauses_total", &dir),
+            after.require("sluice_drains_total", &dir),
+            after.require("sluice_paused_seconds_total", &dir)
         );
         assert!(n > 0, "no byte crossed {d}");
-        assert_eq!(after.get("sluice_bytes_total", &dir), n as f64, "{d}");
-        assert_eq!(after.get("sluice_queued_bytes", &dir), 0.0, "{d}");
-        assert_eq!(after.get("sluice_paused_connections", &dir), 0.0, "{d}");
+        assert_eq!(after.require("sluice_bytes_total", &dir), n as f64, "{d}");
+        assert_eq!(after.require("sluice_queued_bytes", &dir), 0.0, "{d}");
+        assert_eq!(after.require("sluice_paused_connections", &dir), 0.0, "{d}");
     }
     assert_eq!(
-        after.get("sluice_connections_accepted_total", &[]),
+        after.require("sluice_connections_accepted_total", &[]),
         CONNS as f64
     );
     assert_eq!(
-        after.get("sluice_connections_closed_total", &[]),
+        after.require("sluice_connections_closed_total", &[]),
         CONNS as f64
     );
     assert_eq!(
-        after.get("sluice_connections_closed_total", &[("reason", "complete")]),
+        after.require("sluice_connections_closed_total", &[("reason", "complete")]),
         CONNS as f64,
         "both sides half-closed and then closed: every close should count as complete"
     );
     assert_eq!(
-        after.get("sluice_connection_duration_seconds_count", &[]),
+        after.require("sluice_connection_duration_seconds_count", &[]),
         CONNS as f64
     );
     assert_eq!(
-        after.get("sluice_upstream_connect_duration_seconds_count", &[]),
+        after.require("sluice_upstream_connect_duration_seconds_count", &[]),
         CONNS as f64
     );
 }
@@ -146,65 +151,65 @@ fn backpressure_metrics_track_slow_readers_and_return_to_zero() {
 #[test]
 fn a_reader_that_never_reads_stays_paused_with_growing_time() {
     let upstream = Upstream::start();
-    let sluice = Sluice::start(upstream.addr, "");
-    let mut client = small_buffered_connect(sluice.listen);
+    let sluice = start_sluice(upstream.addr, Vec::new());
+    let mut client = small_buffered_connect(sluice.addr);
     client.write_all(LOAD).unwrap();
     let dir = [("direction", "upstream_to_client")];
 
     // A scrape is not atomic: one taken as the pause begins may show the pause but not yet
     // the counter or the queued bytes. Wait for one that shows all three.
-    let paused = sluice.poll("the never-read direction paused", |s| {
-        s.get("sluice_paused_connections", &dir) == 1.0
-            && s.get("sluice_pauses_total", &dir) == 1.0
-            && s.get("sluice_queued_bytes", &dir) > 0.0
+    let paused = sluice.poll("the never-read direction paused", DEADLINE, |s| {
+        s.require("sluice_paused_connections", &dir) == 1.0
+            && s.require("sluice_pauses_total", &dir) == 1.0
+            && s.require("sluice_queued_bytes", &dir) > 0.0
     });
-    let later = sluice.poll("its paused time growing", |s| {
-        s.get("sluice_paused_seconds_total", &dir)
-            > paused.get("sluice_paused_seconds_total", &dir) + 0.2
+    let later = sluice.poll("its paused time growing", DEADLINE, |s| {
+        s.require("sluice_paused_seconds_total", &dir)
+            > paused.require("sluice_paused_seconds_total", &dir) + 0.2
     });
     for s in [&paused, &later] {
-        assert_eq!(s.get("sluice_paused_connections", &dir), 1.0);
+        assert_eq!(s.require("sluice_paused_connections", &dir), 1.0);
         // Paused when the buffer filled; the kernel may still take a little of it, but not
         // enough to reach the resume mark (half the bound).
-        let queued = s.get("sluice_queued_bytes", &dir);
+        let queued = s.require("sluice_queued_bytes", &dir);
         assert!(
             queued > BOUND as f64 / 2.0 && queued <= BOUND as f64,
             "{queued} bytes queued in a paused direction\n{}",
-            s.text
+            s.text()
         );
     }
     for m in ["sluice_pauses_total", "sluice_drains_total"] {
         assert_eq!(
-            later.get(m, &dir),
-            paused.get(m, &dir),
+            later.require(m, &dir),
+            paused.require(m, &dir),
             "{m}: nothing drained"
         );
     }
 
     // Closing with unread data resets the connection.
     drop(client);
-    let after = sluice.poll("the reset connection gone", |s| {
-        s.get("sluice_connections_active", &[]) == 0.0
-            && s.get("sluice_connections_closed_total", &[]) == 1.0
+    let after = sluice.poll("the reset connection gone", DEADLINE, |s| {
+        s.require("sluice_connections_active", &[]) == 0.0
+            && s.require("sluice_connections_closed_total", &[]) == 1.0
     });
     for d in DIRECTIONS {
         let dir = [("direction", d)];
-        assert_eq!(after.get("sluice_queued_bytes", &dir), 0.0, "{d}");
-        assert_eq!(after.get("sluice_paused_connections", &dir), 0.0, "{d}");
+        assert_eq!(after.require("sluice_queued_bytes", &dir), 0.0, "{d}");
+        assert_eq!(after.require("sluice_paused_connections", &dir), 0.0, "{d}");
     }
     assert_eq!(
-        after.get(
+        after.require(
             "sluice_connections_closed_total",
             &[("reason", "client_reset")]
         ),
         1.0,
         "{}\n{}",
-        after.text,
-        sluice.log.lock().unwrap()
+        after.text(),
+        sluice.process.log_text()
     );
     assert!(
-        after.get("sluice_paused_seconds_total", &dir)
-            >= later.get("sluice_paused_seconds_total", &dir),
+        after.require("sluice_paused_seconds_total", &dir)
+            >= later.require("sluice_paused_seconds_total", &dir),
         "paused time went backwards"
     );
 }
@@ -217,12 +222,12 @@ fn promtool_finds_no_problem_in_a_scrape() {
         return;
     }
     let upstream = Upstream::start();
-    let sluice = Sluice::start(upstream.addr, "");
-    one_short_connection(sluice.listen);
-    sluice.poll("the short connection counted", |s| {
-        s.get("sluice_connections_closed_total", &[]) == 1.0
+    let sluice = start_sluice(upstream.addr, Vec::new());
+    one_short_connection(sluice.addr);
+    sluice.poll("the short connection counted", DEADLINE, |s| {
+        s.require("sluice_connections_closed_total", &[]) == 1.0
     });
-    let scrape = sluice.scrape_text();
+    let scrape = sluice.scrape().text().to_string();
 
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
@@ -258,8 +263,13 @@ fn promtool_finds_no_problem_in_a_scrape() {
 fn dashboard_is_well_formed_and_names_only_exported_metrics() {
     let dashboard = load_dashboard();
     let upstream = Upstream::start();
-    let sluice = Sluice::start(upstream.addr, "");
+    let sluice = start_sluice(upstream.addr, Vec::new());
     let scrape = sluice.scrape();
+    assert!(
+        scrape.unparsed().is_empty(),
+        "unparsable lines: {:?}",
+        scrape.unparsed()
+    );
     let exported = scrape.names();
     let per_service = scrape.names_with_label("service");
 
@@ -439,34 +449,24 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let dashboard = load_dashboard();
     let upstream = Upstream::start();
     let (refusing, _refusing_guard) = refusing_address();
-    let sluice = Sluice::start(
-        upstream.addr,
-        &format!(
-            r#"[[service]]
-name = "pool"
-listen = "127.0.0.1:0"
-servers = ["{good}", "{refusing}"]
-balance = "least_queued"
-
-[service.upstream]
-retries = 1
-
-[service.health]
-max_failures = 1
-cooldown = "1s"
-"#,
-            good = upstream.addr
-        ),
-    );
+    let mut pool = config::service("pool", &[upstream.addr, refusing]);
+    pool.balance = sluice::pool::Balance::LeastQueued;
+    pool.upstream = Some(config::table([("retries", 1.into())]));
+    pool.health = Some(config::table([
+        ("max_failures", 1.into()),
+        ("cooldown", "1s".into()),
+    ]));
+    let sluice = start_sluice(upstream.addr, vec![pool]);
     // A connection that has ended, so both histograms have an observation, plus a load.
-    one_short_connection(sluice.listen);
-    let load = Load::start(sluice.listen, &upstream, 3);
-    let pool_clients = ShortClients::start(sluice.services["pool"]);
-    let prometheus = Prometheus::start(sluice.metrics);
+    one_short_connection(sluice.addr);
+    let load = Load::start(sluice.addr, &upstream, 3);
+    let pool_clients =
+        ShortClients::start(sluice.process.service_addr("pool").expect("service pool"));
+    let prometheus = Prometheus::start(sluice.metrics_addr);
 
     // The instance variable's values: what label_values(sluice_build_info, instance) lists.
     let instances = prometheus.poll_query("sluice_build_info");
-    let target = sluice.metrics.to_string();
+    let target = sluice.metrics_addr.to_string();
     assert!(
         instances
             .iter()
@@ -520,25 +520,26 @@ cooldown = "1s"
     let refusing = refusing.to_string();
     let bad = [("service", "pool"), ("server", refusing.as_str())];
     let good = upstream.addr.to_string();
-    let after = sluice.poll("every pool connection closed", |s| {
-        s.get("sluice_connections_closed_total", &[("service", "pool")]) == pool_connections as f64
+    let after = sluice.poll("every pool connection closed", DEADLINE, |s| {
+        s.require("sluice_connections_closed_total", &[("service", "pool")])
+            == pool_connections as f64
     });
     let refused = [bad[0], bad[1], ("kind", "refused")];
-    let errors = after.get("sluice_upstream_connect_errors_total", &refused);
-    assert!(errors >= 1.0, "{}", after.text);
+    let errors = after.require("sluice_upstream_connect_errors_total", &refused);
+    assert!(errors >= 1.0, "{}", after.text());
     assert_eq!(
-        after.get("sluice_upstream_connect_errors_total", &bad[..]),
+        after.require("sluice_upstream_connect_errors_total", &bad[..]),
         errors,
         "a refused connect counted as another kind"
     );
-    assert!(after.get("sluice_server_ejections_total", &bad) >= 1.0);
+    assert!(after.require("sluice_server_ejections_total", &bad) >= 1.0);
     assert_eq!(
-        after.get("sluice_upstream_retries_total", &[("service", "pool")]),
+        after.require("sluice_upstream_retries_total", &[("service", "pool")]),
         errors,
         "every failed connect retried once on the good server"
     );
     assert_eq!(
-        after.get(
+        after.require(
             "sluice_upstream_connect_duration_seconds_count",
             &[("service", "pool"), ("server", good.as_str())]
         ),
@@ -546,7 +547,7 @@ cooldown = "1s"
         "every pool client connected through the good server"
     );
     assert_eq!(
-        after.get(
+        after.require(
             "sluice_connections_closed_total",
             &[("service", "pool"), ("reason", "complete")]
         ),
@@ -554,308 +555,30 @@ cooldown = "1s"
     );
     eprintln!(
         "pool: {pool_connections} clients, {errors} refused connects, {} ejections",
-        after.get("sluice_server_ejections_total", &bad)
+        after.require("sluice_server_ejections_total", &bad)
     );
 }
 
 // ---------------------------------------------------------------------------------------------
-// sluice, run as a child process
+// sluice, run as a child process, and what its scrapes must show
 // ---------------------------------------------------------------------------------------------
 
-/// A running `sluice` binary with its config in a temporary directory.
-struct Sluice {
-    child: Child,
-    /// Where clients of the `default` service connect (learnt from the log).
-    listen: SocketAddr,
-    /// Where clients of each service connect, by service name (learnt from the log).
-    services: BTreeMap<String, SocketAddr>,
-    /// Where `/metrics` is served (learnt from the log).
-    metrics: SocketAddr,
-    /// Everything sluice wrote to stderr so far, for failure messages.
-    log: Arc<Mutex<String>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Sluice {
-    /// The `default` service in front of `upstream`, plus the `[[service]]` tables in
-    /// `services` (TOML; empty for none).
-    fn start(upstream: SocketAddr, services: &str) -> Sluice {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("sluice.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"[listen]
-address = "127.0.0.1:0"
-
-[upstream]
-address = "{upstream}"
-connect_timeout = "5s"
-
-[buffer]
-client_to_upstream = "{BOUND}"
-upstream_to_client = "{BOUND}"
-resume_at = 0.5
-
-[socket]
-client_recv_buffer = {SOCKET_BUFFER}
-client_send_buffer = {SOCKET_BUFFER}
-upstream_recv_buffer = {SOCKET_BUFFER}
-upstream_send_buffer = {SOCKET_BUFFER}
-
-[metrics]
-address = "127.0.0.1:0"
-
-[log]
-level = "info"
-
-{services}"#
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start sluice");
-
-        // Read stderr for the whole life of the process (a full pipe would block sluice's
-        // logging), keep it for failure messages, and pass lines on until every service's
-        // address and the metrics address are known.
-        let log = Arc::new(Mutex::new(String::new()));
-        let (lines_tx, lines) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let log_writer = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let line = strip_ansi(&line);
-                log_writer.lock().unwrap().push_str(&format!("{line}\n"));
-                let _ = lines_tx.send(line);
-            }
-        });
-        let expected = 1 + services.matches("[[service]]").count();
-        let (mut listeners, mut metrics) = (BTreeMap::new(), None);
-        let deadline = Instant::now() + DEADLINE;
-        while listeners.len() < expected || metrics.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let (Some(addr), Some(name)) = (
-                        address_after(&line, "sluice listening address="),
-                        word_after(&line, " service="),
-                    ) {
-                        listeners.insert(name.to_string(), addr);
-                    }
-                    metrics =
-                        metrics.or(address_after(&line, "metrics endpoint listening address="));
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    let status = child.wait().ok();
-                    panic!(
-                        "sluice did not log {expected} listening addresses and the metrics \
-                         address (exit: {status:?}); log:\n{}",
-                        log.lock().unwrap()
-                    );
-                }
-            }
-        }
-        Sluice {
-            child,
-            listen: listeners["default"],
-            services: listeners,
-            metrics: metrics.unwrap(),
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn scrape_text(&self) -> String {
-        let (status, body) = http_get(self.metrics, "/metrics")
-            .unwrap_or_else(|e| panic!("scrape failed: {e}; log:\n{}", self.log.lock().unwrap()));
-        assert_eq!(status, 200, "GET /metrics: {body}");
-        body
-    }
-
-    fn scrape(&self) -> Scrape {
-        Scrape::parse(&self.scrape_text())
-    }
-
-    /// Scrapes until `done` holds, and returns that scrape; fails with the last scrape after
-    /// [`DEADLINE`].
-    fn poll(&self, what: &str, mut done: impl FnMut(&Scrape) -> bool) -> Scrape {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let scrape = self.scrape();
-            if done(&scrape) {
-                return scrape;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for: {what}\n--- last scrape ---\n{}\n--- sluice log ---\n{}",
-                    scrape.text,
-                    self.log.lock().unwrap()
-                );
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Sluice {
-    fn drop(&mut self) {
-        stop_child(&mut self.child);
-    }
-}
-
-/// SIGTERM, a few seconds for a graceful exit, then SIGKILL.
-fn stop_child(child: &mut Child) {
-    if let Ok(None) = child.try_wait() {
-        // SAFETY: plain kill(2) on the pid of a child this test spawned and has not reaped.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while let Ok(None) = child.try_wait() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-    let _ = child.wait();
-}
-
-/// The address in `line` right after `marker`, if any.
-fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
-    word_after(line, marker)?.parse().ok()
-}
-
-/// The word in `line` right after `marker`, if any.
-fn word_after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    rest.split_whitespace().next()
-}
-
-/// `line` without ANSI colour sequences (ESC [ ... letter).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-// ---------------------------------------------------------------------------------------------
-// Prometheus text format
-// ---------------------------------------------------------------------------------------------
-
-/// One parsed scrape: (sample name, labels, value) for every sample line.
-struct Scrape {
-    text: String,
-    samples: Vec<(String, BTreeMap<String, String>, f64)>,
-}
-
-impl Scrape {
-    fn parse(text: &str) -> Scrape {
-        let samples = text
-            .lines()
-            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-            .map(|l| parse_sample(l).unwrap_or_else(|| panic!("unparsable sample line: {l:?}")))
-            .collect();
-        Scrape {
-            text: text.to_string(),
-            samples,
-        }
-    }
-
-    /// The sum of every series of `name` whose labels include `labels`; panics when there is
-    /// none (every series is meant to exist from start-up).
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let matching: Vec<f64> = self
-            .samples
-            .iter()
-            .filter(|(n, l, _)| {
-                n == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|(_, _, v)| *v)
-            .collect();
-        assert!(
-            !matching.is_empty(),
-            "no series {name}{labels:?} in scrape:\n{}",
-            self.text
-        );
-        matching.iter().sum()
-    }
-
-    /// Every sample name (histograms as their `_bucket`, `_sum` and `_count` series).
-    fn names(&self) -> BTreeSet<String> {
-        self.samples.iter().map(|(n, _, _)| n.clone()).collect()
-    }
-
-    /// The sample names that carry `label`.
-    fn names_with_label(&self, label: &str) -> BTreeSet<String> {
-        self.samples
-            .iter()
-            .filter(|(_, l, _)| l.contains_key(label))
-            .map(|(n, _, _)| n.clone())
-            .collect()
-    }
-}
-
-/// `name{k="v",...} value [timestamp]`.
-fn parse_sample(line: &str) -> Option<(String, BTreeMap<String, String>, f64)> {
-    let name_end = line.find(['{', ' '])?;
-    let name = line[..name_end].to_string();
-    let mut labels = BTreeMap::new();
-    let mut rest = &line[name_end..];
-    if let Some(inner) = rest.strip_prefix('{') {
-        let mut chars = inner.char_indices();
-        let mut key = String::new();
-        loop {
-            let (i, c) = chars.next()?;
-            match c {
-                '}' => {
-                    rest = &inner[i + 1..];
-                    break;
-                }
-                ',' | ' ' => {}
-                '=' => {
-                    chars.next().filter(|&(_, c)| c == '"')?;
-                    let mut value = String::new();
-                    loop {
-                        match chars.next()?.1 {
-                            '"' => break,
-                            '\\' => match chars.next()?.1 {
-                                'n' => value.push('\n'),
-                                other => value.push(other),
-                            },
-                            other => value.push(other),
-                        }
-                    }
-                    labels.insert(std::mem::take(&mut key), value);
-                }
-                other => key.push(other),
-            }
-        }
-    }
-    let value = rest.split_whitespace().next()?.parse().ok()?;
-    Some((name, labels, value))
+/// The `default` service in front of `upstream` with small bounds and socket buffers,
+/// plus `services`.
+fn start_sluice(upstream: SocketAddr, services: Vec<ServiceSpec>) -> Daemon {
+    let mut c = config::relay_to(upstream);
+    c.upstream.connect_timeout = Duration::from_secs(5);
+    c.buffer.client_to_upstream = ByteSize::b(BOUND);
+    c.buffer.upstream_to_client = ByteSize::b(BOUND);
+    c.buffer.resume_at = 0.5;
+    let small = ByteSize::b(SOCKET_BUFFER as u64);
+    c.socket.client_recv_buffer = small;
+    c.socket.client_send_buffer = small;
+    c.socket.upstream_recv_buffer = small;
+    c.socket.upstream_send_buffer = small;
+    c.log.level = "info".into();
+    c.services = services;
+    Daemon::start(&c)
 }
 
 /// Queued bytes never exceed connections × bound, per direction. `conns` is the number of
@@ -863,16 +586,21 @@ fn parse_sample(line: &str) -> Option<(String, BTreeMap<String, String>, f64)> {
 /// (counters, gauges and the pause figures are read one after another), so the active
 /// gauge from the same scrape may lag a connection whose bytes are already counted.
 fn check_queued_within_bound(s: &Scrape, conns: usize) {
+    assert!(
+        s.unparsed().is_empty(),
+        "unparsable lines: {:?}",
+        s.unparsed()
+    );
     for d in DIRECTIONS {
         let dir = [("direction", d)];
         let (queued, limit) = (
-            s.get("sluice_queued_bytes", &dir),
-            s.get("sluice_buffer_limit_bytes", &dir),
+            s.require("sluice_queued_bytes", &dir),
+            s.require("sluice_buffer_limit_bytes", &dir),
         );
         assert!(
             queued <= conns as f64 * limit,
             "{d}: {queued} bytes queued > {conns} connections × {limit}\n{}",
-            s.text
+            s.text()
         );
     }
 }
@@ -1101,16 +829,6 @@ impl ShortClients {
     }
 }
 
-/// A loopback address that refuses every connect: a socket bound to it that never listens,
-/// so nothing else can take the port while the returned socket lives.
-fn refusing_address() -> (SocketAddr, Socket) {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    socket
-        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    (socket.local_addr().unwrap().as_socket().unwrap(), socket)
-}
-
 /// A blocking connection whose socket buffers were made small before connecting.
 fn small_buffered_connect(addr: SocketAddr) -> TcpStream {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
@@ -1138,6 +856,23 @@ fn one_short_connection(sluice: SocketAddr) {
 // ---------------------------------------------------------------------------------------------
 // Prometheus, run as a child process
 // ---------------------------------------------------------------------------------------------
+
+/// SIGTERM, a few seconds for a graceful exit, then SIGKILL.
+fn stop_child(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        // SAFETY: plain kill(2) on the pid of a child this test spawned and has not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok(None) = child.try_wait() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = child.wait();
+}
 
 /// A Prometheus server scraping one sluice every second, with its data in a temp directory.
 struct Prometheus {
@@ -1182,7 +917,7 @@ impl Prometheus {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // exited, most likely the port was taken: try another
                 }
-                if let Ok((200, _)) = http_get(addr, "/-/ready") {
+                if let Ok((200, _)) = http::get(addr, "/-/ready", HTTP_TIMEOUT) {
                     return Prometheus { child, addr, dir };
                 }
                 if Instant::now() > deadline {
@@ -1202,7 +937,8 @@ impl Prometheus {
     /// Runs an instant query: the result vector, or the error Prometheus gave for it.
     fn query(&self, promql: &str) -> Result<Vec<Value>, String> {
         let path = format!("/api/v1/query?query={}", percent_encode(promql));
-        let (status, body) = http_get(self.addr, &path).map_err(|e| format!("HTTP: {e}"))?;
+        let (status, body) =
+            http::get(self.addr, &path, HTTP_TIMEOUT).map_err(|e| format!("HTTP: {e}"))?;
         let reply: Value = serde_json::from_str(&body)
             .map_err(|e| format!("HTTP {status}, not JSON ({e}): {body}"))?;
         if reply["status"] != "success" {
@@ -1379,67 +1115,6 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
         .filter(|w| w.starts_with("sluice_") || w.starts_with("process_"))
         .map(str::to_string)
         .collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-// A minimal HTTP/1.0 client
-// ---------------------------------------------------------------------------------------------
-
-/// GET `path` from `addr`: (status, body). Handles Content-Length, chunked and read-to-close
-/// bodies, which covers sluice's endpoint and Prometheus.
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let bad = |what: &str| std::io::Error::new(ErrorKind::InvalidData, what.to_string());
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no header end"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let mut body = raw[split + 4..].to_vec();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("no status"))?;
-    let header = |name: &str| {
-        head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_ascii_lowercase())
-        })
-    };
-    if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        body = dechunk(&body).ok_or_else(|| bad("bad chunked body"))?;
-    } else if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        if body.len() < len {
-            return Err(bad("short body"));
-        }
-        body.truncate(len);
-    }
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&data[..line_end]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(data.get(..size)?);
-        data = data.get(size + 2..)?;
-    }
 }
 
 /// Percent-encodes everything but unreserved characters (RFC 3986).

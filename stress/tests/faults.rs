@@ -11,12 +11,12 @@
 use sluice_testkit as common;
 
 use std::io;
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
+use common::notify::Notice;
+use common::procfs;
 use common::*;
 use futures_util::future::join_all;
 use sha2::{Digest, Sha256};
@@ -43,58 +43,34 @@ const KINDS: [&str; 5] = ["refused", "timeout", "unreachable", "resolve", "other
 
 /// `sluice-stress upstream --fault ...` as a child process.
 struct ChaosUpstream {
-    child: Child,
+    process: ChildProcess,
     addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl ChaosUpstream {
     /// Starts an echo upstream with `fault`, serving its first `healthy` connections
-    /// normally; returns once it has printed its address.
+    /// normally; returns once it has said it is ready.
     fn start(fault: &str, healthy: u32) -> ChaosUpstream {
-        let mut child = Command::new(STRESS)
-            .args(["upstream", "--listen", "127.0.0.1:0", "--mode", "echo"])
-            .args(["--fault", fault, "--healthy", &healthy.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Some(rest) = line.split("upstream listening address=").nth(1) {
-                        let _ = tx.send(rest.split_whitespace().next().unwrap().to_string());
-                    }
-                    log.lock().unwrap().push(line);
-                }
-            });
-        }
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("chaos upstream did not start: {:?}", log.lock()))
-            .parse()
-            .unwrap();
-        ChaosUpstream { child, addr, log }
+        let mut cmd = Command::new(STRESS);
+        cmd.args(["upstream", "--listen", "127.0.0.1:0", "--mode", "echo"])
+            .args(["--fault", fault, "--healthy", &healthy.to_string()]);
+        let process = ChildProcess::spawn(cmd, "chaos upstream", false, None)
+            .unwrap_or_else(|e| panic!("chaos upstream did not start: {e:#}"));
+        let addr = process.listen_addr();
+        ChaosUpstream { process, addr }
     }
 
-    /// Waits until the upstream has printed a line containing `needle`.
-    async fn printed(&self, needle: &str) {
-        eventually(needle, Duration::from_secs(10), || {
-            self.log.lock().unwrap().iter().any(|l| l.contains(needle))
-        })
-        .await;
-    }
-}
-
-impl Drop for ChaosUpstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Waits until the upstream says it turned its listener faulty: `STATUS=chaos: now`
+    /// followed by `refusing` or `blackholing`.
+    fn turned(&mut self, now: &str) {
+        let said = format!("chaos: now {now}");
+        self.process
+            .wait_for(
+                &said,
+                Duration::from_secs(10),
+                |n| matches!(n, Notice::Status(s) if *s == said),
+            )
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 }
 
@@ -175,27 +151,22 @@ struct Rig {
 }
 
 impl Rig {
-    /// `timeouts`: extra `[timeouts]` keys; `connect_timeout`: `[upstream]`'s.
-    async fn start(fault: &str, connect_timeout: &str, timeouts: &str) -> Rig {
-        let chaos = ChaosUpstream::start(fault, 1);
-        let config = format!(
-            "[listen]\naddress = \"127.0.0.1:0\"\n\
-             [upstream]\naddress = \"{}\"\nconnect_timeout = \"{connect_timeout}\"\n\
-             [timeouts]\n{timeouts}\n\
-             [metrics]\naddress = \"127.0.0.1:0\"\n",
-            chaos.addr
-        );
+    /// `tweak` changes sluice's config (`[upstream] connect_timeout` is 5 s before it).
+    async fn start(fault: &str, tweak: impl FnOnce(&mut sluice::Config)) -> Rig {
+        let mut chaos = ChaosUpstream::start(fault, 1);
+        let mut config = config(&chaos.addr.to_string());
+        config.upstream.connect_timeout = Duration::from_secs(5);
+        tweak(&mut config);
         let sluice = Daemon::start(&config);
         // Counted before any scrape: a scrape's socket lingers a moment after the reply.
         let sockets_before = sluice.open_sockets();
         let healthy = Healthy::start(sluice.addr).await;
         if fault == "refuse" || fault == "blackhole" {
-            let now = if fault == "refuse" {
-                "now refusing"
+            chaos.turned(if fault == "refuse" {
+                "refusing"
             } else {
-                "now blackholing"
-            };
-            chaos.printed(now).await;
+                "blackholing"
+            });
         }
         Rig {
             _chaos: chaos,
@@ -225,7 +196,7 @@ impl Rig {
                 .map_or(0.0, |c| c.1)
                 + if reason == "complete" { 1.0 } else { 0.0 };
             let series = format!("sluice_connections_closed_total{{reason=\"{reason}\"}}");
-            assert_eq!(value(&m, &series), want, "{series}");
+            assert_eq!(m.value(&series), want, "{series}");
         }
         for kind in KINDS {
             let want = connect_errors
@@ -233,34 +204,20 @@ impl Rig {
                 .find(|(k, _)| *k == kind)
                 .map_or(0.0, |c| c.1);
             let series = format!("sluice_upstream_connect_errors_total{{kind=\"{kind}\"}}");
-            assert_eq!(value(&m, &series), want, "{series}");
+            assert_eq!(m.value(&series), want, "{series}");
         }
         let accepted = closed.iter().map(|c| c.1).sum::<f64>() + 1.0;
-        assert_eq!(value(&m, "sluice_connections_accepted_total"), accepted);
+        assert_eq!(m.value("sluice_connections_accepted_total"), accepted);
         let before = self.sockets_before;
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.sluice.open_sockets() != before {
             if Instant::now() > deadline {
-                let fds = fd_list(self.sluice.child.id());
+                let fds = procfs::descriptors(self.sluice.pid());
                 panic!("sluice held {before} sockets before the clients; after: {fds:?}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-}
-
-/// A process's descriptors and what they point to.
-fn fd_list(pid: u32) -> Vec<(String, std::path::PathBuf)> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| {
-            let e = e.ok()?;
-            Some((
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read_link(e.path()).ok()?,
-            ))
-        })
-        .collect()
 }
 
 /// What one client saw.
@@ -341,7 +298,7 @@ async fn exchange(addr: SocketAddr, send: Vec<u8>, half_close: bool) -> Exchange
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_reset_reaches_the_client_as_a_reset() {
     const N: usize = 64 << 10;
-    let rig = Rig::start("reset-after=64KiB", "5s", "").await;
+    let rig = Rig::start("reset-after=64KiB", |_| {}).await;
     let send = data(1, 4 * N);
     for c in rig.clients(FAULTY, &send, false).await {
         assert!(c.reset(), "expected ECONNRESET, got {c:?}");
@@ -364,7 +321,7 @@ async fn upstream_reset_reaches_the_client_as_a_reset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_fin_delivers_every_byte_before_it_then_eof() {
     const N: usize = 100_000;
-    let rig = Rig::start(&format!("close-after={N}"), "5s", "").await;
+    let rig = Rig::start(&format!("close-after={N}"), |_| {}).await;
     let send = data(2, 3 * N);
     for c in rig.clients(FAULTY, &send, true).await {
         assert!(c.clean_eof(), "expected a clean EOF, got {c:?}");
@@ -383,7 +340,7 @@ async fn upstream_fin_delivers_every_byte_before_it_then_eof() {
 /// `idle_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_upstream_ends_in_the_idle_timeout() {
-    let rig = Rig::start("stall", "5s", "idle = \"500ms\"").await;
+    let rig = Rig::start("stall", |c| c.timeouts.idle = Duration::from_millis(500)).await;
     for c in rig.clients(FAULTY, &data(3, 1024), false).await {
         assert!(c.clean_eof(), "expected a clean EOF, got {c:?}");
         assert!(c.read.is_empty());
@@ -400,7 +357,7 @@ async fn a_stalled_upstream_ends_in_the_idle_timeout() {
 /// get every byte, then EOF no earlier than D; reason `complete`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_close_delivers_everything_then_eof() {
-    let rig = Rig::start("slow-close=600ms", "5s", "").await;
+    let rig = Rig::start("slow-close=600ms", |_| {}).await;
     let send = data(4, 200_000);
     for c in rig.clients(FAULTY, &send, true).await {
         assert!(c.clean_eof(), "expected a clean EOF, got {c:?}");
@@ -418,7 +375,7 @@ async fn a_slow_close_delivers_everything_then_eof() {
 /// `upstream_connect_failed` with kind `refused`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusing_upstream_resets_clients_at_once() {
-    let rig = Rig::start("refuse", "5s", "").await;
+    let rig = Rig::start("refuse", |_| {}).await;
     for c in rig.clients(FAULTY, b"anyone there?", false).await {
         assert!(c.reset(), "expected ECONNRESET, got {c:?}");
         assert!(c.read.is_empty());
@@ -439,7 +396,10 @@ async fn a_refusing_upstream_resets_clients_at_once() {
 /// passes, counted as `upstream_connect_failed` with kind `timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_upstream_times_out_the_connect() {
-    let rig = Rig::start("blackhole", "300ms", "").await;
+    let rig = Rig::start("blackhole", |c| {
+        c.upstream.connect_timeout = Duration::from_millis(300)
+    })
+    .await;
     for c in rig.clients(FAULTY, b"anyone there?", false).await {
         assert!(c.reset(), "expected ECONNRESET, got {c:?}");
         assert!(c.read.is_empty());
@@ -460,7 +420,7 @@ async fn a_blackholed_upstream_times_out_the_connect() {
 /// exact and in order, then EOF; reason `complete`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickling_upstream_delivers_every_byte() {
-    let rig = Rig::start("trickle=2ms", "5s", "").await;
+    let rig = Rig::start("trickle=2ms", |_| {}).await;
     let send = data(5, 300);
     for c in rig.clients(FAULTY, &send, true).await {
         assert!(c.clean_eof(), "expected a clean EOF, got {c:?}");
@@ -477,8 +437,8 @@ async fn a_trickling_upstream_delivers_every_byte() {
 /// from the connect `select!` without `reset_on_close`, so the client gets a FIN.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_during_the_upstream_connect_resets_the_client() {
-    let chaos = ChaosUpstream::start("blackhole", 0);
-    chaos.printed("now blackholing").await;
+    let mut chaos = ChaosUpstream::start("blackhole", 0);
+    chaos.turned("blackholing");
     let proxy = Proxy::start(chaos.addr, |c| {
         c.upstream.connect_timeout = Duration::from_secs(30);
         c.timeouts.shutdown_grace = Duration::from_millis(300);

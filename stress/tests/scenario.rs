@@ -1,16 +1,18 @@
 //! sluice-stress against the real binaries: a slow-readers scenario (bounded queues, flat
 //! memory, a growing baseline), real `nc` + `pv` slow peers through sluice, and usage errors.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use bytesize::ByteSize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use sluice_testkit::{ChildProcess, Daemon, Scrape};
 
 const STRESS: &str = env!("CARGO_BIN_EXE_sluice-stress");
 const KIB: u64 = 1024;
@@ -313,60 +315,19 @@ fn bad_arguments_exit_with_code_2() {
     }
 }
 
-/// Starts a child that logs `... listening address=ADDR` lines on stderr; returns it and
-/// the first `n` such lines as (is it the metrics endpoint, address).
-fn spawn_logging(mut cmd: Command, n: usize) -> (Child, Vec<(bool, SocketAddr)>) {
-    let mut child = cmd
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .env("NO_COLOR", "1")
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut addrs = Vec::new();
-    while addrs.len() < n {
-        let line = rx
-            .recv_timeout(Duration::from_secs(15))
-            .expect("child printed its listening address");
-        if let Some(at) = line.find("listening address=") {
-            let value = line[at + "listening address=".len()..]
-                .split_whitespace()
-                .next()
-                .unwrap();
-            addrs.push((
-                line[..at].ends_with("metrics endpoint "),
-                value.parse().unwrap(),
-            ));
-        }
-    }
-    (child, addrs)
-}
-
 #[test]
 fn clients_verify_an_echo_upstream() {
-    let (mut upstream, addrs) = spawn_logging(
-        {
-            let mut c = stress();
-            c.args(["upstream", "--listen", "127.0.0.1:0", "--mode", "echo"]);
-            c
-        },
-        1,
-    );
+    let mut cmd = stress();
+    cmd.args(["upstream", "--listen", "127.0.0.1:0", "--mode", "echo"]);
+    let upstream = ChildProcess::spawn(cmd, "upstream", false, None).unwrap();
     let out = stress()
-        .args(["clients", "--target", &addrs[0].1.to_string()])
+        .args(["clients", "--target", &upstream.listen_addr().to_string()])
         .args([
             "--conns", "5", "--mode", "echo", "--bytes", "1MiB", "--json",
         ])
         .output()
         .unwrap();
-    let _ = upstream.kill();
-    let _ = upstream.wait();
+    drop(upstream);
     assert!(
         out.status.success(),
         "{}",
@@ -379,83 +340,28 @@ fn clients_verify_an_echo_upstream() {
 }
 
 /// A sluice process with small bounds and kernel buffers in front of `upstream`.
-struct Sluice {
-    child: Child,
-    listen: SocketAddr,
-    metrics: SocketAddr,
-    _dir: tempfile::TempDir,
+fn start_sluice(upstream: SocketAddr, bound: u64) -> Daemon {
+    let mut c = sluice_testkit::config::relay_to(upstream);
+    c.buffer.client_to_upstream = ByteSize::b(bound);
+    c.buffer.upstream_to_client = ByteSize::b(bound);
+    let small = ByteSize::kib(4);
+    c.socket.client_recv_buffer = small;
+    c.socket.client_send_buffer = small;
+    c.socket.upstream_recv_buffer = small;
+    c.socket.upstream_send_buffer = small;
+    Daemon::start(&c)
 }
 
-impl Sluice {
-    fn start(upstream: SocketAddr, bound: u64) -> Sluice {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sluice.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"{upstream}\"\n\
-                 [buffer]\nclient_to_upstream = {bound}\nupstream_to_client = {bound}\n\
-                 [socket]\nclient_recv_buffer = \"4KiB\"\nclient_send_buffer = \"4KiB\"\n\
-                 upstream_recv_buffer = \"4KiB\"\nupstream_send_buffer = \"4KiB\"\n\
-                 [metrics]\naddress = \"127.0.0.1:0\"\n"
-            ),
-        )
-        .unwrap();
-        let mut cmd = Command::new(sluice_testkit::workspace_binary("sluice"));
-        cmd.arg("--config").arg(&path);
-        let (child, addrs) = spawn_logging(cmd, 2);
-        let find = |metrics: bool| addrs.iter().find(|a| a.0 == metrics).expect("both lines").1;
-        let (listen, metrics) = (find(false), find(true));
-        Sluice {
-            child,
-            listen,
-            metrics,
-            _dir: dir,
-        }
-    }
-
-    fn stop(mut self) {
-        sigterm(self.child.id());
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "sluice exited with {status}");
-    }
-}
-
-fn sigterm(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+/// SIGTERM, and sluice exits 0.
+fn stop(mut sluice: Daemon) {
+    sluice.signal(libc::SIGTERM);
+    let status = sluice.wait(Duration::from_secs(30)).expect("sluice exits");
+    assert!(status.success(), "sluice exited with {status}");
 }
 
 /// GET /metrics, or None if it is not a metrics endpoint.
-fn scrape(addr: SocketAddr) -> Option<String> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.starts_with("HTTP/1.").then_some(text)
-}
-
-/// `series` summed over the labels it leaves out (such as `service`), 0 when absent.
-fn metric(text: &str, series: &str) -> u64 {
-    let (name, wanted) = series.split_once('{').unwrap_or((series, "}"));
-    let wanted: Vec<&str> = wanted
-        .trim_end_matches('}')
-        .split(',')
-        .filter(|p| !p.is_empty())
-        .collect();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            let (n, labels) = key.split_once('{').unwrap_or((key, ""));
-            (n == name && wanted.iter().all(|w| labels.contains(w)))
-                .then(|| value.trim().parse::<f64>().ok())?
-        })
-        .sum::<f64>() as u64
+fn scrape(addr: SocketAddr) -> Option<Scrape> {
+    sluice_testkit::scrape::scrape(addr, Duration::from_secs(2)).ok()
 }
 
 fn sha(bytes: &[u8]) -> Vec<u8> {
@@ -490,15 +396,9 @@ fn sample_queued(
         let mut peaks = vec![(0, 0); endpoints.len()];
         while !done.load(Ordering::Relaxed) {
             for (peak, addr) in peaks.iter_mut().zip(&endpoints) {
-                if let Some(text) = scrape(*addr) {
-                    let c2u = metric(
-                        &text,
-                        "sluice_queued_bytes{direction=\"client_to_upstream\"}",
-                    );
-                    let u2c = metric(
-                        &text,
-                        "sluice_queued_bytes{direction=\"upstream_to_client\"}",
-                    );
+                if let Some(s) = scrape(*addr) {
+                    let c2u = s.direction("sluice_queued_bytes", "client_to_upstream") as u64;
+                    let u2c = s.direction("sluice_queued_bytes", "upstream_to_client") as u64;
                     *peak = (peak.0.max(c2u), peak.1.max(u2c));
                 }
             }
@@ -558,10 +458,13 @@ fn netcat_and_pv_slow_peers_get_exact_bytes_and_queues_stay_bounded() {
         }
     });
 
-    let to_source = Sluice::start(source_addr, BOUND);
-    let to_sink = Sluice::start(sink_addr, BOUND);
+    let to_source = start_sluice(source_addr, BOUND);
+    let to_sink = start_sluice(sink_addr, BOUND);
     let done = Arc::new(AtomicBool::new(false));
-    let sampler = sample_queued(vec![to_source.metrics, to_sink.metrics], done.clone());
+    let sampler = sample_queued(
+        vec![to_source.metrics_addr, to_sink.metrics_addr],
+        done.clone(),
+    );
 
     let started = Instant::now();
     let mut children = Vec::new();
@@ -569,16 +472,16 @@ fn netcat_and_pv_slow_peers_get_exact_bytes_and_queues_stay_bounded() {
         let out = dir.path().join(format!("download-{i}.bin"));
         let readers = format!(
             "nc -d -I 4096 {} {} | pv -q -B 4096 -L 8k > {}",
-            to_source.listen.ip(),
-            to_source.listen.port(),
+            to_source.addr.ip(),
+            to_source.addr.port(),
             out.display()
         );
         children.push((Some(out), shell(&readers)));
         let writers = format!(
             "pv -q -L 8k {} | nc -N {} {}",
             write_file.display(),
-            to_sink.listen.ip(),
-            to_sink.listen.port()
+            to_sink.addr.ip(),
+            to_sink.addr.port()
         );
         children.push((None, shell(&writers)));
     }
@@ -598,15 +501,13 @@ fn netcat_and_pv_slow_peers_get_exact_bytes_and_queues_stay_bounded() {
     }
     let elapsed = started.elapsed();
 
-    let source_metrics = scrape(to_source.metrics).unwrap();
-    let pauses = metric(
-        &source_metrics,
-        "sluice_pauses_total{direction=\"upstream_to_client\"}",
-    );
+    let pauses = to_source
+        .scrape()
+        .direction("sluice_pauses_total", "upstream_to_client") as u64;
     done.store(true, Ordering::Relaxed);
     let peaks = sampler.join().unwrap();
-    to_source.stop();
-    to_sink.stop();
+    stop(to_source);
+    stop(to_sink);
     println!(
         "nc/pv: {elapsed:?}; peak queued (c→u, u→c): readers' sluice {:?}, writers' sluice {:?}; \
          reader pauses {pauses}",
