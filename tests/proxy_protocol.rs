@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
+use sluice::config::ServiceSpec;
 use sluice::connection::PROXY_HEADER_TIMEOUT;
 use sluice::proxy_protocol::{self, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,6 +31,14 @@ const LIMIT: Duration = Duration::from_secs(20);
 /// The client the access rules admit, and one they refuse.
 const ADMITTED: &str = "127.0.0.2";
 const REFUSED: &str = "127.0.0.3";
+
+/// A service `name` in front of `server` that reads a PROXY header from each client.
+fn accepting_proxy(name: &str, server: SocketAddr) -> ServiceSpec {
+    ServiceSpec {
+        accept_proxy: true,
+        ..config::service(name, &[server])
+    }
+}
 
 // ---------------------------------------------------------------------------------------
 // HAProxy send-proxy → sluice accept_proxy
@@ -51,11 +60,11 @@ async fn haproxy_in_front_of_sluice(send: &str) {
     if !haproxy_available() {
         return;
     }
-    let proxy = Proxy::start_text(&format!(
-        "[[service]]\nname = \"edge\"\nlisten = \"127.0.0.1:0\"\nservers = [\"{}\"]\naccept_proxy = true\nallow = [\"{ADMITTED}/32\"]\n",
-        echo_upstream().await
-    ))
-    .await;
+    let edge = ServiceSpec {
+        allow: Some(vec![format!("{ADMITTED}/32")]),
+        ..accepting_proxy("edge", echo_upstream().await)
+    };
+    let proxy = Proxy::start_config(config::with_services(vec![edge])).await;
     let endpoint = proxy.serve_endpoint().await;
     let sluice = proxy.address("edge");
     let haproxy = Haproxy::start(
@@ -119,17 +128,17 @@ async fn haproxy_in_front_of_sluice(send: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sluice_send_proxy_v2_gives_haproxy_the_clients_address() {
-    sluice_in_front_of_haproxy("v2").await;
+    sluice_in_front_of_haproxy(Version::V2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sluice_send_proxy_v1_gives_haproxy_the_clients_address() {
-    sluice_in_front_of_haproxy("v1").await;
+    sluice_in_front_of_haproxy(Version::V1).await;
 }
 
 /// client (127.0.0.2 or .3) → sluice service `out` with `send_proxy` → HAProxy
 /// `bind ... accept-proxy`, admitting only 127.0.0.2 → echo.
-async fn sluice_in_front_of_haproxy(version: &str) {
+async fn sluice_in_front_of_haproxy(version: Version) {
     if !haproxy_available() {
         return;
     }
@@ -146,11 +155,11 @@ async fn sluice_in_front_of_haproxy(version: &str) {
         "127.0.0.1",
     )
     .await;
-    let proxy = Proxy::start_text(&format!(
-        "[[service]]\nname = \"out\"\nlisten = \"127.0.0.1:0\"\nservers = [\"{}\"]\nsend_proxy = \"{version}\"\n",
-        haproxy.addr
-    ))
-    .await;
+    let out = ServiceSpec {
+        send_proxy: Some(version),
+        ..config::service("out", &[haproxy.addr])
+    };
+    let proxy = Proxy::start_config(config::with_services(vec![out])).await;
     let sluice = proxy.address("out");
 
     let mut client = connect_from(ADMITTED, sluice).await;
@@ -179,10 +188,10 @@ async fn sluice_in_front_of_haproxy(version: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_without_a_valid_header_are_reset_and_counted() {
-    let proxy = Proxy::start_text(&format!(
-        "[[service]]\nname = \"edge\"\nlisten = \"127.0.0.1:0\"\nservers = [\"{}\"]\naccept_proxy = true\n",
-        echo_upstream().await
-    ))
+    let proxy = Proxy::start_config(config::with_services(vec![accepting_proxy(
+        "edge",
+        echo_upstream().await,
+    )]))
     .await;
     let edge = proxy.address("edge");
     let mut oversized = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x10\x00".to_vec(); // 4096 bytes announced

@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::config::{self, service, with_services};
 use common::{Proxy, echo_upstream, eventually, refusing_address, upstream};
+use sluice::config::ServiceSpec;
+use sluice::pool::Balance;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -43,12 +46,24 @@ async fn who(addr: SocketAddr) -> (TcpStream, u8) {
     (c, name[0])
 }
 
-fn service(name: &str, servers: &[SocketAddr], extra: &str) -> String {
-    let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
-    format!(
-        "[[service]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nservers = [{}]\n{extra}\n",
-        list.join(", ")
-    )
+/// One service balancing `servers` as `balance` says.
+fn balanced(name: &str, servers: &[SocketAddr], balance: Balance) -> ServiceSpec {
+    ServiceSpec {
+        balance,
+        ..service(name, servers)
+    }
+}
+
+/// One service with `[service.health]` keys.
+fn with_health<const N: usize>(
+    name: &str,
+    servers: &[SocketAddr],
+    health: [(&str, toml::Value); N],
+) -> ServiceSpec {
+    ServiceSpec {
+        health: Some(config::table(health)),
+        ..service(name, servers)
+    }
 }
 
 fn server_series(metric: &str, service: &str, server: SocketAddr) -> String {
@@ -58,12 +73,11 @@ fn server_series(metric: &str, service: &str, server: SocketAddr) -> String {
 #[tokio::test]
 async fn each_service_relays_to_its_own_servers_and_is_counted_apart() {
     let (a, b) = (named(b"A").await, named(b"B").await);
-    let text = format!(
-        "{}{}",
-        service("alpha", &[a.addr], ""),
-        service("beta", &[b.addr], "")
-    );
-    let proxy = Proxy::start_text(&text).await;
+    let proxy = Proxy::start_config(with_services(vec![
+        service("alpha", &[a.addr]),
+        service("beta", &[b.addr]),
+    ]))
+    .await;
     for _ in 0..2 {
         assert_eq!(who(proxy.address("alpha")).await.1, b'A');
     }
@@ -91,7 +105,8 @@ async fn each_service_relays_to_its_own_servers_and_is_counted_apart() {
 async fn round_robin_gives_each_server_its_turn() {
     let servers = [named(b"A").await, named(b"B").await, named(b"C").await];
     let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
-    let proxy = Proxy::start_text(&service("rr", &addrs, "balance = \"round_robin\"")).await;
+    let rr = balanced("rr", &addrs, Balance::RoundRobin);
+    let proxy = Proxy::start_config(with_services(vec![rr])).await;
     for _ in 0..30 {
         who(proxy.addr).await;
     }
@@ -105,12 +120,8 @@ async fn round_robin_gives_each_server_its_turn() {
 #[tokio::test]
 async fn least_connections_sends_new_clients_to_the_emptier_server() {
     let (a, b) = (named(b"A").await, named(b"B").await);
-    let proxy = Proxy::start_text(&service(
-        "lc",
-        &[a.addr, b.addr],
-        "balance = \"least_connections\"",
-    ))
-    .await;
+    let lc = balanced("lc", &[a.addr, b.addr], Balance::LeastConnections);
+    let proxy = Proxy::start_config(with_services(vec![lc])).await;
     let mut held = Vec::new();
     for _ in 0..4 {
         held.push(who(proxy.addr).await);
@@ -134,7 +145,7 @@ async fn least_connections_sends_new_clients_to_the_emptier_server() {
 /// other server; round_robin keeps sending it half of them.
 #[tokio::test]
 async fn least_queued_avoids_a_server_whose_buffers_are_full() {
-    async fn run(balance: &str) -> usize {
+    async fn run(balance: Balance) -> usize {
         let stalled_count = Arc::new(AtomicUsize::new(0));
         let count = stalled_count.clone();
         let stalled = upstream(move |s| {
@@ -155,8 +166,8 @@ async fn least_queued_avoids_a_server_whose_buffers_are_full() {
             }
         })
         .await;
-        let text = service("q", &[stalled, sink], &format!("balance = \"{balance}\""));
-        let proxy = Proxy::start_text(&text).await;
+        let q = balanced("q", &[stalled, sink], balance);
+        let proxy = Proxy::start_config(with_services(vec![q])).await;
         // Clients upload until one has reached the stalled server and filled its buffer.
         let mut stuck = Vec::new();
         while stalled_count.load(Ordering::SeqCst) == 0 {
@@ -187,8 +198,8 @@ async fn least_queued_avoids_a_server_whose_buffers_are_full() {
         }
         stalled_count.load(Ordering::SeqCst) - before
     }
-    let queued = run("least_queued").await;
-    let rr = run("round_robin").await;
+    let queued = run(Balance::LeastQueued).await;
+    let rr = run(Balance::RoundRobin).await;
     assert_eq!(
         queued, 0,
         "least_queued sent new clients to the stalled server"
@@ -202,12 +213,12 @@ async fn least_queued_avoids_a_server_whose_buffers_are_full() {
 async fn a_refusing_server_is_retried_around_and_ejected() {
     let (dead, _guard) = refusing_address();
     let live = named(b"L").await;
-    let text = service(
+    let r = with_health(
         "r",
         &[dead, live.addr],
-        "[service.health]\nmax_failures = 2\ncooldown = \"1h\"",
+        [("max_failures", 2.into()), ("cooldown", "1h".into())],
     );
-    let proxy = Proxy::start_text(&text).await;
+    let proxy = Proxy::start_config(with_services(vec![r])).await;
     for _ in 0..10 {
         assert_eq!(who(proxy.addr).await.1, b'L', "every client is served");
     }
@@ -241,8 +252,11 @@ async fn a_client_is_reset_when_every_server_fails() {
     let (d1, _g1) = refusing_address();
     let (d2, _g2) = refusing_address();
     let (d3, _g3) = refusing_address();
-    let text = service("x", &[d1, d2, d3], "[service.upstream]\nretries = 1");
-    let proxy = Proxy::start_text(&text).await;
+    let x = ServiceSpec {
+        upstream: Some(config::table([("retries", 1.into())])),
+        ..service("x", &[d1, d2, d3])
+    };
+    let proxy = Proxy::start_config(with_services(vec![x])).await;
     let mut c = TcpStream::connect(proxy.addr).await.unwrap();
     let mut rest = Vec::new();
     let r = c.read_to_end(&mut rest).await.map_err(|e| e.kind());
@@ -271,12 +285,12 @@ async fn a_client_is_reset_when_every_server_fails() {
 async fn an_ejected_server_returns_after_its_cooldown() {
     let (addr, sock) = refusing_address();
     let other = echo_upstream().await;
-    let text = service(
+    let c = with_health(
         "c",
         &[addr, other],
-        "[service.health]\nmax_failures = 1\ncooldown = \"200ms\"",
+        [("max_failures", 1.into()), ("cooldown", "200ms".into())],
     );
-    let proxy = Proxy::start_text(&text).await;
+    let proxy = Proxy::start_config(with_services(vec![c])).await;
     let up = || proxy.value(&server_series("sluice_server_up", "c", addr));
     while up() == 1.0 {
         let _ = TcpStream::connect(proxy.addr)
@@ -323,12 +337,16 @@ async fn an_ejected_server_returns_after_its_cooldown() {
 #[tokio::test]
 async fn active_checks_follow_a_server_without_clients() {
     let (addr, sock) = refusing_address();
-    let text = service(
+    let h = with_health(
         "h",
         &[addr],
-        "[service.health]\ninterval = \"50ms\"\nmax_failures = 1\ncooldown = \"1h\"",
+        [
+            ("interval", "50ms".into()),
+            ("max_failures", 1.into()),
+            ("cooldown", "1h".into()),
+        ],
     );
-    let proxy = Proxy::start_text(&text).await;
+    let proxy = Proxy::start_config(with_services(vec![h])).await;
     let up = || proxy.value(&server_series("sluice_server_up", "h", addr));
     eventually("the check takes it out", Duration::from_secs(10), || {
         up() == 0.0
@@ -351,24 +369,17 @@ async fn active_checks_follow_a_server_without_clients() {
 #[tokio::test]
 async fn reload_adds_moves_and_removes_services() {
     let (a, b) = (named(b"A").await, named(b"B").await);
-    let first = format!(
-        "[timeouts]\nshutdown_grace = \"300ms\"\n{}",
-        service("alpha", &[a.addr], "")
-    );
-    let proxy = Proxy::start_text(&first).await;
+    let mut first = with_services(vec![service("alpha", &[a.addr])]);
+    first.timeouts.shutdown_grace = Duration::from_millis(300);
+    let proxy = Proxy::start_config(first.clone()).await;
     let alpha = proxy.address("alpha");
     let (mut live, name) = who(alpha).await;
     assert_eq!(name, b'A');
 
     // Add beta.
-    let second = format!("{first}{}", service("beta", &[b.addr], ""));
-    let reparse = |t: &str| {
-        sluice::Config::parse(t, "test").map(|mut c| {
-            c.metrics.address = "127.0.0.1:0".into();
-            c
-        })
-    };
-    proxy.server.reload(reparse(&second).unwrap()).unwrap();
+    let mut second = first.clone();
+    second.services.push(service("beta", &[b.addr]));
+    proxy.server.reload(second.clone()).unwrap();
     assert_eq!(who(proxy.address("beta")).await.1, b'B');
     assert_eq!(proxy.address("alpha"), alpha, "alpha is untouched");
     assert_eq!(who(alpha).await.1, b'A');
@@ -376,11 +387,9 @@ async fn reload_adds_moves_and_removes_services() {
     // Move beta to another address: the new one serves, the old one refuses.
     let old_beta = proxy.address("beta");
     let (new_beta, _reserved) = common::reserved_address();
-    let third = second.replace(
-        "name = \"beta\"\nlisten = \"127.0.0.1:0\"",
-        &format!("name = \"beta\"\nlisten = \"{new_beta}\""),
-    );
-    proxy.server.reload(reparse(&third).unwrap()).unwrap();
+    let mut third = second.clone();
+    third.services[1].listen = new_beta.to_string();
+    proxy.server.reload(third).unwrap();
     assert_eq!(proxy.address("beta"), new_beta);
     assert_eq!(who(new_beta).await.1, b'B');
     eventually(
@@ -391,11 +400,12 @@ async fn reload_adds_moves_and_removes_services() {
     .await;
 
     // Remove alpha: its address refuses, its live connection still works for now...
-    let fourth = format!(
-        "[timeouts]\nshutdown_grace = \"300ms\"\n{}",
-        service("beta", &[b.addr], "").replace("127.0.0.1:0", &new_beta.to_string())
-    );
-    proxy.server.reload(reparse(&fourth).unwrap()).unwrap();
+    let mut fourth = first.clone();
+    fourth.services = vec![ServiceSpec {
+        listen: new_beta.to_string(),
+        ..service("beta", &[b.addr])
+    }];
+    proxy.server.reload(fourth.clone()).unwrap();
     eventually("alpha stops accepting", Duration::from_secs(5), || {
         std::net::TcpStream::connect(alpha).is_err()
     })
@@ -427,11 +437,9 @@ async fn reload_adds_moves_and_removes_services() {
 
     // A reload whose new address cannot be bound changes nothing.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let fifth = fourth.replace(
-        &new_beta.to_string(),
-        &taken.local_addr().unwrap().to_string(),
-    );
-    let err = proxy.server.reload(reparse(&fifth).unwrap()).unwrap_err();
+    let mut fifth = fourth;
+    fifth.services[0].listen = taken.local_addr().unwrap().to_string();
+    let err = proxy.server.reload(fifth).unwrap_err();
     assert!(err.to_string().contains("cannot listen"), "{err}");
     assert_eq!(proxy.address("beta"), new_beta);
     assert_eq!(who(new_beta).await.1, b'B');

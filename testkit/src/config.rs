@@ -34,6 +34,15 @@ pub fn without_services() -> Config {
     }
 }
 
+/// A configuration of `services` alone (no default service), the admin endpoint on
+/// [`ANY_PORT`].
+pub fn with_services(services: Vec<ServiceSpec>) -> Config {
+    Config {
+        services,
+        ..without_services()
+    }
+}
+
 /// The default service listening on [`ANY_PORT`] and relaying to `upstream`, the admin
 /// endpoint on [`ANY_PORT`], every other key at its default.
 pub fn relay_to(upstream: impl ToString) -> Config {
