@@ -8,24 +8,25 @@ fn sluice() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
 }
 
+/// What `sluice --check-config` prints with the rest of `command`'s arguments; it must
+/// succeed.
+fn check_config(command: &mut Command) -> String {
+    let out = command.arg("--check-config").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 #[test]
 fn shipped_proxy_toml_is_valid_and_prints_its_effective_config() {
-    let out = sluice()
-        .arg("--check-config")
-        .arg("--config")
-        .arg(root().join("proxy.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let printed = String::from_utf8(out.stdout).unwrap();
+    let printed = check_config(sluice().arg("--config").arg(root().join("proxy.toml")));
     // What it prints is itself a valid configuration with the same services as the
     // file's, each spelled out.
     let reparsed = sluice::Config::parse(&printed, "printed").unwrap();
@@ -94,20 +95,15 @@ fn missing_file_is_one_line_and_exit_code_2() {
 
 #[test]
 fn flags_and_environment_override_the_file() {
-    let out = sluice()
-        .args(["--check-config", "--config"])
-        .arg(root().join("proxy.toml"))
-        .args(["--listen", "127.0.0.1:7001", "--log-level", "debug"])
-        .env("SLUICE_UPSTREAM", "upstream.example:7002")
-        .env("SLUICE_METRICS", "127.0.0.1:7003")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let printed = check_config(
+        sluice()
+            .arg("--config")
+            .arg(root().join("proxy.toml"))
+            .args(["--listen", "127.0.0.1:7001", "--log-level", "debug"])
+            .env("SLUICE_UPSTREAM", "upstream.example:7002")
+            .env("SLUICE_METRICS", "127.0.0.1:7003"),
     );
-    let c = sluice::Config::parse(&String::from_utf8(out.stdout).unwrap(), "printed").unwrap();
+    let c = sluice::Config::parse(&printed, "printed").unwrap();
     let services = c.services().unwrap();
     assert_eq!(services[0].name, "default");
     assert_eq!(services[0].listen, "127.0.0.1:7001".parse().unwrap());
@@ -199,19 +195,7 @@ send_proxy = "v2"
 
 /// The services `sluice --check-config --config FILE ARGS` prints, parsed back.
 fn effective_services(path: &std::path::Path, args: &[&str]) -> Vec<sluice::config::Service> {
-    let out = sluice()
-        .arg("--check-config")
-        .arg("--config")
-        .arg(path)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let printed = String::from_utf8(out.stdout).unwrap();
+    let printed = check_config(sluice().arg("--config").arg(path).args(args));
     sluice::Config::parse(&printed, "printed")
         .unwrap()
         .services()

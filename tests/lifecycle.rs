@@ -4,6 +4,7 @@
 use sluice_testkit as common;
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
@@ -12,7 +13,7 @@ use tokio::net::TcpStream;
 
 /// An upstream that streams `len` bytes of `data(seed)` at about `rate` bytes/s, then
 /// closes.
-async fn paced_source(seed: u64, len: usize, rate: usize) -> std::net::SocketAddr {
+async fn paced_source(seed: u64, len: usize, rate: usize) -> SocketAddr {
     upstream(move |mut s| async move {
         let bytes = data(seed, len);
         let chunk = (rate / 20).max(1);
@@ -27,18 +28,25 @@ async fn paced_source(seed: u64, len: usize, rate: usize) -> std::net::SocketAdd
     .await
 }
 
+/// sluice in front of `up` with `shutdown_grace = grace`, and a client that has read the
+/// first byte of its transfer (and that byte).
+async fn transfer_under_way(up: SocketAddr, grace: Duration) -> (Daemon, TcpStream, [u8; 1]) {
+    let mut c = config(&up.to_string());
+    c.timeouts.shutdown_grace = grace;
+    let d = Daemon::start(&c);
+    let mut s = TcpStream::connect(d.addr).await.unwrap();
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).await.unwrap();
+    (d, s, first)
+}
+
 /// SIGTERM with a live transfer that finishes within the grace period: the transfer
 /// completes byte-exact, new clients are refused from the signal on, and sluice exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_live_transfers_finish_then_exits_0() {
     const LEN: usize = 1 << 20;
     let up = paced_source(21, LEN, 1 << 20).await;
-    let mut c = config(&up.to_string());
-    c.timeouts.shutdown_grace = Duration::from_secs(20);
-    let mut d = Daemon::start(&c);
-    let mut s = TcpStream::connect(d.addr).await.unwrap();
-    let mut first = [0u8; 1];
-    s.read_exact(&mut first).await.unwrap();
+    let (mut d, mut s, first) = transfer_under_way(up, Duration::from_secs(20)).await;
     d.signal(libc::SIGTERM);
     // New clients are refused once the listener is closed.
     eventually("the listener closes", Duration::from_secs(5), || {
@@ -80,12 +88,7 @@ async fn transfers_that_outlive_the_grace_are_closed_and_counted() {
         started.elapsed() >= Duration::from_millis(400),
         "closed before the grace ran out"
     );
-    let m = server.metrics().render();
-    assert_eq!(
-        value(&m, "sluice_connections_closed_total{reason=\"shutdown\"}"),
-        1.0
-    );
-    assert_eq!(value(&m, "sluice_connections_active"), 0.0);
+    assert_one_closed_by_shutdown(&server);
     let mut rest = Vec::new();
     let r = s.read_to_end(&mut rest).await;
     assert!(
@@ -98,12 +101,7 @@ async fn transfers_that_outlive_the_grace_are_closed_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
     let up = paced_source(23, 64 << 20, 64 << 10).await;
-    let mut c = config(&up.to_string());
-    c.timeouts.shutdown_grace = Duration::from_secs(60);
-    let mut d = Daemon::start(&c);
-    let mut s = TcpStream::connect(d.addr).await.unwrap();
-    let mut b = [0u8; 1];
-    s.read_exact(&mut b).await.unwrap();
+    let (mut d, _transfer, _) = transfer_under_way(up, Duration::from_secs(60)).await;
     d.signal(libc::SIGTERM);
     // Shutdown has begun once sluice says STOPPING=1.
     d.stopping();

@@ -14,17 +14,30 @@ use tokio::time::Instant;
 const C2U: &str = "client_to_upstream";
 const U2C: &str = "upstream_to_client";
 
-/// 64 MiB each way at the same time, random chunk sizes, compared by hash; and the byte
-/// counters equal what crossed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixty_four_mib_each_way_at_once() {
-    sixty_four_mib_each_way_at_once_in(RelayMode::Copy).await;
+/// Two tests from one `async fn(RelayMode)`: `$copy` runs it with `relay.mode = "copy"`,
+/// `$spliced` with `relay.mode = "splice"`. Doc comments before the names are `$copy`'s.
+macro_rules! in_copy_and_splice_modes {
+    ($(#[$doc:meta])* $copy:ident, $spliced:ident, $test_in:ident) => {
+        $(#[$doc])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $copy() {
+            $test_in(RelayMode::Copy).await;
+        }
+
+        /// The same with `relay.mode = "splice"`.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $spliced() {
+            $test_in(RelayMode::Splice).await;
+        }
+    };
 }
 
-/// The same with `relay.mode = "splice"`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixty_four_mib_each_way_at_once_spliced() {
-    sixty_four_mib_each_way_at_once_in(RelayMode::Splice).await;
+in_copy_and_splice_modes! {
+    /// 64 MiB each way at the same time, random chunk sizes, compared by hash; and the byte
+    /// counters equal what crossed.
+    sixty_four_mib_each_way_at_once,
+    sixty_four_mib_each_way_at_once_spliced,
+    sixty_four_mib_each_way_at_once_in
 }
 
 async fn sixty_four_mib_each_way_at_once_in(mode: RelayMode) {
@@ -134,16 +147,11 @@ async fn two_hundred_concurrent_connections_each_intact_in(mode: RelayMode, sche
     proxy.shutdown().await;
 }
 
-/// The client half-closes first and still receives the whole reply.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_half_closes_and_still_gets_the_whole_reply() {
-    client_half_closes_and_still_gets_the_whole_reply_in(RelayMode::Copy).await;
-}
-
-/// The same with `relay.mode = "splice"`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_half_closes_and_still_gets_the_whole_reply_spliced() {
-    client_half_closes_and_still_gets_the_whole_reply_in(RelayMode::Splice).await;
+in_copy_and_splice_modes! {
+    /// The client half-closes first and still receives the whole reply.
+    client_half_closes_and_still_gets_the_whole_reply,
+    client_half_closes_and_still_gets_the_whole_reply_spliced,
+    client_half_closes_and_still_gets_the_whole_reply_in
 }
 
 async fn client_half_closes_and_still_gets_the_whole_reply_in(mode: RelayMode) {
@@ -168,16 +176,11 @@ async fn client_half_closes_and_still_gets_the_whole_reply_in(mode: RelayMode) {
     proxy.shutdown().await;
 }
 
-/// The upstream half-closes first and still receives everything the client sends after.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_half_closes_and_still_gets_the_whole_upload() {
-    upstream_half_closes_and_still_gets_the_whole_upload_in(RelayMode::Copy).await;
-}
-
-/// The same with `relay.mode = "splice"`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_half_closes_and_still_gets_the_whole_upload_spliced() {
-    upstream_half_closes_and_still_gets_the_whole_upload_in(RelayMode::Splice).await;
+in_copy_and_splice_modes! {
+    /// The upstream half-closes first and still receives everything the client sends after.
+    upstream_half_closes_and_still_gets_the_whole_upload,
+    upstream_half_closes_and_still_gets_the_whole_upload_spliced,
+    upstream_half_closes_and_still_gets_the_whole_upload_in
 }
 
 async fn upstream_half_closes_and_still_gets_the_whole_upload_in(mode: RelayMode) {
@@ -233,17 +236,12 @@ fn watch_queue(
     (h, stop)
 }
 
-/// A fast upstream and a client reading 16 KiB/s through a small SO_RCVBUF: the queue
-/// never exceeds the bound, pauses and drains are counted, the data is exact.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_reader_is_held_to_the_bound() {
-    slow_reader_is_held_to_the_bound_in(RelayMode::Copy).await;
-}
-
-/// The same with `relay.mode = "splice"`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_reader_is_held_to_the_bound_spliced() {
-    slow_reader_is_held_to_the_bound_in(RelayMode::Splice).await;
+in_copy_and_splice_modes! {
+    /// A fast upstream and a client reading 16 KiB/s through a small SO_RCVBUF: the queue
+    /// never exceeds the bound, pauses and drains are counted, the data is exact.
+    slow_reader_is_held_to_the_bound,
+    slow_reader_is_held_to_the_bound_spliced,
+    slow_reader_is_held_to_the_bound_in
 }
 
 async fn slow_reader_is_held_to_the_bound_in(mode: RelayMode) {
@@ -299,16 +297,11 @@ async fn slow_reader_is_held_to_the_bound_in(mode: RelayMode) {
     proxy.shutdown().await;
 }
 
-/// A fast client and an upstream reading 16 KiB/s: the same in the other direction.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_upstream_is_held_to_the_bound() {
-    slow_upstream_is_held_to_the_bound_in(RelayMode::Copy).await;
-}
-
-/// The same with `relay.mode = "splice"`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_upstream_is_held_to_the_bound_spliced() {
-    slow_upstream_is_held_to_the_bound_in(RelayMode::Splice).await;
+in_copy_and_splice_modes! {
+    /// A fast client and an upstream reading 16 KiB/s: the same in the other direction.
+    slow_upstream_is_held_to_the_bound,
+    slow_upstream_is_held_to_the_bound_spliced,
+    slow_upstream_is_held_to_the_bound_in
 }
 
 async fn slow_upstream_is_held_to_the_bound_in(mode: RelayMode) {
@@ -406,17 +399,12 @@ async fn connect_timeout_closes_the_client() {
     proxy.shutdown().await;
 }
 
-/// An upstream reset reaches the client as a reset, and a client reset reaches the
-/// upstream as a reset.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resets_are_passed_on_as_resets() {
-    resets_are_passed_on_as_resets_in(RelayMode::Copy).await;
-}
-
-/// The same with `relay.mode = "splice"`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resets_are_passed_on_as_resets_spliced() {
-    resets_are_passed_on_as_resets_in(RelayMode::Splice).await;
+in_copy_and_splice_modes! {
+    /// An upstream reset reaches the client as a reset, and a client reset reaches the
+    /// upstream as a reset.
+    resets_are_passed_on_as_resets,
+    resets_are_passed_on_as_resets_spliced,
+    resets_are_passed_on_as_resets_in
 }
 
 async fn resets_are_passed_on_as_resets_in(mode: RelayMode) {
@@ -657,18 +645,13 @@ async fn a_burst_of_clients_is_spread_over_the_workers() {
     proxy.shutdown().await;
 }
 
-/// Thousands of tiny segments while the client is not reading: in splice mode each
-/// segment can take a pipe slot of its own, so the pipe runs out of slots long before it
-/// holds the bound. Nothing may stall or be lost, and the bound still holds.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_segments_to_a_stalled_reader_arrive_intact() {
-    tiny_segments_to_a_stalled_reader_arrive_intact_in(RelayMode::Copy).await;
-}
-
-/// The same with `relay.mode = "splice"`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_segments_to_a_stalled_reader_arrive_intact_spliced() {
-    tiny_segments_to_a_stalled_reader_arrive_intact_in(RelayMode::Splice).await;
+in_copy_and_splice_modes! {
+    /// Thousands of tiny segments while the client is not reading: in splice mode each
+    /// segment can take a pipe slot of its own, so the pipe runs out of slots long before it
+    /// holds the bound. Nothing may stall or be lost, and the bound still holds.
+    tiny_segments_to_a_stalled_reader_arrive_intact,
+    tiny_segments_to_a_stalled_reader_arrive_intact_spliced,
+    tiny_segments_to_a_stalled_reader_arrive_intact_in
 }
 
 async fn tiny_segments_to_a_stalled_reader_arrive_intact_in(mode: RelayMode) {

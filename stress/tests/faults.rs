@@ -453,12 +453,7 @@ async fn shutdown_during_the_upstream_connect_resets_the_client() {
     .await;
     let server = proxy.server.clone();
     proxy.shutdown().await;
-    let m = server.metrics().render();
-    assert_eq!(
-        value(&m, "sluice_connections_closed_total{reason=\"shutdown\"}"),
-        1.0
-    );
-    assert_eq!(value(&m, "sluice_connections_active"), 0.0);
+    assert_one_closed_by_shutdown(&server);
     let mut rest = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
         .await

@@ -29,6 +29,17 @@ pub fn config(upstream: &str) -> Config {
     c
 }
 
+/// After `server` has shut down: its one live connection was closed by the shutdown
+/// (counted with reason `shutdown`), and nothing is live any more.
+pub fn assert_one_closed_by_shutdown(server: &Server) {
+    let m = server.metrics().render();
+    assert_eq!(
+        value(&m, "sluice_connections_closed_total{reason=\"shutdown\"}"),
+        1.0
+    );
+    assert_eq!(value(&m, "sluice_connections_active"), 0.0);
+}
+
 impl Proxy {
     /// Starts a proxy in front of `upstream` with `tweak` applied to the config.
     pub async fn start(upstream: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Proxy {

@@ -46,7 +46,7 @@ pub use addresses::{blackhole, refusing_address, reserved_address};
 pub use admin::{connections, get, poll_connections};
 pub use child::ChildProcess;
 pub use daemon::Daemon;
-pub use in_process::{Proxy, config};
+pub use in_process::{Proxy, assert_one_closed_by_shutdown, config};
 pub use scrape::{LIVE_GAUGES, Scrape, value};
 pub use transfer::{connect_small_rcvbuf, data, read_hash, read_slowly, sha, write_chunked};
 pub use upstream::{echo_upstream, upstream, upstream_with_rcvbuf};
