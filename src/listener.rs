@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::budget::Budget;
-use crate::config::{self, Config, Scheduler};
+use crate::config::{self, Config, DEFAULT_MAX_CONNECTIONS, Scheduler};
 use crate::connection;
 use crate::metrics::{CloseReason, Metrics, ServiceMetrics};
 use crate::pool;
@@ -264,8 +264,7 @@ impl Server {
         let mut fresh = Listeners { bound: fresh };
         workers
             .shared
-            .max_connections
-            .store(new.listen.max_connections, Ordering::Relaxed);
+            .set_max_connections(new.listen.max_connections);
         self.budget.resize(new.buffer.total.as_u64() as usize);
 
         let mut previous = std::mem::take(&mut state.running);
@@ -440,12 +439,14 @@ impl Server {
             force_close: CancellationToken::new(),
             shutdown: shutdown.clone(),
             accept_ended: CancellationToken::new(),
-            max_connections: AtomicUsize::new(config.listen.max_connections),
-            limit: Mutex::new(Limit::new(config.listen.max_connections.min(fd_cap))),
+            max_connections: AtomicUsize::new(0),
+            max_connections_set: AtomicBool::new(false),
+            limit: Mutex::new(Limit::new(0)),
             fd_cap,
             warned_fd_cap: AtomicBool::new(false),
             live: (0..slots).map(|_| AtomicUsize::new(0)).collect(),
         });
+        shared.set_max_connections(config.listen.max_connections);
         let (inboxes, inbox_rxs): (Vec<_>, Vec<_>) =
             (0..slots).map(|_| mpsc::unbounded_channel()).unzip();
         let handles = runtimes.iter().map(|r| r.handle().clone()).collect();
@@ -565,8 +566,11 @@ struct Accepting {
     shutdown: CancellationToken,
     /// Fired once every accept loop has ended: no client is handed over any more.
     accept_ended: CancellationToken,
-    /// `listen.max_connections` as now configured.
+    /// `listen.max_connections` as now configured ([`DEFAULT_MAX_CONNECTIONS`] unset).
     max_connections: AtomicUsize,
+    /// Whether the configuration sets it: only a value the user chose is warned about
+    /// when the descriptor limit cannot cover it; the default quietly fits the limit.
+    max_connections_set: AtomicBool,
     /// `listen.max_connections` as permits, resized by whichever loop first sees a
     /// reload.
     limit: Mutex<Limit>,
@@ -698,10 +702,23 @@ impl Accepting {
         self.live.iter().map(|n| n.load(Ordering::Relaxed)).sum()
     }
 
+    /// Takes a (re)loaded `listen.max_connections`; the permits follow at the next accept.
+    fn set_max_connections(&self, configured: Option<usize>) {
+        self.max_connections_set
+            .store(configured.is_some(), Ordering::Relaxed);
+        self.max_connections.store(
+            configured.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            Ordering::Relaxed,
+        );
+    }
+
     /// The permits for `listen.max_connections`, resized to the configured value first.
     fn limit_permits(&self) -> Arc<Semaphore> {
         let max = self.max_connections.load(Ordering::Relaxed);
-        if max > self.fd_cap && !self.warned_fd_cap.swap(true, Ordering::Relaxed) {
+        if max > self.fd_cap
+            && self.max_connections_set.load(Ordering::Relaxed)
+            && !self.warned_fd_cap.swap(true, Ordering::Relaxed)
+        {
             tracing::warn!(
                 max_connections = max,
                 serving_at_most = self.fd_cap,
