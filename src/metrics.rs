@@ -516,6 +516,7 @@ pub enum Source {
     Scrape,
 }
 
+// The label sets of SERIES, named for the labels in their order.
 const SERVICE: &[&str] = &["service"];
 const SERVICE_REASON: &[&str] = &["service", "reason"];
 const SERVICE_DIRECTION: &[&str] = &["service", "direction"];
@@ -590,6 +591,7 @@ static META: Metadata<'static> =
     Metadata::new("sluice", metrics::Level::INFO, Some("sluice::metrics"));
 
 impl Series {
+    /// A row for a series the recorder keeps.
     const fn recorder(
         name: &'static str,
         kind: Kind,
@@ -605,6 +607,7 @@ impl Series {
         }
     }
 
+    /// A row for a series computed at each scrape.
     const fn scrape(
         name: &'static str,
         kind: Kind,
