@@ -976,6 +976,7 @@ impl AcceptErrors {
 mod tests {
     use super::*;
     use crate::connection::ActiveGuard;
+    use crate::metrics::names;
 
     /// A panic inside a connection's task is caught and counted, and the gauges it had
     /// raised come back down.
@@ -1010,11 +1011,13 @@ mod tests {
                 })
                 .unwrap()
         };
-        assert_eq!(line("sluice_connection_panics_total"), 1.0);
-        assert_eq!(
-            line("sluice_connections_closed_total{service=\"default\",reason=\"error\"}"),
-            1.0
+        assert_eq!(line(names::CONNECTION_PANICS_TOTAL), 1.0);
+        let closed = format!(
+            "{}{{service=\"default\",reason=\"error\"}}",
+            names::CONNECTIONS_CLOSED_TOTAL
         );
-        assert_eq!(line("sluice_connections_active{service=\"default\"}"), 0.0);
+        assert_eq!(line(&closed), 1.0);
+        let active = format!("{}{{service=\"default\"}}", names::CONNECTIONS_ACTIVE);
+        assert_eq!(line(&active), 0.0);
     }
 }
