@@ -20,7 +20,7 @@
 //! - [`proxy_protocol`]: the PROXY protocol v1/v2 (parse and read a client's header, encode
 //!   one for a server).
 //! - [`socket`]: socket2 tuning (buffer sizes, nodelay, keepalive, resets).
-//! - [`metrics`]: every metric name and help text, and the `/metrics` endpoint.
+//! - [`metrics`]: every metric name and help text, rendered for `/metrics`.
 //! - [`admin`]: the admin endpoint on `metrics.address` (`/metrics`, `/healthz`,
 //!   `/readyz`, `/connections`): axum on hyper, its connections bounded and timed out.
 //! - [`process_metrics`]: the `process_*` metrics from /proc.
