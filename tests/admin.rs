@@ -27,8 +27,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// an unknown path is 404 and another method 405.
 #[tokio::test]
 async fn each_path_answers() {
-    let proxy = Proxy::start(echo_upstream().await, |_| {}).await;
-    let (endpoint, _stop) = serve_admin(proxy.server.clone()).await;
+    let (proxy, endpoint) = proxy_with_admin().await;
 
     let metrics = fetch(endpoint, "GET", "/metrics").await;
     assert_eq!(metrics.status, 200);
@@ -133,8 +132,7 @@ async fn readyz_follows_the_servers_life() {
 /// Two requests, one after the other, on one connection: keep-alive works.
 #[tokio::test]
 async fn two_requests_on_one_kept_alive_connection() {
-    let proxy = Proxy::start(echo_upstream().await, |_| {}).await;
-    let (endpoint, _stop) = serve_admin(proxy.server.clone()).await;
+    let (proxy, endpoint) = proxy_with_admin().await;
 
     let mut conn = Http::connect(endpoint).await;
     assert_eq!(
@@ -156,8 +154,7 @@ async fn two_requests_on_one_kept_alive_connection() {
 /// `HEADER_READ_TIMEOUT` has passed, and other clients are answered meanwhile.
 #[tokio::test]
 async fn a_slowloris_is_cut_after_the_header_timeout_while_others_are_served() {
-    let proxy = Proxy::start(echo_upstream().await, |_| {}).await;
-    let (endpoint, _stop) = serve_admin(proxy.server.clone()).await;
+    let (proxy, endpoint) = proxy_with_admin().await;
 
     let started = Instant::now();
     let slow = TcpStream::connect(endpoint).await.unwrap();
@@ -197,8 +194,7 @@ async fn a_slowloris_is_cut_after_the_header_timeout_while_others_are_served() {
 /// has waited `REQUEST_TIMEOUT` to be written.
 #[tokio::test]
 async fn a_client_that_never_reads_its_answers_is_cut_after_the_request_timeout() {
-    let proxy = Proxy::start(echo_upstream().await, |_| {}).await;
-    let (endpoint, _stop) = serve_admin(proxy.server.clone()).await;
+    let (proxy, endpoint) = proxy_with_admin().await;
 
     let started = Instant::now();
     // A small receive window, and requests sent back to back (pipelined) until the
@@ -224,8 +220,7 @@ async fn a_client_that_never_reads_its_answers_is_cut_after_the_request_timeout(
 #[tokio::test]
 async fn a_flood_of_idle_connections_does_not_keep_a_scrape_out() {
     const EXTRA: usize = 16;
-    let proxy = Proxy::start(echo_upstream().await, |_| {}).await;
-    let (endpoint, _stop) = serve_admin(proxy.server.clone()).await;
+    let (proxy, endpoint) = proxy_with_admin().await;
 
     let started = Instant::now();
     let mut flood = Vec::new();
@@ -279,6 +274,13 @@ async fn a_flood_of_idle_connections_does_not_keep_a_scrape_out() {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
+
+/// A proxy in front of an echo upstream, with its admin endpoint served.
+async fn proxy_with_admin() -> (Proxy, SocketAddr) {
+    let proxy = Proxy::start(echo_upstream().await, |_| {}).await;
+    let (endpoint, _) = serve_admin(proxy.server.clone()).await;
+    (proxy, endpoint)
+}
 
 /// Serves `server`'s admin endpoint on a free loopback port until the returned token
 /// fires.
