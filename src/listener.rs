@@ -44,6 +44,21 @@ pub struct Server {
     workers: OnceLock<Arc<Workers>>,
     /// Fired once every service accepts clients.
     ready: CancellationToken,
+    /// The token [`Server::run`] stops on, kept so that [`Server::readiness`] says
+    /// "draining" from the moment it fires.
+    stopping: OnceLock<CancellationToken>,
+}
+
+/// Whether the services accept clients, as `/readyz` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// [`Server::run`] has not bound every service yet.
+    Starting,
+    /// Every service accepts clients.
+    Accepting,
+    /// A graceful shutdown has begun: the services accept no more clients and the live
+    /// connections drain.
+    Draining,
 }
 
 /// What a reload replaces.
@@ -182,6 +197,7 @@ impl Server {
             }),
             workers: OnceLock::new(),
             ready: CancellationToken::new(),
+            stopping: OnceLock::new(),
         }
     }
 
@@ -189,6 +205,18 @@ impl Server {
     /// can be taken).
     pub async fn ready(&self) {
         self.ready.cancelled().await
+    }
+
+    /// Starting until every service accepts, draining from the moment the shutdown token
+    /// given to [`Server::run`] fires.
+    pub fn readiness(&self) -> Readiness {
+        if self.stopping.get().is_some_and(|s| s.is_cancelled()) {
+            Readiness::Draining
+        } else if self.ready.is_cancelled() {
+            Readiness::Accepting
+        } else {
+            Readiness::Starting
+        }
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -342,6 +370,7 @@ impl Server {
         mut listeners: Listeners,
         shutdown: CancellationToken,
     ) -> io::Result<()> {
+        let _ = self.stopping.set(shutdown.clone());
         let config = self.config();
         let services = config
             .services()

@@ -1,5 +1,5 @@
-//! Every metric sluice exports, its help text, and the endpoint that serves them
-//! (`/metrics`, and the live connection list `/connections`).
+//! Every metric sluice exports and its help text; [`crate::admin`] serves them at
+//! `/metrics`.
 //!
 //! Each proxy instance owns its own Prometheus recorder (no global state), so tests can
 //! run several proxies in one process and read each one's numbers. Handles are created
@@ -13,17 +13,14 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 use crate::budget::BudgetGauges;
 use crate::pool::Pool;
-use crate::registry::{Registry, SortBy};
+use crate::registry::Registry;
 
 /// The two directions of a connection, in label order.
 pub const DIRECTIONS: [&str; 2] = ["client_to_upstream", "upstream_to_client"];
@@ -743,120 +740,4 @@ impl PauseClock {
         g.last_total = total;
         (g.count, total)
     }
-}
-
-/// Serves `GET /metrics` and `GET /connections` until `shutdown` fires. A plain HTTP/1.1
-/// responder: the clients are a scraper and an operator's tool, and each request is
-/// answered with fresh numbers.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let upkeep = {
-        let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => metrics.upkeep(),
-                    _ = shutdown.cancelled() => return,
-                }
-            }
-        })
-    };
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.cancelled() => break,
-        };
-        match stream {
-            Ok((stream, _)) => {
-                let metrics = metrics.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &metrics))
-                        .await;
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics endpoint accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    upkeep.abort();
-}
-
-const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// `sort` and `limit` from a `/connections` query string, with an error that says what
-/// is accepted.
-fn connections_query(query: &str) -> Result<(SortBy, usize), String> {
-    let (mut sort, mut limit) = (SortBy::Queued, usize::MAX);
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "sort" => {
-                sort = SortBy::parse(value).ok_or_else(|| {
-                    format!("sort={value}: expected sort=queued, sort=kernel or sort=age")
-                })?
-            }
-            "limit" => {
-                limit = value
-                    .parse()
-                    .map_err(|_| format!("limit={value}: expected a number of connections"))?
-            }
-            _ => return Err(format!("{key}: unknown parameter; try sort= and limit=")),
-        }
-    }
-    Ok((sort, limit))
-}
-
-/// Reads one request head and answers it.
-async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 || head.len() > 16 * 1024 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let (method, target) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let target = String::from_utf8_lossy(target);
-    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    let (status, ctype, body) = match (method, path) {
-        (b"GET" | b"HEAD", "/metrics") => ("200 OK", PROMETHEUS_TEXT, metrics.render()),
-        (b"GET" | b"HEAD", "/connections") => match connections_query(query) {
-            Ok((sort, limit)) => {
-                let listing = metrics.connections.list(sort, limit, metrics.now());
-                let mut body = serde_json::to_string(&listing).expect("plain data serializes");
-                body.push('\n');
-                ("200 OK", "application/json", body)
-            }
-            Err(e) => ("400 Bad Request", "text/plain", format!("{e}\n")),
-        },
-        (b"GET" | b"HEAD", _) => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics or /connections\n".to_string(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_string(),
-        ),
-    };
-    let mut response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if method != b"HEAD" {
-        response.extend_from_slice(body.as_bytes());
-    }
-    stream.write_all(&response).await?;
-    stream.shutdown().await
 }

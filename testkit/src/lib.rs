@@ -75,14 +75,14 @@ impl Proxy {
         self.server.metrics().render()
     }
 
-    /// Serves the proxy's metrics endpoint (`/metrics`, `/connections`) on a free
-    /// loopback port until the proxy stops.
+    /// Serves the proxy's admin endpoint (`/metrics`, `/connections`, `/healthz`,
+    /// `/readyz`) on a free loopback port until the proxy stops.
     pub async fn serve_endpoint(&self) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(sluice::metrics::serve(
+        tokio::spawn(sluice::admin::serve(
             listener,
-            self.server.metrics(),
+            self.server.clone(),
             self.stop.clone(),
         ));
         addr
@@ -304,9 +304,12 @@ pub fn refusing_address() -> (SocketAddr, socket2::Socket) {
 /// `GET path` on a metrics endpoint: the status code and the body.
 pub async fn get(endpoint: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(endpoint).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: sluice\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    // Read to the end below: the endpoint keeps an HTTP/1.1 connection open unless told.
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut response = String::new();
     s.read_to_string(&mut response).await.unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
@@ -454,7 +457,7 @@ impl Daemon {
     pub fn scrape(&self) -> String {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(self.metrics_addr).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
