@@ -37,14 +37,13 @@ use crate::budget::{Target, secs};
 use crate::clients::{self, ClientMode, ClientSpec, ConnResult, LiveStats, Percentiles};
 use crate::pattern::word;
 use crate::proxy_process::{DIRECTIONS, Metrics, ProxyProcess, ServiceConfig};
-use crate::rate::{Rate, format_bytes};
 use crate::scenario::{
     Report, RunReport, RunSummary, Sampler, ScenarioArgs, ScenarioName, UpstreamSummary, Workload,
     write_report,
 };
+use crate::units::{KIB, Rate, format_bytes};
 use crate::upstream::{LocalUpstream, UpstreamMode, UpstreamSpec};
 
-const KIB: u64 = 1024;
 /// The slow server's read rate, per connection.
 pub const SLOW_RATE: Rate = Rate(64 * KIB);
 /// SO_RCVBUF of every server and SO_SNDBUF of every client: small, so a slow server's

@@ -53,16 +53,16 @@ use tokio_util::sync::CancellationToken;
 use crate::bench::cpu::{CpuMeter, ticks_per_second};
 use crate::clients::{self, ClientMode, ClientSpec, ConnResult, Percentiles};
 use crate::kernel_memory;
+use crate::pacing::TokenBucket;
 use crate::pattern::Verifier;
 use crate::proxy_process::{DIRECTIONS, Metrics, ProxyProcess};
-use crate::rate::{Rate, TokenBucket, format_bytes};
 use crate::scenario::{
     KERNEL_QUEUED, Report, RunReport, RunSummary, Sample, Sampler, ScenarioArgs, ScenarioName,
     UpstreamSummary, Workload, render_svg, write_report,
 };
+use crate::units::{KIB, Rate, format_bytes};
 use crate::upstream::{self, UpstreamMode, UpstreamSpec};
 
-const KIB: u64 = 1024;
 /// Each slow reader's pace: 8,000 of them ask 31 MiB/s at most, which two cores carry
 /// beside sluice (far less moves: only the readers holding a buffer have bytes to read).
 pub const READ_RATE: Rate = Rate(4 * KIB);

@@ -14,8 +14,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::UsageError;
+use crate::pacing::TokenBucket;
 use crate::pattern::{Pattern, Verifier};
-use crate::rate::{Rate, TokenBucket, format_bytes, parse_duration, parse_rate, parse_size};
+use crate::units::{Rate, format_bytes, parse_duration, parse_rate, parse_size};
 use crate::upstream::is_peer_gone;
 
 /// I/O size when a direction is not paced.

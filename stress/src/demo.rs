@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use crate::UsageError;
 use crate::clients::{self, ClientMode, ClientSpec, LiveStats};
 use crate::proxy_process::{DIRECTIONS, ProxyProcess};
-use crate::rate::{Rate, format_bytes, parse_duration, parse_rate};
 use crate::scenario::{Sample, Sampler};
+use crate::units::{Rate, format_bytes, parse_duration, parse_rate};
 use crate::upstream::{self, UpstreamMode, UpstreamSpec};
 
 /// How long sluice may take to exit after SIGTERM.

@@ -9,14 +9,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clients::{self, ClientMode, ClientSpec, ConnResult, LiveStats};
 use crate::proxy_process::ProxyProcess;
-use crate::rate::{Rate, format_bytes};
 use crate::scenario::{
     Report, RunReport, RunSummary, Sample, Sampler, ScenarioArgs, ScenarioName, UpstreamSummary,
     Workload, render_svg, write_report,
 };
+use crate::units::{KIB, Rate, format_bytes};
 use crate::upstream::{self, UpstreamMode, UpstreamSpec};
 
-const KIB: u64 = 1024;
 /// How long sluice may take to exit after SIGTERM (its generated shutdown_grace is 2 s).
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Soak connections echo this much each, then close and reconnect.

@@ -16,8 +16,8 @@ use crate::baseline::CAP_EXIT_CODE;
 use crate::clients::{self, ClientMode, ClientSpec, ClientsSummary, LiveStats};
 use crate::kernel_memory;
 use crate::proxy_process::{DIRECTIONS, Metrics, ProxyConfig, ProxyProcess};
-use crate::rate::{Rate, format_bytes, parse_duration, parse_rate, parse_size};
 use crate::svg;
+use crate::units::{KIB, Rate, format_bytes, parse_duration, parse_rate, parse_size};
 use crate::upstream::{self, UpstreamMode, UpstreamSpec, UpstreamStats};
 
 /// How often the proxy is sampled.
@@ -164,8 +164,6 @@ pub struct Workload {
     pub upstream: UpstreamSpec,
     pub clients: Vec<ClientSpec>,
 }
-
-const KIB: u64 = 1024;
 
 /// The workload of a scenario [`run`] drives itself; soak, budget and balance have their
 /// own runs and workloads.

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::rate::format_bytes;
+use crate::units::format_bytes;
 
 const WIDTH: f64 = 960.0;
 const PANEL_HEIGHT: f64 = 250.0;
