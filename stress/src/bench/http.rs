@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use tempfile::TempDir;
 
-use super::load::{HTTP_CONNS, Requests};
+use super::traffic::{HTTP_CONNS, Requests};
 use super::subjects;
 use super::upstreams::HTTP_BODY;
 use crate::proxy_process;

@@ -4,9 +4,10 @@
 //! # Layout
 //! - `subjects.rs`: what is measured; generated configs, start-up on free loopback ports,
 //!   process-tree RSS, stopping.
-//! - `relay.rs`: the copy_bidirectional relay, served from a child process (hidden flag).
+//! - `copy_bidirectional.rs`: tokio's copy_bidirectional as a relay, served from a child
+//!   process (hidden flag); not the daemon's `relay.rs`.
 //! - `upstreams.rs`: in-process sink, echo and source upstreams.
-//! - `load.rs`: the traffic: streams, ping-pong, connection churn, HTTP requests (built-in
+//! - `traffic.rs`: the traffic: streams, ping-pong, connection churn, HTTP requests (built-in
 //!   client), idle conns, slow readers; each speed case reads the subject's CPU time.
 //! - `iperf.rs`: iperf3 through the proxy for the one-stream figure.
 //! - `http.rs`: wrk through the proxy to a real nginx for the request/response figure.
@@ -19,15 +20,19 @@
 //! subjects every round, so slow drift of a shared machine spreads over all of them; the
 //! figures quoted are medians of the rounds.
 
+mod copy_bidirectional;
 pub mod cpu;
 mod http;
 mod iperf;
-mod load;
 mod memory;
-mod relay;
 mod report;
 mod subjects;
+mod traffic;
 mod upstreams;
+
+/// `super::relay` as the kit helper's subjects.rs still names copy_bidirectional.rs; goes
+/// when that file moves.
+use copy_bidirectional as relay;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -81,7 +86,7 @@ pub struct BenchArgs {
     pub serve_copy_bidirectional: Option<SocketAddr>,
 
     /// Internal: per-direction buffer of the copy_bidirectional relay, bytes.
-    #[arg(long, hide = true, default_value_t = relay::TOKIO_DEFAULT_BUFFER)]
+    #[arg(long, hide = true, default_value_t = copy_bidirectional::TOKIO_DEFAULT_BUFFER)]
     pub relay_buffer: usize,
 }
 
@@ -188,7 +193,7 @@ impl HttpCase {
                     "{version} (`wrk -t{} -c{} --latency`) against nginx (HTTP, worker_processes \
                      {}, keep-alive, access_log off) serving a 1 KiB file",
                     http::WRK_THREADS,
-                    load::HTTP_CONNS,
+                    traffic::HTTP_CONNS,
                     http::NGINX_WORKERS
                 ),
             ),
@@ -203,7 +208,7 @@ impl HttpCase {
 /// Run `sluice-stress bench` (or, with the hidden flag, the copy_bidirectional relay).
 pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(upstream) = args.serve_copy_bidirectional {
-        return relay::serve(upstream, args.relay_buffer);
+        return copy_bidirectional::serve(upstream, args.relay_buffer);
     }
     // A runtime of our own on a thread of our own: this works whether or not the caller's
     // main already runs inside a tokio runtime. Two workers, like every subject.
@@ -344,10 +349,10 @@ async fn bench(args: BenchArgs) -> Result<()> {
                 .map_or(plan.window.as_secs_f64(), f64::from),
             latency_seconds: plan.latency.as_secs_f64(),
             connect_seconds: plan.connect.as_secs_f64(),
-            connect_concurrency: load::CONNECT_CONCURRENCY,
+            connect_concurrency: traffic::CONNECT_CONCURRENCY,
             http_tool,
             http_seconds,
-            http_conns: load::HTTP_CONNS,
+            http_conns: traffic::HTTP_CONNS,
             clock_ticks_per_sec: cpu::ticks_per_second(),
             idle_conns: plan.idle_conns,
             slow_readers: plan.slow_readers,
@@ -407,7 +412,8 @@ struct Stream {
 async fn own_streams(subject: &Subject, streams: usize, plan: &Plan) -> Result<Stream> {
     let sink = Upstream::start(Mode::Sink).await?;
     with_subject(subject, sink.addr, |target, meter| async move {
-        let s = load::throughput(target, &sink, streams, plan.warmup, plan.window, &meter).await?;
+        let s =
+            traffic::throughput(target, &sink, streams, plan.warmup, plan.window, &meter).await?;
         Ok(Stream {
             gbps: s.gbps,
             cpu_per_gb: cpu::cost(&meter, s.cpu_seconds, s.bytes as f64, 1e9),
@@ -428,7 +434,11 @@ async fn iperf_stream(subject: &Subject, server: &iperf::Server, secs: u32) -> R
     .await
 }
 
-async fn http_requests(subject: &Subject, case: &HttpCase, plan: &Plan) -> Result<load::Requests> {
+async fn http_requests(
+    subject: &Subject,
+    case: &HttpCase,
+    plan: &Plan,
+) -> Result<traffic::Requests> {
     match case {
         HttpCase::Wrk(nginx) => {
             let secs = plan.http_seconds();
@@ -437,7 +447,7 @@ async fn http_requests(subject: &Subject, case: &HttpCase, plan: &Plan) -> Resul
         HttpCase::Own => {
             let upstream = Upstream::start(Mode::Http).await?;
             with_subject(subject, upstream.addr, |target, _| {
-                load::http_requests(target, plan.http)
+                traffic::http_requests(target, plan.http)
             })
             .await
         }
@@ -592,7 +602,7 @@ async fn speed_round(
         let measured = async {
             let echo = Upstream::start(Mode::Echo).await?;
             with_subject(subject, echo.addr, |target, meter| async move {
-                let pings = load::latency(target, conns, plan.latency, &meter).await?;
+                let pings = traffic::latency(target, conns, plan.latency, &meter).await?;
                 let cost = cpu::cost(&meter, pings.cpu_seconds, pings.round_trips as f64, 1e5);
                 Ok((pings.samples, cost))
             })
@@ -626,7 +636,7 @@ async fn speed_round(
     let churn = async {
         let greeter = Upstream::start(Mode::Greet).await?;
         with_subject(subject, greeter.addr, |target, meter| async move {
-            let churn = load::connect_rate(target, plan.connect, &meter).await?;
+            let churn = traffic::connect_rate(target, plan.connect, &meter).await?;
             let cost = cpu::cost(&meter, churn.cpu_seconds, churn.conns as f64, 1e4);
             Ok((churn.per_sec, cost))
         })
