@@ -15,30 +15,28 @@
 //! - `baseline.rs`: `unbounded-relay`, the relay without backpressure sluice is compared with.
 //! - `bench/`: `bench`, sluice side by side with a direct connection, copy_bidirectional,
 //!   HAProxy and nginx.
-//! - `scenario.rs`: `scenario`, built-in workloads sampled every 100 ms into report.json.
-//! - `load.rs`: the `many-conns` and `soak` scenarios (RSS against the bound, RSS over time).
-//! - `budget.rs`: the `budget` scenario (slow readers sharing `buffer.total`: RSS against
-//!   it, used ≤ limit, a new client's latency and /metrics latency under it).
-//! - `balance.rs`: the `balance` scenario (one service, two fast servers and a slow one:
-//!   each server's share of new connections and the clients' completion times per policy).
-//! - `svg.rs`: report.svg, memory, queued bytes and kernel socket memory over time.
+//! - `proxy_sampler.rs`: a proxy sampled every 100 ms (RSS, /metrics, kernel socket memory).
+//! - `rig.rs`: the run rig demo and the scenarios share: upstream → proxy → sampler →
+//!   clients → progress → stop.
+//! - `scenario/`: `scenario`, built-in workloads sampled into report.json and report.svg
+//!   (steady workloads, soak, budget, balance; see its own layout).
+//! - `svg.rs`: hand-written SVG line charts for report.svg.
 //! - `demo.rs`: `demo`, the README's first command.
-//! - `progress.rs`: progress bars.
+//! - `progress.rs`: progress bars, and the watch over running clients (deadline, Ctrl-C).
 //! - `top.rs`: `top`, a running sluice's live connections from its `GET /connections`.
 
-mod balance;
 mod baseline;
 mod bench;
-mod budget;
 mod chaos;
 mod clients;
 mod demo;
 mod kernel_memory;
-mod load;
 mod pacing;
 mod pattern;
 mod progress;
 mod proxy_process;
+mod proxy_sampler;
+mod rig;
 mod scenario;
 mod svg;
 mod top;

@@ -87,6 +87,17 @@ pub fn format_bytes(n: u64) -> String {
     }
 }
 
+/// A duration in seconds as µs, ms or s.
+pub fn format_secs(s: f64) -> String {
+    if s < 1e-3 {
+        format!("{:.0} µs", s * 1e6)
+    } else if s < 1.0 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
