@@ -227,6 +227,55 @@ pub fn run(args: BenchArgs) -> Result<()> {
 async fn bench(args: BenchArgs) -> Result<()> {
     let machine = Machine::here();
     let plan = Plan::new(&args);
+    let (subjects, skipped) = discover(&args)?;
+    let iperf_server = match plan.iperf_seconds {
+        Some(_) => Some(iperf::Server::start()?),
+        None => None,
+    };
+    let (http_case, http_tool) = tokio::task::block_in_place(|| HttpCase::choose(&args));
+    let read_kernel = kernel_memory::ss_available()?;
+
+    let mut results: Vec<SubjectResult> = subjects
+        .iter()
+        .map(|s| SubjectResult {
+            id: s.kind.id(),
+            name: s.label(),
+            version: s.version.clone(),
+            config: s.config_note(),
+            ..SubjectResult::default()
+        })
+        .collect();
+    for (round, i) in rotation(plan.repeats, subjects.len()) {
+        let (subject, result) = (&subjects[i], &mut results[i]);
+        let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
+        let iperf = iperf_server.as_ref();
+        speed_round(subject, result, &plan, iperf, &http_case, &tag).await;
+    }
+    memory_rounds(&subjects, &mut results, &plan, read_kernel).await;
+    drop(iperf_server);
+    let http_seconds = match http_case {
+        HttpCase::Wrk(_) => f64::from(plan.http_seconds()),
+        HttpCase::Own => plan.http.as_secs_f64(),
+    };
+    tokio::task::block_in_place(|| drop(http_case));
+
+    let report = Report {
+        command: command_line(),
+        quick: args.quick,
+        machine: Machine {
+            load_after: report::load_average(),
+            ..machine
+        },
+        settings: settings(&args, &plan, http_tool, http_seconds, read_kernel),
+        subjects: results,
+        skipped,
+    };
+    publish(&report, args.json.as_deref())
+}
+
+/// The subjects to measure and those skipped (said on stderr), with a note when this is
+/// a debug build.
+fn discover(args: &BenchArgs) -> Result<(Vec<Subject>, Vec<subjects::Skipped>)> {
     let (subjects, skipped) = subjects::discover(args.sluice.as_deref(), &args.only)?;
     if subjects.is_empty() {
         bail!("no subject to measure");
@@ -243,10 +292,62 @@ async fn bench(args: BenchArgs) -> Result<()> {
     for s in &skipped {
         eprintln!("skipping {}: {}", s.id, s.reason);
     }
-    let iperf_server = match plan.iperf_seconds {
-        Some(_) => Some(iperf::Server::start()?),
-        None => None,
-    };
+    Ok((subjects, skipped))
+}
+
+/// Every round's subjects in turn, the first one moving on each round, so slow drift of a
+/// shared machine spreads over all of them: (round, subject index).
+fn rotation(repeats: usize, subjects: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..repeats).flat_map(move |round| (0..subjects).map(move |k| (round, (k + round) % subjects)))
+}
+
+/// Memory: a fresh process per measurement, the same rotation, medians again; every
+/// round of one test before the next. The last is what a slow reader costs the machine:
+/// the same readers, every subject as shipped, its RSS and the kernel memory in its
+/// sockets.
+async fn memory_rounds(
+    subjects: &[Subject],
+    results: &mut [SubjectResult],
+    plan: &Plan,
+    read_kernel: bool,
+) {
+    for test in [
+        MemoryTest::Idle,
+        MemoryTest::SlowReader,
+        MemoryTest::SlowReaderCost,
+    ] {
+        for (round, i) in rotation(plan.repeats, subjects.len()) {
+            let (subject, result) = (&subjects[i], &mut results[i]);
+            if !subject.kind.has_process() {
+                continue;
+            }
+            let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
+            let measured = test.measure(subject, plan, read_kernel).await;
+            record_memory(result, &tag, test, measured);
+        }
+    }
+    for result in results {
+        result.slow_reader_cost = report::median_run(&result.slow_reader_cost_runs);
+    }
+}
+
+/// This command line, as run.
+fn command_line() -> String {
+    std::env::args()
+        .enumerate()
+        .map(|(i, a)| if i == 0 { "sluice-stress".into() } else { a })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// How the run was set up, for the report.
+fn settings(
+    args: &BenchArgs,
+    plan: &Plan,
+    http_tool: String,
+    http_seconds: f64,
+    read_kernel: bool,
+) -> Settings {
     let throughput_1_tool = match (plan.iperf_seconds, iperf::version()) {
         (Some(secs), Some(version)) => {
             format!("{version} (`iperf3 -c -t {secs}`)")
@@ -255,127 +356,43 @@ async fn bench(args: BenchArgs) -> Result<()> {
         _ if args.no_iperf3 => "sluice-stress (--no-iperf3)".into(),
         _ => "sluice-stress (iperf3 is not installed)".into(),
     };
-
-    let (http_case, http_tool) = tokio::task::block_in_place(|| HttpCase::choose(&args));
-    let read_kernel = kernel_memory::ss_available()?;
-
-    let mut results: Vec<SubjectResult> = subjects
-        .iter()
-        .map(|s| SubjectResult {
-            id: s.kind.id(),
-            name: s.label(),
-            version: s.version.clone(),
-            config: s.config_note(),
-            ..SubjectResult::default()
-        })
-        .collect();
-
-    let n = subjects.len();
-    for round in 0..plan.repeats {
-        for k in 0..n {
-            let i = (k + round) % n;
-            let (subject, result) = (&subjects[i], &mut results[i]);
-            let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
-            speed_round(
-                subject,
-                result,
-                &plan,
-                iperf_server.as_ref(),
-                &http_case,
-                &tag,
-            )
-            .await;
-        }
-    }
-    // Memory: a fresh process per measurement, the same rotation, medians again; every
-    // round of one test before the next. The last is what a slow reader costs the
-    // machine: the same readers, every subject as shipped, its RSS and the kernel memory
-    // in its sockets.
-    for test in [
-        MemoryTest::Idle,
-        MemoryTest::SlowReader,
-        MemoryTest::SlowReaderCost,
-    ] {
-        for round in 0..plan.repeats {
-            for k in 0..n {
-                let i = (k + round) % n;
-                let (subject, result) = (&subjects[i], &mut results[i]);
-                if !subject.kind.has_process() {
-                    continue;
-                }
-                let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
-                let readers = plan.slow_readers();
-                let measured = match test {
-                    MemoryTest::Idle => {
-                        memory::idle(subject, plan.idle_conns, plan.idle_hold).await
-                    }
-                    MemoryTest::SlowReader => {
-                        memory::slow_readers(subject, Profile::Memory, readers, read_kernel).await
-                    }
-                    MemoryTest::SlowReaderCost => {
-                        memory::slow_readers(subject, Profile::Shipped, readers, read_kernel).await
-                    }
-                };
-                record_memory(result, &tag, test, measured);
-            }
-        }
-    }
-    for result in &mut results {
-        result.slow_reader_cost = report::median_run(&result.slow_reader_cost_runs);
-    }
-    drop(iperf_server);
-    let http_seconds = match http_case {
-        HttpCase::Wrk(_) => f64::from(plan.http_seconds()),
-        HttpCase::Own => plan.http.as_secs_f64(),
+    let kernel_memory_tool = if read_kernel {
+        format!(
+            "`ss {}` ({}): skmem r + w of the sockets in the subject's /proc/PID/fd",
+            kernel_memory::SS_ARGS.join(" "),
+            kernel_memory::ss_version().unwrap_or_else(|| "ss".into())
+        )
+    } else {
+        "not measured: ss (iproute2) is not installed".into()
     };
-    tokio::task::block_in_place(|| drop(http_case));
+    Settings {
+        repeats: plan.repeats,
+        throughput_1_tool,
+        throughput_seconds: plan
+            .iperf_seconds
+            .map_or(plan.window.as_secs_f64(), f64::from),
+        latency_seconds: plan.latency.as_secs_f64(),
+        connect_seconds: plan.connect.as_secs_f64(),
+        connect_concurrency: traffic::CONNECT_CONCURRENCY,
+        http_tool,
+        http_seconds,
+        http_conns: traffic::HTTP_CONNS,
+        clock_ticks_per_sec: cpu::ticks_per_second(),
+        idle_conns: plan.idle_conns,
+        slow_readers: plan.slow_readers,
+        slow_reader_rate_bytes_per_sec: SLOW_RATE,
+        slow_reader_rcvbuf_bytes: SLOW_RCVBUF,
+        slow_reader_seconds: plan.slow_duration.as_secs_f64(),
+        memory_buffer_bytes: subjects::MEMORY_BUFFER,
+        kernel_memory_tool,
+    }
+}
 
-    let report = Report {
-        command: std::env::args()
-            .enumerate()
-            .map(|(i, a)| if i == 0 { "sluice-stress".into() } else { a })
-            .collect::<Vec<_>>()
-            .join(" "),
-        quick: args.quick,
-        machine: Machine {
-            load_after: report::load_average(),
-            ..machine
-        },
-        settings: Settings {
-            repeats: plan.repeats,
-            throughput_1_tool,
-            throughput_seconds: plan
-                .iperf_seconds
-                .map_or(plan.window.as_secs_f64(), f64::from),
-            latency_seconds: plan.latency.as_secs_f64(),
-            connect_seconds: plan.connect.as_secs_f64(),
-            connect_concurrency: traffic::CONNECT_CONCURRENCY,
-            http_tool,
-            http_seconds,
-            http_conns: traffic::HTTP_CONNS,
-            clock_ticks_per_sec: cpu::ticks_per_second(),
-            idle_conns: plan.idle_conns,
-            slow_readers: plan.slow_readers,
-            slow_reader_rate_bytes_per_sec: SLOW_RATE,
-            slow_reader_rcvbuf_bytes: SLOW_RCVBUF,
-            slow_reader_seconds: plan.slow_duration.as_secs_f64(),
-            memory_buffer_bytes: subjects::MEMORY_BUFFER,
-            kernel_memory_tool: if read_kernel {
-                format!(
-                    "`ss {}` ({}): skmem r + w of the sockets in the subject's /proc/PID/fd",
-                    kernel_memory::SS_ARGS.join(" "),
-                    kernel_memory::ss_version().unwrap_or_else(|| "ss".into())
-                )
-            } else {
-                "not measured: ss (iproute2) is not installed".into()
-            },
-        },
-        subjects: results,
-        skipped,
-    };
+/// Prints the table, writes the JSON when asked; fails when a measurement did.
+fn publish(report: &Report, json: Option<&std::path::Path>) -> Result<()> {
     print!("{}", report.markdown());
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = json {
+        let json = serde_json::to_string_pretty(report)?;
         std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
     let errors: usize = report.subjects.iter().map(|r| r.errors.len()).sum();
@@ -481,6 +498,25 @@ enum MemoryTest {
 }
 
 impl MemoryTest {
+    /// Measures `subject` on a fresh process.
+    async fn measure(
+        self,
+        subject: &Subject,
+        plan: &Plan,
+        read_kernel: bool,
+    ) -> Result<MemoryFigure> {
+        let readers = plan.slow_readers();
+        match self {
+            MemoryTest::Idle => memory::idle(subject, plan.idle_conns, plan.idle_hold).await,
+            MemoryTest::SlowReader => {
+                memory::slow_readers(subject, Profile::Memory, readers, read_kernel).await
+            }
+            MemoryTest::SlowReaderCost => {
+                memory::slow_readers(subject, Profile::Shipped, readers, read_kernel).await
+            }
+        }
+    }
+
     /// What the figure is, in progress lines and failures.
     fn what(self) -> &'static str {
         match self {
@@ -574,6 +610,22 @@ async fn speed_round(
     http_case: &HttpCase,
     tag: &str,
 ) {
+    one_stream_round(subject, result, plan, iperf_server, tag).await;
+    let eight = own_streams(subject, 8, plan).await.map(|s| s.gbps);
+    record(result, tag, "8 streams Gbit/s", Slot::Throughput8, eight);
+    latency_round(subject, result, plan, tag).await;
+    http_round(subject, result, plan, http_case, tag).await;
+    churn_round(subject, result, plan, tag).await;
+}
+
+/// One stream's Gbit/s (iperf3 when there) and its CPU cost.
+async fn one_stream_round(
+    subject: &Subject,
+    result: &mut SubjectResult,
+    plan: &Plan,
+    iperf_server: Option<&iperf::Server>,
+    tag: &str,
+) {
     let one = match (iperf_server, plan.iperf_seconds) {
         (Some(server), Some(secs)) => iperf_stream(subject, server, secs).await,
         _ => own_streams(subject, 1, plan).await,
@@ -592,9 +644,10 @@ async fn speed_round(
         }
         Err(e) => failed(result, "1 stream Gbit/s", &e),
     }
-    let eight = own_streams(subject, 8, plan).await.map(|s| s.gbps);
-    record(result, tag, "8 streams Gbit/s", Slot::Throughput8, eight);
+}
 
+/// Ping-pong round-trip times over 1 and 64 connections, and the CPU cost of the latter.
+async fn latency_round(subject: &Subject, result: &mut SubjectResult, plan: &Plan, tag: &str) {
     for (conns, p50, p99) in [
         (1, Slot::Latency1P50, Slot::Latency1P99),
         (64, Slot::Latency64P50, Slot::Latency64P99),
@@ -623,7 +676,16 @@ async fn speed_round(
             Err(e) => failed(result, &what, &e),
         }
     }
+}
 
+/// HTTP keep-alive requests per second and their latency.
+async fn http_round(
+    subject: &Subject,
+    result: &mut SubjectResult,
+    plan: &Plan,
+    http_case: &HttpCase,
+    tag: &str,
+) {
     match http_requests(subject, http_case, plan).await {
         Ok(r) => {
             record(result, tag, "HTTP req/s", Slot::HttpRate, Ok(r.per_sec));
@@ -632,7 +694,10 @@ async fn speed_round(
         }
         Err(e) => failed(result, "HTTP req/s", &e),
     }
+}
 
+/// Connections per second, and the CPU cost of each.
+async fn churn_round(subject: &Subject, result: &mut SubjectResult, plan: &Plan, tag: &str) {
     let churn = async {
         let greeter = Upstream::start(Mode::Greet).await?;
         with_subject(subject, greeter.addr, |target, meter| async move {
