@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
@@ -12,6 +13,7 @@ use crate::clients::{self, ClientRun, ClientSpec, Connections, LiveStats, Runnin
 use crate::progress::{self, Watch, Watched};
 use crate::proxy_process::{Metrics, ProxyConfig, ProxyProcess};
 use crate::proxy_sampler::{KernelMemory, ProxySampler, Sample};
+use crate::units::format_bytes;
 use crate::upstream::{LocalUpstream, UpstreamMode, UpstreamSpec, UpstreamStats};
 
 /// How long sluice may take to exit after SIGTERM (its generated shutdown_grace is 2 s).
@@ -171,6 +173,41 @@ impl Rig {
             Ok(status(&sampler.last(), &live))
         })
         .await
+    }
+
+    /// Steps 1–6 for a workload through `proxy` until `duration`, the kernel memory in the
+    /// proxy's sockets sampled too; the progress line counts the clients active (or, when
+    /// they churn, the connections so far).
+    pub async fn run_workload(
+        wl: &Workload,
+        proxy: Proxy,
+        connections: Connections,
+        duration: Duration,
+    ) -> Result<(Stopped, ClientRun)> {
+        let mut rig = Rig::start(&wl.upstream, proxy, KernelMemory::Read)?;
+        let name = rig.name();
+        let watched = rig
+            .run_clients(
+                wl.clients.clone(),
+                connections,
+                &Watch::until(duration),
+                ProxyExit::StopsTheClients,
+                |last, live| {
+                    let (count, what) = match connections {
+                        Connections::Once => (&live.active, "clients active"),
+                        Connections::Churn => (&live.connected, "connections so far"),
+                    };
+                    format!(
+                        "{name}: RSS {}, queued {}, {} {what}, {} errors",
+                        format_bytes(last.rss_bytes),
+                        format_bytes(last.queued()),
+                        count.load(Ordering::Relaxed),
+                        live.errors.load(Ordering::Relaxed),
+                    )
+                },
+            )
+            .await?;
+        Ok((rig.stop(STOP_GRACE).await?, watched.output))
     }
 
     /// Step 6: stops the sampler, reads /metrics a last time, stops the upstreams, then

@@ -1,6 +1,5 @@
 //! The `soak` scenario: `--conns` slots churning echo connections through sluice for `--duration`; after the first quarter (warm-up), sluice's RSS must not grow.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -10,9 +9,8 @@ use super::bound::check_bound;
 use super::report::{Chart, Report, RunReport, RunSummary};
 use super::workloads;
 use crate::clients::Connections;
-use crate::progress::Watch;
-use crate::proxy_sampler::{KernelMemory, Sample};
-use crate::rig::{Proxy, ProxyExit, Rig, STOP_GRACE};
+use crate::proxy_sampler::Sample;
+use crate::rig::{Proxy, Rig};
 use crate::units::format_bytes;
 
 /// The soak's RSS after warm-up may wobble by this much (allocator, scrape buffers)
@@ -30,30 +28,9 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
         humantime::format_duration(duration)
     );
     eprintln!("scenario soak: {description}");
-    let mut rig = Rig::start(
-        &wl.upstream,
-        Proxy::Sluice(args.proxy_config()),
-        KernelMemory::Read,
-    )?;
-    let watched = rig
-        .run_clients(
-            wl.clients,
-            Connections::Churn,
-            &Watch::until(duration),
-            ProxyExit::StopsTheClients,
-            |last, live| {
-                format!(
-                    "sluice: RSS {}, queued {}, {} connections so far, {} errors",
-                    format_bytes(last.rss_bytes),
-                    format_bytes(last.queued()),
-                    live.connected.load(Ordering::Relaxed),
-                    live.errors.load(Ordering::Relaxed),
-                )
-            },
-        )
-        .await?;
-    let stopped = rig.stop(STOP_GRACE).await?;
-    let run = RunReport::of(stopped, conns as u64, watched.output.summary());
+    let proxy = Proxy::Sluice(args.proxy_config());
+    let (stopped, clients) = Rig::run_workload(&wl, proxy, Connections::Churn, duration).await?;
+    let run = RunReport::of(stopped, conns as u64, clients.summary());
     let check = SoakCheck::of(&run.samples, duration, run.summary.clients.conns as u64);
 
     let report = Report::new(ScenarioName::Soak, description, conns, duration, vec![run]);

@@ -1,6 +1,5 @@
 //! slow-readers, slow-upstream, mixed and many-conns: a fixed set of clients for `--duration` through sluice (and again through the unbounded baseline with `--baseline`); sluice's queued bytes must stay within conns × bound, and many-conns' RSS within its bound.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -10,11 +9,8 @@ use super::bound::check_bound;
 use super::report::{Chart, Report, RunReport, RunSummary};
 use super::workloads;
 use crate::clients::Connections;
-use crate::progress::Watch;
 use crate::proxy_process::DIRECTIONS;
-use crate::proxy_sampler::KernelMemory;
-use crate::rig::{Proxy, ProxyExit, Rig, STOP_GRACE, Workload};
-use crate::units::format_bytes;
+use crate::rig::{Proxy, Rig, Workload};
 
 /// `sluice-stress scenario` for the four fixed workloads.
 pub async fn run(args: &ScenarioArgs) -> Result<()> {
@@ -42,29 +38,9 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
 /// Runs the workload through one proxy (spawned from this, the main, thread; see
 /// proxy_process) while sampling it.
 async fn run_once(proxy: Proxy, wl: &Workload, duration: Duration) -> Result<RunReport> {
-    let mut rig = Rig::start(&wl.upstream, proxy, KernelMemory::Read)?;
-    let name = rig.name();
-    let clients = wl.clients.clone();
-    let watched = rig
-        .run_clients(
-            clients,
-            Connections::Once,
-            &Watch::until(duration),
-            ProxyExit::StopsTheClients,
-            |last, live| {
-                format!(
-                    "{name}: RSS {}, queued {}, {} clients active, {} errors",
-                    format_bytes(last.rss_bytes),
-                    format_bytes(last.queued()),
-                    live.active.load(Ordering::Relaxed),
-                    live.errors.load(Ordering::Relaxed),
-                )
-            },
-        )
-        .await?;
-    let stopped = rig.stop(STOP_GRACE).await?;
+    let (stopped, clients) = Rig::run_workload(wl, proxy, Connections::Once, duration).await?;
     let conns = wl.clients.len() as u64;
-    Ok(RunReport::of(stopped, conns, watched.output.summary()))
+    Ok(RunReport::of(stopped, conns, clients.summary()))
 }
 
 /// Fails when sluice's run had errors or its queued bytes passed conns × bound.
