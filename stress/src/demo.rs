@@ -137,7 +137,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let bounds = DIRECTIONS.map(|d| first.direction("sluice_buffer_limit_bytes", d) as u64);
     print_setup(&args, &rig, &config, &config_note);
 
-    let specs = clients(&args);
+    let specs = client_specs(&args);
     let conns = specs.len() as u64;
     let watch = Watch {
         every: Duration::from_millis(500),
@@ -167,7 +167,7 @@ fn slow_upstream(rate: Rate) -> UpstreamSpec {
 }
 
 /// --readers slow readers, then --writers fast writers.
-fn clients(args: &DemoArgs) -> Vec<ClientSpec> {
+fn client_specs(args: &DemoArgs) -> Vec<ClientSpec> {
     let mut specs = vec![
         ClientSpec {
             read_rate: Some(args.reader_rate),
