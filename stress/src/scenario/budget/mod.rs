@@ -45,7 +45,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use indicatif::ProgressBar;
+use tokio::net::TcpStream;
 
+use self::figures::{AtEnd, BudgetReport, CpuUse, Measured, Memory, Phases, PingPong, Readers};
+use self::readers::{Pings, READ_RATE, READER_RCVBUF, ROUND_TRIPS, SlowReaders};
 use super::args::{ScenarioArgs, ScenarioName};
 use super::report::{Chart, Report, RunReport};
 use crate::bench::cpu::{CpuMeter, ticks_per_second};
@@ -57,10 +61,6 @@ use crate::proxy_sampler::{KernelMemory, Sample};
 use crate::rig::{Proxy, Rig, STOP_GRACE, Workload, upstream_spec};
 use crate::units::format_bytes;
 use crate::upstream::UpstreamMode;
-use figures::{AtEnd, BudgetReport, CpuUse, Measured, Memory, Phases, PingPong, Readers};
-use indicatif::ProgressBar;
-use readers::{Pings, READ_RATE, READER_RCVBUF, ROUND_TRIPS, SlowReaders};
-use tokio::net::TcpStream;
 
 /// How long all idle connections may take to reach the upstream through sluice.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
