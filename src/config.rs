@@ -19,7 +19,8 @@ pub use crate::proxy_protocol::Version as ProxyVersion;
 pub const DEFAULT_BUFFER: u64 = 64 * 1024;
 /// Default fraction of the bound at which a paused direction reads again.
 pub const DEFAULT_RESUME_AT: f64 = 0.5;
-/// Default cap on concurrent client connections.
+/// Default cap on concurrent client connections (lowered, without a warning, to what the
+/// descriptor limit leaves room for).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default listen backlog: room for clients to wait while sluice is at its limit.
 pub const DEFAULT_BACKLOG: u32 = 1024;
@@ -232,9 +233,11 @@ pub struct Listen {
     #[serde(default)]
     pub address: String,
     /// At this many live connections sluice stops accepting and leaves new clients in the
-    /// kernel backlog, so the limit costs nothing and loses nobody.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
+    /// kernel backlog, so the limit costs nothing and loses nobody. Unset: 10,000, or as
+    /// many as the descriptor limit leaves room for if that is fewer (a value set here
+    /// and above what the limit allows is warned about instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
     /// Length of the kernel's queue of handshaken clients not yet accepted: where
     /// clients wait while sluice is at `max_connections` (capped by net.core.somaxconn).
     #[serde(default = "default_backlog")]
@@ -404,9 +407,6 @@ fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
     }
 }
 
-fn default_max_connections() -> usize {
-    DEFAULT_MAX_CONNECTIONS
-}
 fn default_backlog() -> u32 {
     DEFAULT_BACKLOG
 }
@@ -457,7 +457,7 @@ impl Default for Listen {
     fn default() -> Self {
         Listen {
             address: String::new(),
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections: None,
             backlog: DEFAULT_BACKLOG,
             max_connections_per_client: 0,
             allow: Vec::new(),
@@ -614,7 +614,7 @@ impl Config {
         if self.listen.backlog == 0 || self.listen.backlog > i32::MAX as u32 {
             return Err(err("listen.backlog", "must be at least 1".into()));
         }
-        if self.listen.max_connections == 0 {
+        if self.listen.max_connections == Some(0) {
             return Err(err("listen.max_connections", "must be at least 1".into()));
         }
         let allow = allow_list(&self.listen.allow).map_err(|bad| {

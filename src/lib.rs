@@ -20,7 +20,10 @@
 //! - [`proxy_protocol`]: the PROXY protocol v1/v2 (parse and read a client's header, encode
 //!   one for a server).
 //! - [`socket`]: socket2 tuning (buffer sizes, nodelay, keepalive, resets).
-//! - [`metrics`]: every metric name and help text, and the `/metrics` endpoint.
+//! - [`metrics`]: every series declared once (`metrics::SERIES`: name, kind, help, labels)
+//!   with its name as a constant in [`metrics::names`], and the registry that records them.
+//! - [`admin`]: the admin endpoint on `metrics.address` (`/metrics`, `/healthz`,
+//!   `/readyz`, `/connections`): axum on hyper, its connections bounded and timed out.
 //! - [`process_metrics`]: the `process_*` metrics from /proc.
 //! - [`registry`]: the live connections, what each holds in sluice and in the kernel
 //!   (`sluice_kernel_queued_bytes`, `GET /connections`).
@@ -31,6 +34,7 @@
 //!
 //! Tests and embedders bind a listener themselves and hand it to [`Server::run`].
 
+pub mod admin;
 pub mod budget;
 pub mod cli;
 pub mod config;

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::budget::Budget;
-use crate::config::{self, Config, Scheduler};
+use crate::config::{self, Config, DEFAULT_MAX_CONNECTIONS, Scheduler};
 use crate::connection;
 use crate::metrics::{CloseReason, Metrics, ServiceMetrics};
 use crate::pool;
@@ -44,6 +44,21 @@ pub struct Server {
     workers: OnceLock<Arc<Workers>>,
     /// Fired once every service accepts clients.
     ready: CancellationToken,
+    /// The token [`Server::run`] stops on, kept so that [`Server::readiness`] says
+    /// "draining" from the moment it fires.
+    stopping: OnceLock<CancellationToken>,
+}
+
+/// Whether the services accept clients, as `/readyz` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// [`Server::run`] has not bound every service yet.
+    Starting,
+    /// Every service accepts clients.
+    Accepting,
+    /// A graceful shutdown has begun: the services accept no more clients and the live
+    /// connections drain.
+    Draining,
 }
 
 /// What a reload replaces.
@@ -182,6 +197,7 @@ impl Server {
             }),
             workers: OnceLock::new(),
             ready: CancellationToken::new(),
+            stopping: OnceLock::new(),
         }
     }
 
@@ -189,6 +205,18 @@ impl Server {
     /// can be taken).
     pub async fn ready(&self) {
         self.ready.cancelled().await
+    }
+
+    /// Starting until every service accepts, draining from the moment the shutdown token
+    /// given to [`Server::run`] fires.
+    pub fn readiness(&self) -> Readiness {
+        if self.stopping.get().is_some_and(|s| s.is_cancelled()) {
+            Readiness::Draining
+        } else if self.ready.is_cancelled() {
+            Readiness::Accepting
+        } else {
+            Readiness::Starting
+        }
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -264,8 +292,7 @@ impl Server {
         let mut fresh = Listeners { bound: fresh };
         workers
             .shared
-            .max_connections
-            .store(new.listen.max_connections, Ordering::Relaxed);
+            .set_max_connections(new.listen.max_connections);
         self.budget.resize(new.buffer.total.as_u64() as usize);
 
         let mut previous = std::mem::take(&mut state.running);
@@ -343,6 +370,7 @@ impl Server {
         mut listeners: Listeners,
         shutdown: CancellationToken,
     ) -> io::Result<()> {
+        let _ = self.stopping.set(shutdown.clone());
         let config = self.config();
         let services = config
             .services()
@@ -440,12 +468,14 @@ impl Server {
             force_close: CancellationToken::new(),
             shutdown: shutdown.clone(),
             accept_ended: CancellationToken::new(),
-            max_connections: AtomicUsize::new(config.listen.max_connections),
-            limit: Mutex::new(Limit::new(config.listen.max_connections.min(fd_cap))),
+            max_connections: AtomicUsize::new(0),
+            max_connections_set: AtomicBool::new(false),
+            limit: Mutex::new(Limit::new(0)),
             fd_cap,
             warned_fd_cap: AtomicBool::new(false),
             live: (0..slots).map(|_| AtomicUsize::new(0)).collect(),
         });
+        shared.set_max_connections(config.listen.max_connections);
         let (inboxes, inbox_rxs): (Vec<_>, Vec<_>) =
             (0..slots).map(|_| mpsc::unbounded_channel()).unzip();
         let handles = runtimes.iter().map(|r| r.handle().clone()).collect();
@@ -565,8 +595,11 @@ struct Accepting {
     shutdown: CancellationToken,
     /// Fired once every accept loop has ended: no client is handed over any more.
     accept_ended: CancellationToken,
-    /// `listen.max_connections` as now configured.
+    /// `listen.max_connections` as now configured ([`DEFAULT_MAX_CONNECTIONS`] unset).
     max_connections: AtomicUsize,
+    /// Whether the configuration sets it: only a value the user chose is warned about
+    /// when the descriptor limit cannot cover it; the default quietly fits the limit.
+    max_connections_set: AtomicBool,
     /// `listen.max_connections` as permits, resized by whichever loop first sees a
     /// reload.
     limit: Mutex<Limit>,
@@ -698,10 +731,23 @@ impl Accepting {
         self.live.iter().map(|n| n.load(Ordering::Relaxed)).sum()
     }
 
+    /// Takes a (re)loaded `listen.max_connections`; the permits follow at the next accept.
+    fn set_max_connections(&self, configured: Option<usize>) {
+        self.max_connections_set
+            .store(configured.is_some(), Ordering::Relaxed);
+        self.max_connections.store(
+            configured.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            Ordering::Relaxed,
+        );
+    }
+
     /// The permits for `listen.max_connections`, resized to the configured value first.
     fn limit_permits(&self) -> Arc<Semaphore> {
         let max = self.max_connections.load(Ordering::Relaxed);
-        if max > self.fd_cap && !self.warned_fd_cap.swap(true, Ordering::Relaxed) {
+        if max > self.fd_cap
+            && self.max_connections_set.load(Ordering::Relaxed)
+            && !self.warned_fd_cap.swap(true, Ordering::Relaxed)
+        {
             tracing::warn!(
                 max_connections = max,
                 serving_at_most = self.fd_cap,
@@ -959,6 +1005,7 @@ impl AcceptErrors {
 mod tests {
     use super::*;
     use crate::connection::ActiveGuard;
+    use crate::metrics::names;
 
     /// A panic inside a connection's task is caught and counted, and the gauges it had
     /// raised come back down.
@@ -993,11 +1040,13 @@ mod tests {
                 })
                 .unwrap()
         };
-        assert_eq!(line("sluice_connection_panics_total"), 1.0);
-        assert_eq!(
-            line("sluice_connections_closed_total{service=\"default\",reason=\"error\"}"),
-            1.0
+        assert_eq!(line(names::CONNECTION_PANICS_TOTAL), 1.0);
+        let closed = format!(
+            "{}{{service=\"default\",reason=\"error\"}}",
+            names::CONNECTIONS_CLOSED_TOTAL
         );
-        assert_eq!(line("sluice_connections_active{service=\"default\"}"), 0.0);
+        assert_eq!(line(&closed), 1.0);
+        let active = format!("{}{{service=\"default\"}}", names::CONNECTIONS_ACTIVE);
+        assert_eq!(line(&active), 0.0);
     }
 }

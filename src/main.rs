@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use sluice::cli::Cli;
 use sluice::notify::{self, Notifier};
-use sluice::{Server, metrics, shutdown};
+use sluice::{Server, admin, shutdown};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     sluice::logging::init(&config.log);
     let max_fds = sluice::listener::raise_descriptor_limit();
     tracing::debug!(max_fds, "file descriptor limit");
-    // The control thread: signals, reloads and the metrics endpoint. Connections run on
+    // The control thread: signals, reloads and the admin endpoint. Connections run on
     // the `runtime.workers` threads that `Server::run` starts.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -74,7 +74,7 @@ fn main() -> ExitCode {
 
 async fn serve(cli: Cli, config: sluice::Config) -> anyhow::Result<()> {
     let listeners = sluice::listener::bind(&config)?;
-    let metrics_listener = TcpListener::bind(&config.metrics.address)
+    let admin_listener = TcpListener::bind(&config.metrics.address)
         .await
         .with_context(|| {
             format!(
@@ -87,18 +87,22 @@ async fn serve(cli: Cli, config: sluice::Config) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let mut reloads = shutdown::watch(stop.clone()).context("cannot install signal handlers")?;
 
-    let admin = metrics_listener.local_addr()?;
+    let admin = admin_listener.local_addr()?;
     tracing::info!(address = %admin, "metrics endpoint listening");
+    // The admin endpoint answers from before the services accept (`/readyz` 503) through
+    // the drain after SIGTERM (503 again), so it stops on a token of its own, once the
+    // server has.
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        server.clone(),
+        admin_stop.clone(),
+    ));
     let notifier = Arc::new(Notifier::from_env().context("cannot use NOTIFY_SOCKET")?);
     tokio::spawn(tell_supervisor(
         notifier.clone(),
         server.clone(),
         admin,
-        stop.clone(),
-    ));
-    let metrics_task = tokio::spawn(metrics::serve(
-        metrics_listener,
-        server.metrics(),
         stop.clone(),
     ));
 
@@ -119,7 +123,8 @@ async fn serve(cli: Cli, config: sluice::Config) -> anyhow::Result<()> {
         .context("accept loop failed")?;
     stop.cancel();
     reloader.abort();
-    let _ = metrics_task.await;
+    admin_stop.cancel();
+    let _ = admin_task.await;
     Ok(())
 }
 

@@ -1,24 +1,26 @@
-//! Every metric sluice exports, its help text, and the endpoint that serves them
-//! (`/metrics`, and the live connection list `/connections`).
+//! Every metric sluice exports and its help text; [`crate::admin`] serves them at
+//! `/metrics`.
 //!
 //! Each proxy instance owns its own Prometheus recorder (no global state), so tests can
 //! run several proxies in one process and read each one's numbers. Handles are created
 //! once here; the relay only touches atomics through them, never a name lookup.
 
+pub mod names;
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 use crate::budget::BudgetGauges;
 use crate::pool::Pool;
-use crate::registry::{Registry, SortBy};
+use crate::registry::Registry;
 
 /// The two directions of a connection, in label order.
 pub const DIRECTIONS: [&str; 2] = ["client_to_upstream", "upstream_to_client"];
@@ -190,67 +192,46 @@ pub fn now() -> f64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_secs_f64()
 }
 
-fn counter(r: &dyn Recorder, name: &'static str, labels: Vec<Label>) -> Counter {
-    r.register_counter(&Key::from_parts(name, labels), &META)
+/// The handle of the counter `name` with the label `values`, given in the order
+/// [`SERIES`] declares its labels; [`gauge`] and [`histogram`] do the same for theirs.
+fn counter(r: &dyn Recorder, name: &'static str, values: &[&str]) -> Counter {
+    let series = Series::of(name);
+    debug_assert!(matches!(series.kind, Kind::Counter), "{name} is no counter");
+    r.register_counter(&series.key(values), &META)
 }
-fn gauge(r: &dyn Recorder, name: &'static str, labels: Vec<Label>) -> Gauge {
-    r.register_gauge(&Key::from_parts(name, labels), &META)
+fn gauge(r: &dyn Recorder, name: &'static str, values: &[&str]) -> Gauge {
+    let series = Series::of(name);
+    debug_assert!(matches!(series.kind, Kind::Gauge), "{name} is no gauge");
+    r.register_gauge(&series.key(values), &META)
 }
-fn histogram(r: &dyn Recorder, name: &'static str, labels: Vec<Label>) -> Histogram {
-    r.register_histogram(&Key::from_parts(name, labels), &META)
-}
-fn label(k: &'static str, v: &str) -> Label {
-    Label::new(k, v.to_string())
+fn histogram(r: &dyn Recorder, name: &'static str, values: &[&str]) -> Histogram {
+    let series = Series::of(name);
+    debug_assert!(
+        matches!(series.kind, Kind::Histogram(_)),
+        "{name} is no histogram"
+    );
+    r.register_histogram(&series.key(values), &META)
 }
 
 impl Metrics {
     /// A fresh recorder with the process-wide series registered at zero; each service
     /// registers its own with [`Metrics::service`].
     pub fn new() -> Arc<Metrics> {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                Matcher::Full("sluice_upstream_connect_duration_seconds".into()),
-                CONNECT_BUCKETS,
-            )
-            .and_then(|b| {
-                b.set_buckets_for_metric(
-                    Matcher::Full("sluice_connection_duration_seconds".into()),
-                    DURATION_BUCKETS,
-                )
-            })
-            .expect("bucket lists are constant and non-empty")
-            .build_recorder();
-        let handle = recorder.handle();
+        let recorder = described_recorder();
         let r: &dyn Recorder = &recorder;
-        for (name, kind, help) in DESCRIPTIONS {
-            describe(r, name, kind, help);
-        }
         let m = Metrics {
-            listener_paused: counter(r, "sluice_listener_paused_total", vec![]),
-            reloads_success: counter(
-                r,
-                "sluice_config_reloads_total",
-                vec![label("result", "success")],
-            ),
-            reloads_failure: counter(
-                r,
-                "sluice_config_reloads_total",
-                vec![label("result", "failure")],
-            ),
-            panics: counter(r, "sluice_connection_panics_total", vec![]),
-            budget_limit: gauge(r, "sluice_budget_limit_bytes", vec![]),
-            budget_used: gauge(r, "sluice_budget_used_bytes", vec![]),
+            listener_paused: counter(r, names::LISTENER_PAUSED_TOTAL, &[]),
+            reloads_success: counter(r, names::CONFIG_RELOADS_TOTAL, &["success"]),
+            reloads_failure: counter(r, names::CONFIG_RELOADS_TOTAL, &["failure"]),
+            panics: counter(r, names::CONNECTION_PANICS_TOTAL, &[]),
+            budget_limit: gauge(r, names::BUDGET_LIMIT_BYTES, &[]),
+            budget_used: gauge(r, names::BUDGET_USED_BYTES, &[]),
             services: Mutex::new(Vec::new()),
             connections: Arc::default(),
-            handle,
+            handle: recorder.handle(),
             recorder,
         };
-        gauge(
-            &m.recorder,
-            "sluice_build_info",
-            vec![label("version", env!("CARGO_PKG_VERSION"))],
-        )
-        .set(1.0);
+        gauge(&m.recorder, names::BUILD_INFO, &[env!("CARGO_PKG_VERSION")]).set(1.0);
         Arc::new(m)
     }
 
@@ -285,62 +266,22 @@ impl Metrics {
 
     /// The whole exposition: the recorder's series plus those computed at scrape time.
     pub fn render(&self) -> String {
-        // Pauses first: a pause is counted before its clock starts, so the counters in
-        // the render that follows never trail the paused gauge.
-        let now = now();
         let services = self
             .services
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let snaps: Vec<_> = services
-            .iter()
-            .map(|s| s.directions.each_ref().map(|d| d.paused.snapshot(now)))
-            .collect();
+        // Pauses first: a pause is counted before its clock starts, so the counters in
+        // the render that follows never trail the paused gauge.
+        let pauses = pause_snapshots(&services);
         let mut out = self.handle.render();
-        let by_direction = |out: &mut String,
-                            name: &str,
-                            help: &str,
-                            kind: &str,
-                            value: &dyn Fn(usize, usize) -> String| {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-            for (i, s) in services.iter().enumerate() {
-                for (d, dir) in DIRECTIONS.iter().enumerate() {
-                    out.push_str(&format!(
-                        "{name}{{service=\"{}\",direction=\"{dir}\"}} {}\n",
-                        s.name,
-                        value(i, d)
-                    ));
-                }
-            }
-        };
-        by_direction(
-            &mut out,
-            "sluice_paused_connections",
-            "Connection directions paused now, by service and direction.",
-            "gauge",
-            &|i, d| snaps[i][d].0.to_string(),
-        );
-        by_direction(
-            &mut out,
-            "sluice_paused_seconds_total",
-            "Time spent paused, all connections, by service and direction.",
-            "counter",
-            &|i, d| snaps[i][d].1.to_string(),
-        );
+        let each = ByDirection(&services);
+        each.render(&mut out, names::PAUSED_CONNECTIONS, |s, d| pauses[s][d].0);
+        each.render(&mut out, names::PAUSED_SECONDS_TOTAL, |s, d| pauses[s][d].1);
         let kernel = self.connections.kernel_queued();
-        by_direction(
-            &mut out,
-            "sluice_kernel_queued_bytes",
-            "Bytes the kernel holds for live connections, by service and direction: unread in the source sockets plus unacknowledged in the destination sockets (sampled every second).",
-            "gauge",
-            &|i, d| {
-                kernel
-                    .get(&*services[i].name)
-                    .map_or(0, |k| k[d])
-                    .to_string()
-            },
-        );
+        each.render(&mut out, names::KERNEL_QUEUED_BYTES, |s, d| {
+            kernel.get(&*services[s].name).map_or(0, |k| k[d])
+        });
         render_servers(&mut out, &services);
         crate::process_metrics::render(&mut out);
         out
@@ -353,72 +294,94 @@ impl Metrics {
     }
 }
 
+/// A recorder that knows every recorder-kept series of [`SERIES`]: its help text, and a
+/// histogram's buckets.
+fn described_recorder() -> metrics_exporter_prometheus::PrometheusRecorder {
+    let mut builder = PrometheusBuilder::new();
+    for series in &SERIES {
+        if let Kind::Histogram(buckets) = series.kind {
+            builder = builder
+                .set_buckets_for_metric(Matcher::Full(series.name.into()), buckets)
+                .expect("bucket lists are constant and non-empty");
+        }
+    }
+    let recorder = builder.build_recorder();
+    for series in SERIES.iter().filter(|s| s.source == Source::Recorder) {
+        series.describe(&recorder);
+    }
+    recorder
+}
+
+/// Every service's (paused directions, paused seconds) now, by direction.
+fn pause_snapshots(services: &[Arc<ServiceMetrics>]) -> Vec<[(u64, f64); 2]> {
+    let now = now();
+    services
+        .iter()
+        .map(|s| s.directions.each_ref().map(|d| d.paused.snapshot(now)))
+        .collect()
+}
+
+/// Writes a scrape-time series of every service in every direction.
+struct ByDirection<'a>(&'a [Arc<ServiceMetrics>]);
+
+impl ByDirection<'_> {
+    /// The series `name`, its value for (service index, direction index) from `value`.
+    fn render<V: std::fmt::Display>(
+        &self,
+        out: &mut String,
+        name: &str,
+        value: impl Fn(usize, usize) -> V,
+    ) {
+        let series = Series::of(name);
+        series.write_header(out);
+        for (s, service) in self.0.iter().enumerate() {
+            for (d, dir) in DIRECTIONS.iter().enumerate() {
+                series.write_sample(out, &[&service.name, dir], value(s, d));
+            }
+        }
+    }
+}
+
+/// A per-server series' value at a scrape (at `now`).
+type ServerValue = fn(&crate::pool::Backend, Instant) -> u64;
+/// A per-server series' value in one direction.
+type ServerDirectionValue = fn(&crate::pool::Backend, usize) -> u64;
+
 /// The per-server gauges, read from each service's servers as now configured.
 fn render_servers(out: &mut String, services: &[Arc<ServiceMetrics>]) {
+    use crate::pool::Backend;
     let pools: Vec<_> = services
         .iter()
         .filter_map(|s| Some((s.name.clone(), s.pool.lock().ok()?.clone()?)))
         .collect();
-    let now = Instant::now();
-    let each = |out: &mut String,
-                name: &str,
-                help: &str,
-                kind: &str,
-                value: &dyn Fn(&crate::pool::Backend) -> String| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (service, pool) in &pools {
-            for b in pool.backends() {
-                out.push_str(&format!(
-                    "{name}{{service=\"{service}\",server=\"{}\"}} {}\n",
-                    escape(&b.address),
-                    value(b)
-                ));
-            }
-        }
+    let servers = || {
+        pools
+            .iter()
+            .flat_map(|(service, pool)| pool.backends().iter().map(move |b| (&**service, b)))
     };
-    each(
-        out,
-        "sluice_server_up",
-        "1 while the server is in rotation, 0 while it is ejected for failing connects.",
-        "gauge",
-        &|b| u8::from(b.is_up(now)).to_string(),
-    );
-    each(
-        out,
-        "sluice_server_connections",
-        "Live connections to the server.",
-        "gauge",
-        &|b| b.connections().to_string(),
-    );
-    each(
-        out,
-        "sluice_server_ejections_total",
-        "Times the server was taken out of rotation after health.max_failures failed connects in a row.",
-        "counter",
-        &|b| b.ejections().to_string(),
-    );
-    for (name, help, value) in [
-        (
-            "sluice_server_queued_bytes",
-            "Bytes held in sluice's buffers for the server's live connections, by direction.",
-            (|b: &crate::pool::Backend, d| b.queued(d)) as fn(&crate::pool::Backend, usize) -> u64,
-        ),
-        (
-            "sluice_server_paused_connections",
-            "The server's connection directions paused now, by direction.",
-            |b, d| b.paused(d),
-        ),
-    ] {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
-        for (service, pool) in &pools {
-            for b in pool.backends() {
-                for (d, dir) in DIRECTIONS.iter().enumerate() {
-                    out.push_str(&format!(
-                        "{name}{{service=\"{service}\",server=\"{}\",direction=\"{dir}\"}} {}\n",
-                        escape(&b.address),
-                        value(b, d)
-                    ));
-                }
+    let now = Instant::now();
+    let whole: [(&str, ServerValue); 3] = [
+        (names::SERVER_UP, |b, now| u64::from(b.is_up(now))),
+        (names::SERVER_CONNECTIONS, |b, _| b.connections() as u64),
+        (names::SERVER_EJECTIONS_TOTAL, |b, _| b.ejections()),
+    ];
+    for (name, value) in whole {
+        let series = Series::of(name);
+        series.write_header(out);
+        for (service, b) in servers() {
+            series.write_sample(out, &[service, &b.address], value(b, now));
+        }
+    }
+    let by_direction: [(&str, ServerDirectionValue); 2] = [
+        (names::SERVER_QUEUED_BYTES, Backend::queued),
+        (names::SERVER_PAUSED_CONNECTIONS, Backend::paused),
+    ];
+    for (name, value) in by_direction {
+        let series = Series::of(name);
+        series.write_header(out);
+        for (service, b) in servers() {
+            for (d, dir) in DIRECTIONS.iter().enumerate() {
+                series.write_sample(out, &[service, &b.address, dir], value(b, d));
             }
         }
     }
@@ -431,58 +394,38 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+impl DirectionMetrics {
+    fn register(r: &dyn Recorder, service: &str, direction: &str) -> DirectionMetrics {
+        let labels = [service, direction];
+        DirectionMetrics {
+            bytes: counter(r, names::BYTES_TOTAL, &labels),
+            queued: gauge(r, names::QUEUED_BYTES, &labels),
+            pauses: counter(r, names::PAUSES_TOTAL, &labels),
+            drains: counter(r, names::DRAINS_TOTAL, &labels),
+            limit: gauge(r, names::BUFFER_LIMIT_BYTES, &labels),
+            budget_waits: counter(r, names::BUDGET_WAITS_TOTAL, &labels),
+            paused: PauseClock::default(),
+        }
+    }
+}
+
 impl ServiceMetrics {
     fn register(r: &dyn Recorder, name: &str) -> ServiceMetrics {
-        let service = || label("service", name);
-        let with = |k: &'static str, v: &str| vec![label("service", name), label(k, v)];
-        let direction = |i: usize| {
-            let labels = || with("direction", DIRECTIONS[i]);
-            DirectionMetrics {
-                bytes: counter(r, "sluice_bytes_total", labels()),
-                queued: gauge(r, "sluice_queued_bytes", labels()),
-                pauses: counter(r, "sluice_pauses_total", labels()),
-                drains: counter(r, "sluice_drains_total", labels()),
-                limit: gauge(r, "sluice_buffer_limit_bytes", labels()),
-                budget_waits: counter(r, "sluice_budget_waits_total", labels()),
-                paused: PauseClock::default(),
-            }
-        };
+        let rejected = |reason| counter(r, names::CONNECTIONS_REJECTED_TOTAL, &[name, reason]);
         ServiceMetrics {
             name: name.into(),
-            accepted: counter(r, "sluice_connections_accepted_total", vec![service()]),
-            active: gauge(r, "sluice_connections_active", vec![service()]),
+            accepted: counter(r, names::CONNECTIONS_ACCEPTED_TOTAL, &[name]),
+            active: gauge(r, names::CONNECTIONS_ACTIVE, &[name]),
             closed: CloseReason::ALL
                 .iter()
-                .map(|c| {
-                    counter(
-                        r,
-                        "sluice_connections_closed_total",
-                        with("reason", c.as_label()),
-                    )
-                })
+                .map(|c| counter(r, names::CONNECTIONS_CLOSED_TOTAL, &[name, c.as_label()]))
                 .collect(),
-            connection_duration: histogram(
-                r,
-                "sluice_connection_duration_seconds",
-                vec![service()],
-            ),
-            rejected_per_client: counter(
-                r,
-                "sluice_connections_rejected_total",
-                with("reason", "max_per_client"),
-            ),
-            rejected_not_allowed: counter(
-                r,
-                "sluice_connections_rejected_total",
-                with("reason", "not_allowed"),
-            ),
-            rejected_proxy_protocol: counter(
-                r,
-                "sluice_connections_rejected_total",
-                with("reason", "proxy_protocol"),
-            ),
-            retries: counter(r, "sluice_upstream_retries_total", vec![service()]),
-            directions: [direction(0), direction(1)],
+            connection_duration: histogram(r, names::CONNECTION_DURATION_SECONDS, &[name]),
+            rejected_per_client: rejected("max_per_client"),
+            rejected_not_allowed: rejected("not_allowed"),
+            rejected_proxy_protocol: rejected("proxy_protocol"),
+            retries: counter(r, names::UPSTREAM_RETRIES_TOTAL, &[name]),
+            directions: DIRECTIONS.map(|d| DirectionMetrics::register(r, name, d)),
             servers: Mutex::new(HashMap::new()),
             pool: Mutex::new(None),
         }
@@ -507,28 +450,11 @@ impl ServiceMetrics {
             .backends()
             .iter()
             .map(|b| {
-                known
-                    .entry(b.address.clone())
-                    .or_insert_with(|| {
-                        let labels =
-                            || vec![label("service", &self.name), label("server", &b.address)];
-                        Arc::new(ServerMetrics {
-                            connect_errors: ConnectErrorKind::ALL
-                                .iter()
-                                .map(|k| {
-                                    let mut l = labels();
-                                    l.push(label("kind", k.as_label()));
-                                    counter(r, "sluice_upstream_connect_errors_total", l)
-                                })
-                                .collect(),
-                            connect_duration: histogram(
-                                r,
-                                "sluice_upstream_connect_duration_seconds",
-                                labels(),
-                            ),
-                        })
-                    })
-                    .clone()
+                let found = known.entry(b.address.clone());
+                let server = found.or_insert_with(|| {
+                    Arc::new(ServerMetrics::register(r, &self.name, &b.address))
+                });
+                server.clone()
             })
             .collect();
         *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = Some(pool.clone());
@@ -536,131 +462,232 @@ impl ServiceMetrics {
     }
 }
 
-/// Every series the recorder renders: name, kind and help text, described once.
-const DESCRIPTIONS: [(&str, Kind, &str); 20] = [
-    (
-        "sluice_connections_accepted_total",
-        Kind::Counter,
-        "Client connections accepted, by service.",
-    ),
-    (
-        "sluice_connections_active",
-        Kind::Gauge,
-        "Client connections open now, by service.",
-    ),
-    (
-        "sluice_connections_closed_total",
-        Kind::Counter,
-        "Client connections closed, by service and reason.",
-    ),
-    (
-        "sluice_listener_paused_total",
-        Kind::Counter,
-        "Times accepting stopped because listen.max_connections was reached.",
-    ),
-    (
-        "sluice_upstream_connect_errors_total",
-        Kind::Counter,
-        "Failed upstream connects, by service, server and kind.",
-    ),
-    (
-        "sluice_upstream_connect_duration_seconds",
-        Kind::Histogram,
-        "Time to connect to a server, by service and server.",
-    ),
-    (
-        "sluice_upstream_retries_total",
-        Kind::Counter,
-        "Connects tried again on another server after one failed, by service.",
-    ),
-    (
-        "sluice_connection_duration_seconds",
-        Kind::Histogram,
-        "Client connection lifetime, by service.",
-    ),
-    (
-        "sluice_bytes_total",
-        Kind::Counter,
-        "Bytes relayed, by service and direction.",
-    ),
-    (
-        "sluice_queued_bytes",
-        Kind::Gauge,
-        "Bytes held in sluice's buffers now, all connections, by service and direction.",
-    ),
-    (
-        "sluice_buffer_limit_bytes",
-        Kind::Gauge,
-        "The configured per-connection buffer bound, by service and direction.",
-    ),
-    (
-        "sluice_budget_limit_bytes",
-        Kind::Gauge,
-        "buffer.total: the most buffer memory all connections together may hold; 0 when there is no such limit.",
-    ),
-    (
-        "sluice_budget_used_bytes",
-        Kind::Gauge,
-        "Buffer memory granted by buffer.total now (a granted buffer counts whole).",
-    ),
-    (
-        "sluice_budget_waits_total",
-        Kind::Counter,
-        "Times a direction waited in line for buffer.total to grant it a buffer.",
-    ),
-    (
-        "sluice_pauses_total",
-        Kind::Counter,
-        "Times a buffer filled and reading from its source stopped.",
-    ),
-    (
-        "sluice_drains_total",
-        Kind::Counter,
-        "Times a paused buffer drained to the resume mark and reading resumed.",
-    ),
-    (
-        "sluice_connections_rejected_total",
-        Kind::Counter,
-        "Clients closed at once by an access rule or a bad PROXY header, by service and reason.",
-    ),
-    (
-        "sluice_config_reloads_total",
-        Kind::Counter,
-        "Configuration reloads (SIGHUP), by result.",
-    ),
-    (
-        "sluice_connection_panics_total",
-        Kind::Counter,
-        "Connection tasks that panicked (a bug; the process carries on).",
-    ),
-    (
-        "sluice_build_info",
-        Kind::Gauge,
-        "Always 1; the version label says which sluice this is.",
-    ),
+impl ServerMetrics {
+    fn register(r: &dyn Recorder, service: &str, server: &str) -> ServerMetrics {
+        ServerMetrics {
+            connect_errors: ConnectErrorKind::ALL
+                .iter()
+                .map(|k| {
+                    let labels = [service, server, k.as_label()];
+                    counter(r, names::UPSTREAM_CONNECT_ERRORS_TOTAL, &labels)
+                })
+                .collect(),
+            connect_duration: histogram(
+                r,
+                names::UPSTREAM_CONNECT_DURATION_SECONDS,
+                &[service, server],
+            ),
+        }
+    }
+}
+
+/// One series sluice exports: a row of [`SERIES`].
+#[derive(Debug)]
+pub struct Series {
+    pub name: &'static str,
+    pub kind: Kind,
+    /// The `# HELP` text. Units stay out of the metadata: the names end in _bytes or
+    /// _seconds already.
+    pub help: &'static str,
+    /// Its label names, in the order its samples carry them.
+    pub labels: &'static [&'static str],
+    pub source: Source,
+}
+
+/// What a series is, as its `# TYPE` line says.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    /// With the upper bounds of its buckets.
+    Histogram(&'static [f64]),
+}
+
+/// Where a series' numbers are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// In the recorder: a handle is registered once and updated in place.
+    Recorder,
+    /// Read from the services, their servers and the live connections at each scrape
+    /// (what would be a gauge per connection, or is a sum over a clock).
+    Scrape,
+}
+
+// The label sets of SERIES, named for the labels in their order.
+const SERVICE: &[&str] = &["service"];
+const SERVICE_REASON: &[&str] = &["service", "reason"];
+const SERVICE_DIRECTION: &[&str] = &["service", "direction"];
+const SERVICE_SERVER: &[&str] = &["service", "server"];
+const SERVICE_SERVER_KIND: &[&str] = &["service", "server", "kind"];
+const SERVICE_SERVER_DIRECTION: &[&str] = &["service", "server", "direction"];
+
+/// Every series sluice exports (less the `process_*` ones), declared once: the recorder
+/// is described from this table, handles are registered and scrape-time series written
+/// by name through it.
+#[rustfmt::skip]
+pub const SERIES: [Series; 28] = [
+    Series::recorder(names::CONNECTIONS_ACCEPTED_TOTAL, Kind::Counter, SERVICE,
+        "Client connections accepted, by service."),
+    Series::recorder(names::CONNECTIONS_ACTIVE, Kind::Gauge, SERVICE,
+        "Client connections open now, by service."),
+    Series::recorder(names::CONNECTIONS_CLOSED_TOTAL, Kind::Counter, SERVICE_REASON,
+        "Client connections closed, by service and reason."),
+    Series::recorder(names::LISTENER_PAUSED_TOTAL, Kind::Counter, &[],
+        "Times accepting stopped because listen.max_connections was reached."),
+    Series::recorder(names::UPSTREAM_CONNECT_ERRORS_TOTAL, Kind::Counter, SERVICE_SERVER_KIND,
+        "Failed upstream connects, by service, server and kind."),
+    Series::recorder(names::UPSTREAM_CONNECT_DURATION_SECONDS, Kind::Histogram(CONNECT_BUCKETS), SERVICE_SERVER,
+        "Time to connect to a server, by service and server."),
+    Series::recorder(names::UPSTREAM_RETRIES_TOTAL, Kind::Counter, SERVICE,
+        "Connects tried again on another server after one failed, by service."),
+    Series::recorder(names::CONNECTION_DURATION_SECONDS, Kind::Histogram(DURATION_BUCKETS), SERVICE,
+        "Client connection lifetime, by service."),
+    Series::recorder(names::BYTES_TOTAL, Kind::Counter, SERVICE_DIRECTION,
+        "Bytes relayed, by service and direction."),
+    Series::recorder(names::QUEUED_BYTES, Kind::Gauge, SERVICE_DIRECTION,
+        "Bytes held in sluice's buffers now, all connections, by service and direction."),
+    Series::recorder(names::BUFFER_LIMIT_BYTES, Kind::Gauge, SERVICE_DIRECTION,
+        "The configured per-connection buffer bound, by service and direction."),
+    Series::recorder(names::BUDGET_LIMIT_BYTES, Kind::Gauge, &[],
+        "buffer.total: the most buffer memory all connections together may hold; 0 when there is no such limit."),
+    Series::recorder(names::BUDGET_USED_BYTES, Kind::Gauge, &[],
+        "Buffer memory granted by buffer.total now (a granted buffer counts whole)."),
+    Series::recorder(names::BUDGET_WAITS_TOTAL, Kind::Counter, SERVICE_DIRECTION,
+        "Times a direction waited in line for buffer.total to grant it a buffer."),
+    Series::recorder(names::PAUSES_TOTAL, Kind::Counter, SERVICE_DIRECTION,
+        "Times a buffer filled and reading from its source stopped."),
+    Series::recorder(names::DRAINS_TOTAL, Kind::Counter, SERVICE_DIRECTION,
+        "Times a paused buffer drained to the resume mark and reading resumed."),
+    Series::recorder(names::CONNECTIONS_REJECTED_TOTAL, Kind::Counter, SERVICE_REASON,
+        "Clients closed at once by an access rule or a bad PROXY header, by service and reason."),
+    Series::recorder(names::CONFIG_RELOADS_TOTAL, Kind::Counter, &["result"],
+        "Configuration reloads (SIGHUP), by result."),
+    Series::recorder(names::CONNECTION_PANICS_TOTAL, Kind::Counter, &[],
+        "Connection tasks that panicked (a bug; the process carries on)."),
+    Series::recorder(names::BUILD_INFO, Kind::Gauge, &["version"],
+        "Always 1; the version label says which sluice this is."),
+    Series::scrape(names::PAUSED_CONNECTIONS, Kind::Gauge, SERVICE_DIRECTION,
+        "Connection directions paused now, by service and direction."),
+    Series::scrape(names::PAUSED_SECONDS_TOTAL, Kind::Counter, SERVICE_DIRECTION,
+        "Time spent paused, all connections, by service and direction."),
+    Series::scrape(names::KERNEL_QUEUED_BYTES, Kind::Gauge, SERVICE_DIRECTION,
+        "Bytes the kernel holds for live connections, by service and direction: unread in the source sockets plus unacknowledged in the destination sockets (sampled every second)."),
+    Series::scrape(names::SERVER_UP, Kind::Gauge, SERVICE_SERVER,
+        "1 while the server is in rotation, 0 while it is ejected for failing connects."),
+    Series::scrape(names::SERVER_CONNECTIONS, Kind::Gauge, SERVICE_SERVER,
+        "Live connections to the server."),
+    Series::scrape(names::SERVER_EJECTIONS_TOTAL, Kind::Counter, SERVICE_SERVER,
+        "Times the server was taken out of rotation after health.max_failures failed connects in a row."),
+    Series::scrape(names::SERVER_QUEUED_BYTES, Kind::Gauge, SERVICE_SERVER_DIRECTION,
+        "Bytes held in sluice's buffers for the server's live connections, by direction."),
+    Series::scrape(names::SERVER_PAUSED_CONNECTIONS, Kind::Gauge, SERVICE_SERVER_DIRECTION,
+        "The server's connection directions paused now, by direction."),
 ];
 
 static META: Metadata<'static> =
     Metadata::new("sluice", metrics::Level::INFO, Some("sluice::metrics"));
 
-#[derive(Clone, Copy)]
-enum Kind {
-    Counter,
-    Gauge,
-    Histogram,
-}
+impl Series {
+    /// A row for a series the recorder keeps.
+    const fn recorder(
+        name: &'static str,
+        kind: Kind,
+        labels: &'static [&'static str],
+        help: &'static str,
+    ) -> Series {
+        Series {
+            name,
+            kind,
+            help,
+            labels,
+            source: Source::Recorder,
+        }
+    }
 
-/// Help text for a series; units stay out of the metadata (the names end in _bytes or
-/// _seconds already).
-fn describe(r: &dyn Recorder, name: &'static str, kind: Kind, help: &'static str) {
-    let (name, help) = (
-        metrics::KeyName::from_const_str(name),
-        SharedString::const_str(help),
-    );
-    match kind {
-        Kind::Counter => r.describe_counter(name, None, help),
-        Kind::Gauge => r.describe_gauge(name, None, help),
-        Kind::Histogram => r.describe_histogram(name, None, help),
+    /// A row for a series computed at each scrape.
+    const fn scrape(
+        name: &'static str,
+        kind: Kind,
+        labels: &'static [&'static str],
+        help: &'static str,
+    ) -> Series {
+        Series {
+            source: Source::Scrape,
+            ..Series::recorder(name, kind, labels, help)
+        }
+    }
+
+    /// The row of [`SERIES`] for `name`; a name not declared there is a bug.
+    pub fn of(name: &str) -> &'static Series {
+        SERIES
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("{name} is not declared in metrics::SERIES"))
+    }
+
+    /// The word its `# TYPE` line gives.
+    pub fn type_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram(_) => "histogram",
+        }
+    }
+
+    /// Its help text, told to the recorder.
+    fn describe(&self, r: &dyn Recorder) {
+        let (name, help) = (
+            metrics::KeyName::from_const_str(self.name),
+            SharedString::const_str(self.help),
+        );
+        match self.kind {
+            Kind::Counter => r.describe_counter(name, None, help),
+            Kind::Gauge => r.describe_gauge(name, None, help),
+            Kind::Histogram(_) => r.describe_histogram(name, None, help),
+        }
+    }
+
+    /// The recorder's key for the sample with label `values`, one for each of its labels.
+    fn key(&self, values: &[&str]) -> Key {
+        assert_eq!(
+            values.len(),
+            self.labels.len(),
+            "{} is labelled by {:?}",
+            self.name,
+            self.labels
+        );
+        let labels: Vec<Label> = self
+            .labels
+            .iter()
+            .zip(values)
+            .map(|(k, v)| Label::new(*k, v.to_string()))
+            .collect();
+        Key::from_parts(self.name, labels)
+    }
+
+    /// The `# HELP` and `# TYPE` lines of a scrape-time series.
+    fn write_header(&self, out: &mut String) {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n",
+            name = self.name,
+            help = self.help,
+            kind = self.type_name()
+        );
+    }
+
+    /// One sample line of a scrape-time series, with label `values` in declared order.
+    fn write_sample(&self, out: &mut String, values: &[&str], value: impl std::fmt::Display) {
+        debug_assert_eq!(values.len(), self.labels.len(), "{}", self.name);
+        out.push_str(self.name);
+        for (i, (k, v)) in self.labels.iter().zip(values).enumerate() {
+            let open = if i == 0 { '{' } else { ',' };
+            let _ = write!(out, "{open}{k}=\"{}\"", escape(v));
+        }
+        if !self.labels.is_empty() {
+            out.push('}');
+        }
+        let _ = writeln!(out, " {value}");
     }
 }
 
@@ -713,120 +740,4 @@ impl PauseClock {
         g.last_total = total;
         (g.count, total)
     }
-}
-
-/// Serves `GET /metrics` and `GET /connections` until `shutdown` fires. A plain HTTP/1.1
-/// responder: the clients are a scraper and an operator's tool, and each request is
-/// answered with fresh numbers.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let upkeep = {
-        let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => metrics.upkeep(),
-                    _ = shutdown.cancelled() => return,
-                }
-            }
-        })
-    };
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.cancelled() => break,
-        };
-        match stream {
-            Ok((stream, _)) => {
-                let metrics = metrics.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &metrics))
-                        .await;
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics endpoint accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    upkeep.abort();
-}
-
-const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// `sort` and `limit` from a `/connections` query string, with an error that says what
-/// is accepted.
-fn connections_query(query: &str) -> Result<(SortBy, usize), String> {
-    let (mut sort, mut limit) = (SortBy::Queued, usize::MAX);
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "sort" => {
-                sort = SortBy::parse(value).ok_or_else(|| {
-                    format!("sort={value}: expected sort=queued, sort=kernel or sort=age")
-                })?
-            }
-            "limit" => {
-                limit = value
-                    .parse()
-                    .map_err(|_| format!("limit={value}: expected a number of connections"))?
-            }
-            _ => return Err(format!("{key}: unknown parameter; try sort= and limit=")),
-        }
-    }
-    Ok((sort, limit))
-}
-
-/// Reads one request head and answers it.
-async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 || head.len() > 16 * 1024 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let (method, target) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let target = String::from_utf8_lossy(target);
-    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    let (status, ctype, body) = match (method, path) {
-        (b"GET" | b"HEAD", "/metrics") => ("200 OK", PROMETHEUS_TEXT, metrics.render()),
-        (b"GET" | b"HEAD", "/connections") => match connections_query(query) {
-            Ok((sort, limit)) => {
-                let listing = metrics.connections.list(sort, limit, metrics.now());
-                let mut body = serde_json::to_string(&listing).expect("plain data serializes");
-                body.push('\n');
-                ("200 OK", "application/json", body)
-            }
-            Err(e) => ("400 Bad Request", "text/plain", format!("{e}\n")),
-        },
-        (b"GET" | b"HEAD", _) => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics or /connections\n".to_string(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_string(),
-        ),
-    };
-    let mut response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if method != b"HEAD" {
-        response.extend_from_slice(body.as_bytes());
-    }
-    stream.write_all(&response).await?;
-    stream.shutdown().await
 }

@@ -1,6 +1,6 @@
 //! `GET /connections` and `sluice-stress top`: the live connections an operator sees, with
 //! what each holds in sluice and in the kernel, against a proxy running in this process
-//! (its metrics endpoint served on 127.0.0.1:0 by `sluice::metrics::serve`).
+//! (its admin endpoint served on 127.0.0.1:0 by `sluice::admin::serve`).
 
 use sluice_testkit as common;
 

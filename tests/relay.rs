@@ -526,7 +526,10 @@ async fn half_closed_connections_are_closed_after_the_timeout() {
 /// as soon as a slot frees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_leaves_clients_in_the_backlog() {
-    let proxy = Proxy::start(echo_upstream().await, |c| c.listen.max_connections = 1).await;
+    let proxy = Proxy::start(echo_upstream().await, |c| {
+        c.listen.max_connections = Some(1)
+    })
+    .await;
     let mut first = TcpStream::connect(proxy.addr).await.unwrap();
     first.write_all(b"1").await.unwrap();
     let mut b = [0u8; 1];
@@ -706,7 +709,7 @@ async fn listener_pauses_are_counted_only_at_the_limit_with_pinned_workers() {
     let proxy = Proxy::start(echo_upstream().await, |c| {
         c.runtime.workers = 2;
         c.runtime.scheduler = Scheduler::Pinned;
-        c.listen.max_connections = 2;
+        c.listen.max_connections = Some(2);
     })
     .await;
     let mut first = TcpStream::connect(proxy.addr).await.unwrap();

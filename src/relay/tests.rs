@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::task::Waker;
 
 use super::*;
-use crate::metrics::DIRECTIONS;
+use crate::metrics::{DIRECTIONS, names};
 
 /// Bound used by most tests: small, so wrap-around and full queues are a few bytes away.
 const BOUND: usize = 8;
@@ -859,11 +859,11 @@ fn sample(text: &str, name: &str, direction: usize) -> f64 {
 fn numbers(m: &Fixture, direction: usize) -> [f64; 5] {
     let text = m.render();
     [
-        "sluice_pauses_total",
-        "sluice_drains_total",
-        "sluice_queued_bytes",
-        "sluice_paused_connections",
-        "sluice_bytes_total",
+        names::PAUSES_TOTAL,
+        names::DRAINS_TOTAL,
+        names::QUEUED_BYTES,
+        names::PAUSED_CONNECTIONS,
+        names::BYTES_TOTAL,
     ]
     .map(|name| sample(&text, name, direction))
 }
@@ -1059,7 +1059,7 @@ fn finishing_a_direction_gives_its_grant_back_and_leaves_the_line() {
     b.finish(to(dm, &e.directions[CLIENT_TO_UPSTREAM]));
     assert!(!budget.contended(), "a closed connection leaves the line");
     assert_eq!(
-        sample(&m.render(), "sluice_budget_waits_total", CLIENT_TO_UPSTREAM),
+        sample(&m.render(), names::BUDGET_WAITS_TOTAL, CLIENT_TO_UPSTREAM),
         1.0
     );
     a.finish(to(dm, &e.directions[CLIENT_TO_UPSTREAM]));

@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::proxy_process::{DIRECTIONS, own_rss};
-use crate::rate::{format_bytes, parse_size};
+use crate::units::{format_bytes, parse_size};
 
 /// Exit code when the cap is reached, so a scenario can tell "killed at cap" from a crash.
 pub const CAP_EXIT_CODE: i32 = 3;

@@ -10,12 +10,15 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::UsageError;
+use crate::pacing::TokenBucket;
 use crate::pattern::{Pattern, Verifier};
-use crate::rate::{Rate, TokenBucket, format_bytes, parse_duration, parse_rate, parse_size};
+use crate::progress::{self, CtrlC, Watch};
+use crate::units::{Rate, format_bytes, parse_duration, parse_rate, parse_size};
 use crate::upstream::is_peer_gone;
 
 /// I/O size when a direction is not paced.
@@ -124,20 +127,66 @@ pub struct LiveStats {
     pub errors: AtomicU64,
 }
 
-/// Runs one task per spec against `target` until each finishes or `stop` fires (then
-/// writers get `drain` to finish), and returns one result per spec, in order.
-pub async fn run_clients(
+/// Whether each client makes one connection, or keeps making them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connections {
+    /// One connection per spec, for the whole run.
+    Once,
+    /// Each spec is a slot: when its connection ends, it opens the next, until told to stop.
+    Churn,
+}
+
+/// Clients at work in the background: `stop` tells them to finish, `live` counts as they
+/// go, `task` gives every connection's outcome.
+pub struct RunningClients {
+    pub stop: CancellationToken,
+    pub live: Arc<LiveStats>,
+    pub task: JoinHandle<Result<ClientRun>>,
+}
+
+/// Every connection the clients made, with the spec it followed, in the same order.
+#[derive(Debug, Default)]
+pub struct ClientRun {
+    pub specs: Vec<ClientSpec>,
+    pub results: Vec<ConnResult>,
+}
+
+impl ClientRun {
+    pub fn summary(&self) -> ClientsSummary {
+        summarize(&self.specs, &self.results)
+    }
+}
+
+/// Starts a client per spec against `target` in the background; after `stop`, writers get
+/// [`DEFAULT_DRAIN`] to finish.
+pub fn start(
+    target: SocketAddr,
+    specs: Vec<ClientSpec>,
+    connections: Connections,
+) -> RunningClients {
+    let stop = CancellationToken::new();
+    let live = Arc::new(LiveStats::default());
+    let task = match connections {
+        Connections::Once => tokio::spawn(once(target, specs, stop.clone(), live.clone())),
+        Connections::Churn => tokio::spawn(churn(target, specs, stop.clone(), live.clone())),
+    };
+    RunningClients { stop, live, task }
+}
+
+/// A connection per spec until each finishes or `stop` fires.
+async fn once(
     target: SocketAddr,
     specs: Vec<ClientSpec>,
     stop: CancellationToken,
-    drain: Duration,
     live: Arc<LiveStats>,
-) -> Vec<ConnResult> {
+) -> Result<ClientRun> {
     let tasks: Vec<_> = specs
-        .into_iter()
+        .iter()
         .map(|spec| {
-            let (stop, live) = (stop.clone(), live.clone());
-            tokio::spawn(async move { run_client(target, &spec, &stop, drain, &live).await })
+            let (spec, stop, live) = (spec.clone(), stop.clone(), live.clone());
+            tokio::spawn(
+                async move { run_client(target, &spec, &stop, DEFAULT_DRAIN, &live).await },
+            )
         })
         .collect();
     let mut results = Vec::with_capacity(tasks.len());
@@ -147,7 +196,36 @@ pub async fn run_clients(
             ..ConnResult::default()
         }));
     }
-    results
+    Ok(ClientRun { specs, results })
+}
+
+/// A slot per spec, each opening connection after connection until `stop` fires.
+async fn churn(
+    target: SocketAddr,
+    specs: Vec<ClientSpec>,
+    stop: CancellationToken,
+    live: Arc<LiveStats>,
+) -> Result<ClientRun> {
+    let slots: Vec<_> = specs
+        .into_iter()
+        .map(|spec| {
+            let (stop, live) = (stop.clone(), live.clone());
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                while !stop.is_cancelled() {
+                    results.push(run_client(target, &spec, &stop, DEFAULT_DRAIN, &live).await);
+                }
+                (spec, results)
+            })
+        })
+        .collect();
+    let mut run = ClientRun::default();
+    for slot in slots {
+        let (spec, results) = slot.await.context("a churning client slot failed")?;
+        run.specs.extend(std::iter::repeat_n(spec, results.len()));
+        run.results.extend(results);
+    }
+    Ok(run)
 }
 
 /// Runs one client as `spec` says until it finishes or `stop` fires (then a writer gets
@@ -162,7 +240,8 @@ pub async fn run_client(
     let start = Instant::now();
     let mut result = ConnResult::default();
     live.active.fetch_add(1, Ordering::Relaxed);
-    let outcome = one_client(target, spec, stop, drain, live, &mut result).await;
+    let conn = Conn { spec, stop, live };
+    let outcome = conn.run(target, drain, &mut result).await;
     live.active.fetch_sub(1, Ordering::Relaxed);
     result.elapsed_secs = start.elapsed().as_secs_f64();
     match outcome {
@@ -197,186 +276,199 @@ pub async fn connect(target: SocketAddr, spec: &ClientSpec) -> Result<TcpStream>
     Ok(stream)
 }
 
-/// Returns whether the connection completed (EOF / --bytes) rather than hit the deadline.
-async fn one_client(
-    target: SocketAddr,
-    spec: &ClientSpec,
-    stop: &CancellationToken,
-    drain: Duration,
-    live: &LiveStats,
-    result: &mut ConnResult,
-) -> Result<bool> {
-    let stream = connect(target, spec).await?;
-    live.connected.fetch_add(1, Ordering::Relaxed);
-    match spec.mode {
-        ClientMode::Read => {
-            read_side(stream, spec, Verifier::new(), stop, None, live, result).await
+/// One client connection: what it does, when to stop, and the totals it adds to.
+struct Conn<'a> {
+    spec: &'a ClientSpec,
+    stop: &'a CancellationToken,
+    live: &'a LiveStats,
+}
+
+/// A direction's token bucket (`None`: as fast as it can) and a buffer of its I/O size.
+fn paced(rate: Option<Rate>) -> (Option<TokenBucket>, Vec<u8>) {
+    let bucket = rate.map(TokenBucket::new);
+    let chunk = bucket.as_ref().map_or(IO_CHUNK, TokenBucket::chunk);
+    (bucket, vec![0u8; chunk])
+}
+
+impl Conn<'_> {
+    /// Returns whether the connection completed (EOF / --bytes) rather than hit the deadline.
+    async fn run(
+        &self,
+        target: SocketAddr,
+        drain: Duration,
+        result: &mut ConnResult,
+    ) -> Result<bool> {
+        let stream = connect(target, self.spec).await?;
+        self.live.connected.fetch_add(1, Ordering::Relaxed);
+        match self.spec.mode {
+            ClientMode::Read => self.read_side(stream, Verifier::new(), None, result).await,
+            ClientMode::Write => self.write_then_await_close(stream, drain, result).await,
+            ClientMode::Echo => self.echo(stream, drain, result).await,
         }
-        ClientMode::Write => {
-            let (mut rd, wr) = stream.into_split();
-            let pattern = Pattern::random();
-            let ended_by_limit = write_side(wr, spec, pattern, stop, live, result).await?;
-            // Wait for the peer to close (a sink closes after our EOF): data arrived in full.
-            let mut buf = vec![0u8; 16 * 1024];
-            let deadline = if ended_by_limit {
-                None
-            } else {
-                Some(Instant::now() + drain)
+    }
+
+    /// Writes the pattern, then waits for the peer to close (a sink closes after our EOF):
+    /// the data arrived in full.
+    async fn write_then_await_close(
+        &self,
+        stream: TcpStream,
+        drain: Duration,
+        result: &mut ConnResult,
+    ) -> Result<bool> {
+        let (mut rd, wr) = stream.into_split();
+        let ended_by_limit = self.write_side(wr, Pattern::random(), result).await?;
+        let mut buf = vec![0u8; 16 * 1024];
+        let deadline = (!ended_by_limit).then(|| Instant::now() + drain);
+        loop {
+            let read = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, rd.read(&mut buf)).await {
+                    Ok(r) => r,
+                    Err(_) => return Ok(false),
+                },
+                None => rd.read(&mut buf).await,
             };
-            loop {
-                let read = match deadline {
-                    Some(d) => match tokio::time::timeout_at(d, rd.read(&mut buf)).await {
-                        Ok(r) => r,
-                        Err(_) => return Ok(false),
-                    },
-                    None => rd.read(&mut buf).await,
-                };
-                match read {
-                    Ok(0) => return Ok(ended_by_limit),
-                    Ok(n) => {
-                        result.bytes_read += n as u64;
-                        live.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    Err(e) if is_peer_gone(&e) && !ended_by_limit => return Ok(false),
-                    Err(e) => return Err(e).context("waiting for the peer to close"),
+            match read {
+                Ok(0) => return Ok(ended_by_limit),
+                Ok(n) => {
+                    result.bytes_read += n as u64;
+                    self.live.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                 }
+                Err(e) if is_peer_gone(&e) && !ended_by_limit => return Ok(false),
+                Err(e) => return Err(e).context("waiting for the peer to close"),
             }
         }
-        ClientMode::Echo => {
-            let pattern = Pattern::random();
-            let (rd, wr) = stream.into_split();
-            let mut w_result = ConnResult::default();
-            let writer = write_side(wr, spec, pattern, stop, live, &mut w_result);
-            let reader = read_side(
-                rd,
-                spec,
-                Verifier::expecting(pattern),
-                stop,
-                Some(drain),
-                live,
-                result,
+    }
+
+    /// Writes the pattern and verifies that all of it comes back unchanged.
+    async fn echo(
+        &self,
+        stream: TcpStream,
+        drain: Duration,
+        result: &mut ConnResult,
+    ) -> Result<bool> {
+        let pattern = Pattern::random();
+        let (rd, wr) = stream.into_split();
+        let mut w_result = ConnResult::default();
+        let writer = self.write_side(wr, pattern, &mut w_result);
+        let reader = self.read_side(rd, Verifier::expecting(pattern), Some(drain), result);
+        let (w, r) = tokio::join!(writer, reader);
+        result.bytes_written = w_result.bytes_written;
+        let ended_by_limit = w?;
+        let eof = r?;
+        if eof && result.bytes_read != result.bytes_written {
+            anyhow::bail!(
+                "echo truncated: wrote {} bytes, {} came back",
+                result.bytes_written,
+                result.bytes_read
             );
-            let (w, r) = tokio::join!(writer, reader);
-            result.bytes_written = w_result.bytes_written;
-            let ended_by_limit = w?;
-            let eof = r?;
-            if eof && result.bytes_read != result.bytes_written {
-                anyhow::bail!(
-                    "echo truncated: wrote {} bytes, {} came back",
-                    result.bytes_written,
-                    result.bytes_read
-                );
-            }
-            Ok(ended_by_limit && eof)
         }
+        Ok(ended_by_limit && eof)
     }
-}
 
-/// Writes the pattern until --bytes, or until `stop`; then half-closes. Returns whether it
-/// ended by reaching --bytes.
-async fn write_side(
-    mut wr: impl AsyncWriteExt + Unpin,
-    spec: &ClientSpec,
-    pattern: Pattern,
-    stop: &CancellationToken,
-    live: &LiveStats,
-    result: &mut ConnResult,
-) -> Result<bool> {
-    let mut bucket = spec.write_rate.map(TokenBucket::new);
-    let chunk = bucket.as_ref().map_or(IO_CHUNK, TokenBucket::chunk);
-    let mut buf = vec![0u8; chunk];
-    let limit = spec.bytes.unwrap_or(u64::MAX);
-    let mut offset = 0u64;
-    let mut filled = 0..0; // stream range currently in `buf`
-    while offset < limit {
-        if !filled.contains(&offset) {
-            let n = chunk.min((limit - offset) as usize);
-            pattern.fill(offset, &mut buf[..n]);
-            filled = offset..offset + n as u64;
-        }
-        let start = (offset - filled.start) as usize;
-        let end = (filled.end - filled.start) as usize;
-        // `write` (not `write_all`) so a cancelled write has written nothing and the count stays exact.
-        let n = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = wr.write(&buf[start..end]) => match r {
-                Ok(0) => anyhow::bail!("the peer stopped accepting data at offset {offset}"),
-                Ok(n) => n,
-                Err(e) if is_peer_gone(&e) && stop.is_cancelled() => break,
-                Err(e) => return Err(e).with_context(|| format!("write at offset {offset}")),
-            },
-        };
-        offset += n as u64;
-        result.bytes_written = offset;
-        live.bytes_written.fetch_add(n as u64, Ordering::Relaxed);
-        if let Some(b) = bucket.as_mut() {
-            tokio::select! {
+    /// Writes the pattern until --bytes, or until `stop`; then half-closes. Returns whether
+    /// it ended by reaching --bytes.
+    async fn write_side(
+        &self,
+        mut wr: impl AsyncWriteExt + Unpin,
+        pattern: Pattern,
+        result: &mut ConnResult,
+    ) -> Result<bool> {
+        let (mut bucket, mut buf) = paced(self.spec.write_rate);
+        let chunk = buf.len();
+        let limit = self.spec.bytes.unwrap_or(u64::MAX);
+        let stop = self.stop;
+        let mut offset = 0u64;
+        let mut filled = 0..0; // stream range currently in `buf`
+        while offset < limit {
+            if !filled.contains(&offset) {
+                let n = chunk.min((limit - offset) as usize);
+                pattern.fill(offset, &mut buf[..n]);
+                filled = offset..offset + n as u64;
+            }
+            let start = (offset - filled.start) as usize;
+            let end = (filled.end - filled.start) as usize;
+            // `write` (not `write_all`) so a cancelled write has written nothing and the count stays exact.
+            let n = tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = b.take(n) => {}
-            }
-        }
-    }
-    match wr.shutdown().await {
-        Ok(()) => {}
-        Err(e) if is_peer_gone(&e) => {}
-        Err(e) => return Err(e).context("half-close"),
-    }
-    Ok(offset >= limit)
-}
-
-/// Reads and verifies until EOF or --bytes (read mode), or until `stop` (+`drain` if given).
-/// Returns whether it saw EOF / reached --bytes.
-async fn read_side(
-    mut rd: impl AsyncReadExt + Unpin,
-    spec: &ClientSpec,
-    mut verifier: Verifier,
-    stop: &CancellationToken,
-    drain: Option<Duration>,
-    live: &LiveStats,
-    result: &mut ConnResult,
-) -> Result<bool> {
-    let mut bucket = spec.read_rate.map(TokenBucket::new);
-    let chunk = bucket.as_ref().map_or(IO_CHUNK, TokenBucket::chunk);
-    let mut buf = vec![0u8; chunk];
-    let limit = match spec.mode {
-        ClientMode::Read => spec.bytes.unwrap_or(u64::MAX),
-        _ => u64::MAX,
-    };
-    let deadline = async {
-        stop.cancelled().await;
-        if let Some(d) = drain {
-            tokio::time::sleep(d).await;
-        }
-    };
-    tokio::pin!(deadline);
-    while result.bytes_read < limit {
-        let want = chunk.min((limit - result.bytes_read) as usize);
-        let n = tokio::select! {
-            _ = &mut deadline => return Ok(false),
-            r = rd.read(&mut buf[..want]) => match r {
-                Ok(0) => {
-                    if limit != u64::MAX {
-                        anyhow::bail!("truncated: EOF after {} of {limit} bytes", result.bytes_read);
-                    }
-                    return Ok(true);
+                r = wr.write(&buf[start..end]) => match r {
+                    Ok(0) => anyhow::bail!("the peer stopped accepting data at offset {offset}"),
+                    Ok(n) => n,
+                    Err(e) if is_peer_gone(&e) && stop.is_cancelled() => break,
+                    Err(e) => return Err(e).with_context(|| format!("write at offset {offset}")),
+                },
+            };
+            offset += n as u64;
+            result.bytes_written = offset;
+            self.live
+                .bytes_written
+                .fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(b) = bucket.as_mut() {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = b.take(n) => {}
                 }
-                Ok(n) => n,
-                Err(e) if is_peer_gone(&e) && stop.is_cancelled() => return Ok(false),
-                Err(e) => return Err(e).with_context(|| format!("read at offset {}", result.bytes_read)),
-            },
-        };
-        verifier.feed(&buf[..n])?;
-        result.bytes_read += n as u64;
-        result.bytes_verified += n as u64;
-        live.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-        if let Some(b) = bucket.as_mut() {
-            tokio::select! {
-                _ = &mut deadline => return Ok(false),
-                _ = b.take(n) => {}
             }
         }
+        match wr.shutdown().await {
+            Ok(()) => {}
+            Err(e) if is_peer_gone(&e) => {}
+            Err(e) => return Err(e).context("half-close"),
+        }
+        Ok(offset >= limit)
     }
-    Ok(true)
+
+    /// Reads and verifies until EOF or --bytes (read mode), or until `stop` (+`drain` if
+    /// given). Returns whether it saw EOF / reached --bytes.
+    async fn read_side(
+        &self,
+        mut rd: impl AsyncReadExt + Unpin,
+        mut verifier: Verifier,
+        drain: Option<Duration>,
+        result: &mut ConnResult,
+    ) -> Result<bool> {
+        let (mut bucket, mut buf) = paced(self.spec.read_rate);
+        let chunk = buf.len();
+        let limit = match self.spec.mode {
+            ClientMode::Read => self.spec.bytes.unwrap_or(u64::MAX),
+            _ => u64::MAX,
+        };
+        let stop = self.stop;
+        let deadline = async {
+            stop.cancelled().await;
+            if let Some(d) = drain {
+                tokio::time::sleep(d).await;
+            }
+        };
+        tokio::pin!(deadline);
+        while result.bytes_read < limit {
+            let want = chunk.min((limit - result.bytes_read) as usize);
+            let n = tokio::select! {
+                _ = &mut deadline => return Ok(false),
+                r = rd.read(&mut buf[..want]) => match r {
+                    Ok(0) => {
+                        if limit != u64::MAX {
+                            anyhow::bail!("truncated: EOF after {} of {limit} bytes", result.bytes_read);
+                        }
+                        return Ok(true);
+                    }
+                    Ok(n) => n,
+                    Err(e) if is_peer_gone(&e) && stop.is_cancelled() => return Ok(false),
+                    Err(e) => return Err(e).with_context(|| format!("read at offset {}", result.bytes_read)),
+                },
+            };
+            verifier.feed(&buf[..n])?;
+            result.bytes_read += n as u64;
+            result.bytes_verified += n as u64;
+            self.live.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(b) = bucket.as_mut() {
+                tokio::select! {
+                    _ = &mut deadline => return Ok(false),
+                    _ = b.take(n) => {}
+                }
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// Per-connection throughput percentiles, bytes/s.
@@ -468,50 +560,30 @@ pub async fn run(args: ClientsArgs) -> Result<()> {
     spec.bytes = args.bytes;
     spec.rcvbuf = args.rcvbuf;
     spec.sndbuf = args.sndbuf;
-    let specs = vec![spec; args.conns];
 
-    let stop = CancellationToken::new();
-    let live = Arc::new(LiveStats::default());
-    let bar = crate::progress::bar(args.duration);
-    let runner = tokio::spawn(run_clients(
-        args.target,
-        specs.clone(),
-        stop.clone(),
-        DEFAULT_DRAIN,
-        live.clone(),
-    ));
-    let started = Instant::now();
-    let deadline = async {
-        match args.duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
+    let RunningClients { stop, live, task } =
+        start(args.target, vec![spec; args.conns], Connections::Once);
+    let watch = Watch {
+        duration: args.duration,
+        every: Duration::from_millis(250),
+        ctrl_c: CtrlC::StopsTheClients,
+        plain_every: None,
     };
-    tokio::pin!(deadline);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tokio::pin!(runner);
-    let results = loop {
-        tokio::select! {
-            r = &mut runner => break r?,
-            _ = &mut deadline, if !stop.is_cancelled() => stop.cancel(),
-            _ = tokio::signal::ctrl_c(), if !stop.is_cancelled() => stop.cancel(),
-            _ = tick.tick() => {
-                crate::progress::update(&bar, started.elapsed(), format!(
-                    "{} active, {} read, {} written, {} errors",
-                    live.active.load(Ordering::Relaxed),
-                    format_bytes(live.bytes_read.load(Ordering::Relaxed)),
-                    format_bytes(live.bytes_written.load(Ordering::Relaxed)),
-                    live.errors.load(Ordering::Relaxed),
-                ));
-            }
-        }
-    };
-    bar.finish_and_clear();
-    let summary = summarize(&specs, &results);
+    let watched = progress::watch(task, &stop, &watch, || {
+        Ok(format!(
+            "{} active, {} read, {} written, {} errors",
+            live.active.load(Ordering::Relaxed),
+            format_bytes(live.bytes_read.load(Ordering::Relaxed)),
+            format_bytes(live.bytes_written.load(Ordering::Relaxed)),
+            live.errors.load(Ordering::Relaxed),
+        ))
+    })
+    .await?;
+    let summary = watched.output.summary();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        print_summary(&summary, started.elapsed());
+        print_summary(&summary, watched.started.elapsed());
     }
     if summary.errors > 0 {
         anyhow::bail!("{} of {} connections failed", summary.errors, summary.conns);

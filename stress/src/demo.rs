@@ -1,20 +1,20 @@
 //! `demo`: the README's first command. sluice with the shipped proxy.toml in front of a slow built-in upstream, slow readers and fast writers, a live status line, and a summary.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
-use tokio_util::sync::CancellationToken;
 
 use crate::UsageError;
-use crate::clients::{self, ClientMode, ClientSpec, LiveStats};
-use crate::proxy_process::{DIRECTIONS, ProxyProcess};
-use crate::rate::{Rate, format_bytes, parse_duration, parse_rate};
-use crate::scenario::{Sample, Sampler};
-use crate::upstream::{self, UpstreamMode, UpstreamSpec};
+use crate::clients::{ClientMode, ClientRun, ClientSpec, Connections};
+use crate::progress::{CtrlC, Watch, Watched};
+use crate::proxy_process::DIRECTIONS;
+use crate::proxy_sampler::{KernelMemory, Sample};
+use crate::rig::{Proxy, ProxyExit, Rig, Stopped, upstream_spec};
+use crate::units::{KIB, Rate, format_bytes, parse_duration, parse_rate};
+use crate::upstream::{UpstreamMode, UpstreamSpec};
 
 /// How long sluice may take to exit after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(35);
@@ -54,7 +54,7 @@ pub struct DemoArgs {
 const DEMO_SOCKET_BUFFER: &str = "16KiB";
 
 /// A copy of `config` with every `[socket]` buffer set to [`DEMO_SOCKET_BUFFER`], in `dir`.
-fn with_small_socket_buffers(config: &std::path::Path, dir: &std::path::Path) -> Result<PathBuf> {
+fn with_small_socket_buffers(config: &Path, dir: &Path) -> Result<PathBuf> {
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("cannot read {}", config.display()))?;
     let mut table: toml::Table = text
@@ -113,27 +113,6 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         return Err(UsageError("--readers and --writers cannot both be 0".into()).into());
     }
     let config = find_config(args.config.clone())?;
-
-    // The slow upstream: echoes at --upstream-rate per connection, small socket buffers.
-    let up_spec = Arc::new(UpstreamSpec {
-        mode: UpstreamMode::Echo,
-        rate: Some(args.upstream_rate),
-        bytes: None,
-        rcvbuf: Some(16 * 1024),
-        sndbuf: Some(16 * 1024),
-    });
-    let up = upstream::LocalUpstream::start(up_spec)?;
-    let upstream_addr = up.addr;
-
-    let overrides = [
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &upstream_addr.to_string(),
-        "--metrics",
-        "127.0.0.1:0",
-    ]
-    .map(String::from);
     let tmp = tempfile::Builder::new().prefix("sluice-demo-").tempdir()?;
     let (run_config, config_note) = if args.kernel_buffers {
         (config.clone(), "[socket] buffers as configured".to_string())
@@ -145,12 +124,66 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             ),
         )
     };
-    let mut sluice = ProxyProcess::spawn_sluice_with_file(&run_config, &overrides)
-        .with_context(|| format!("starting sluice with {}", config.display()))?;
-    let first = sluice
+    let mut rig = Rig::start(
+        &slow_upstream(args.upstream_rate),
+        Proxy::SluiceFile(run_config),
+        KernelMemory::Read,
+    )
+    .with_context(|| format!("starting sluice with {}", config.display()))?;
+    let first = rig
+        .proxy()
         .scrape()
         .context("first scrape of sluice's metrics")?;
     let bounds = DIRECTIONS.map(|d| first.direction("sluice_buffer_limit_bytes", d) as u64);
+    print_setup(&args, &rig, &config, &config_note);
+
+    let specs = client_specs(&args);
+    let conns = specs.len() as u64;
+    let watch = Watch {
+        every: Duration::from_millis(500),
+        ctrl_c: CtrlC::StopsTheClients,
+        plain_every: Some(PLAIN_STATUS_EVERY),
+        ..Watch::until(args.duration)
+    };
+    let during = ProxyExit::Fails { during: "the demo" };
+    let watched = rig
+        .run_clients(specs, Connections::Once, &watch, during, |last, live| {
+            status_line(last, live.active.load(Ordering::Relaxed))
+        })
+        .await?;
+    let stopped = rig.stop(STOP_GRACE).await?;
+    print_summary(&watched, &stopped, bounds, conns);
+    Ok(())
+}
+
+/// The slow upstream: echoes at `rate` per connection, small socket buffers.
+fn slow_upstream(rate: Rate) -> UpstreamSpec {
+    UpstreamSpec {
+        rate: Some(rate),
+        rcvbuf: Some(16 * KIB),
+        sndbuf: Some(16 * KIB),
+        ..upstream_spec(UpstreamMode::Echo)
+    }
+}
+
+/// --readers slow readers, then --writers fast writers.
+fn client_specs(args: &DemoArgs) -> Vec<ClientSpec> {
+    let mut specs = vec![
+        ClientSpec {
+            read_rate: Some(args.reader_rate),
+            rcvbuf: Some(4 * KIB),
+            sndbuf: Some(16 * KIB),
+            ..ClientSpec::new(ClientMode::Echo)
+        };
+        args.readers
+    ];
+    specs.extend(vec![ClientSpec::new(ClientMode::Echo); args.writers]);
+    specs
+}
+
+/// What runs where, before the clients start.
+fn print_setup(args: &DemoArgs, rig: &Rig, config: &Path, config_note: &str) {
+    let sluice = rig.proxy();
     let metrics_url = sluice.metrics_url().unwrap_or_default();
     println!(
         "sluice (pid {}) with {} ({config_note})",
@@ -160,7 +193,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     println!(
         "listening on {}, upstream {} (built-in echo server, {} per connection)",
         sluice.listen_addr(),
-        upstream_addr,
+        rig.upstream().addr,
         args.upstream_rate
     );
     println!("metrics: {metrics_url}   (try: curl -s {metrics_url} | grep sluice_)");
@@ -171,87 +204,29 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         args.writers,
         args.duration.as_secs()
     );
+}
 
-    let mut specs = vec![
-        ClientSpec {
-            read_rate: Some(args.reader_rate),
-            rcvbuf: Some(4 * 1024),
-            sndbuf: Some(16 * 1024),
-            ..ClientSpec::new(ClientMode::Echo)
-        };
-        args.readers
-    ];
-    specs.extend(vec![ClientSpec::new(ClientMode::Echo); args.writers]);
-    let conns = specs.len() as u64;
-
-    let sampler = Sampler::start(&sluice)?;
-    let live = Arc::new(LiveStats::default());
-    let stop = CancellationToken::new();
-    let runner = tokio::spawn(clients::run_clients(
-        sluice.listen_addr(),
-        specs.clone(),
-        stop.clone(),
-        clients::DEFAULT_DRAIN,
-        live.clone(),
-    ));
-    tokio::pin!(runner);
-    let bar = crate::progress::bar(Some(args.duration));
-    let plain = bar.is_hidden();
-    let started = Instant::now();
-    let mut last_plain = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut interrupted = false;
-    let results = loop {
-        tokio::select! {
-            r = &mut runner => break r?,
-            _ = tokio::signal::ctrl_c(), if !stop.is_cancelled() => {
-                interrupted = true;
-                stop.cancel();
-            }
-            _ = tick.tick() => {
-                if started.elapsed() >= args.duration && !stop.is_cancelled() {
-                    stop.cancel();
-                }
-                if let Some(status) = sluice.try_exited() {
-                    stop.cancel();
-                    bar.finish_and_clear();
-                    bail!("sluice exited during the demo ({status}); log:\n{}", sluice.log_text());
-                }
-                let line = status_line(&sampler.last(), live.active.load(Ordering::Relaxed));
-                if plain {
-                    if last_plain.elapsed() >= PLAIN_STATUS_EVERY {
-                        eprintln!("[{:>3.0} s] {line}", started.elapsed().as_secs_f64());
-                        last_plain = Instant::now();
-                    }
-                } else {
-                    crate::progress::update(&bar, started.elapsed().min(args.duration), line);
-                }
-            }
-        }
-    };
-    bar.finish_and_clear();
-    let (samples, _) = sampler.finish();
-    let last_metrics = sluice.scrape().ok();
-    up.stop().await;
-    let exit = sluice.stop(STOP_GRACE)?;
-
-    let summary = clients::summarize(&specs, &results);
+/// The closing summary: bytes moved, peak RSS and queued bytes against their limits
+/// (`bounds` per direction × `conns`), pauses, errors.
+fn print_summary(watched: &Watched<ClientRun>, stopped: &Stopped, bounds: [u64; 2], conns: u64) {
+    let summary = watched.output.summary();
+    let samples = &stopped.samples;
     let peak = |f: fn(&Sample) -> u64| samples.iter().map(f).max().unwrap_or(0);
-    let moved = last_metrics.as_ref().map_or([0.0; 2], |m| {
+    let last_metrics = stopped.metrics.as_ref();
+    let moved = last_metrics.map_or([0.0; 2], |m| {
         DIRECTIONS.map(|d| m.direction("sluice_bytes_total", d))
     });
-    let pauses = last_metrics
-        .as_ref()
-        .map_or(0.0, |m| m.sum("sluice_pauses_total"));
+    let pauses = last_metrics.map_or(0.0, |m| m.sum("sluice_pauses_total"));
     println!();
     println!(
-        "demo {} after {:.1} s: sluice exited ({exit})",
-        if interrupted {
+        "demo {} after {:.1} s: sluice exited ({})",
+        if watched.interrupted {
             "interrupted"
         } else {
             "finished"
         },
-        started.elapsed().as_secs_f64()
+        watched.started.elapsed().as_secs_f64(),
+        stopped.exit
     );
     println!(
         "  bytes moved:  client→upstream {}, upstream→client {}; {} verified by the clients, {} errors",
@@ -265,18 +240,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         format_bytes(peak(|s| s.rss_bytes)),
         format_bytes(samples.first().map_or(0, |s| s.rss_bytes))
     );
-    for (i, dir) in DIRECTIONS.iter().enumerate() {
-        let p = if i == 0 {
-            peak(|s| s.queued_client_to_upstream)
-        } else {
-            peak(|s| s.queued_upstream_to_client)
-        };
+    let peaks = [
+        peak(|s| s.queued_client_to_upstream),
+        peak(|s| s.queued_upstream_to_client),
+    ];
+    for ((dir, p), bound) in DIRECTIONS.iter().zip(peaks).zip(bounds) {
         println!(
             "  peak queued {dir}: {} (limit {} = {} connections × {})",
             format_bytes(p),
-            format_bytes(bounds[i] * conns),
+            format_bytes(bound * conns),
             conns,
-            format_bytes(bounds[i])
+            format_bytes(bound)
         );
     }
     println!(
@@ -285,7 +259,6 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     for e in &summary.error_samples {
         println!("  error: {e}");
     }
-    Ok(())
 }
 
 fn status_line(s: &Sample, clients: u64) -> String {

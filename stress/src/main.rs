@@ -1,46 +1,46 @@
 //! sluice-stress: stand-in upstreams and clients, scenarios that watch a real sluice under a speed mismatch, and the demo.
 //!
 //! # Layout
-//! - `pattern.rs`: the verifiable byte stream (any byte recomputable from seed + offset).
-//! - `rate.rs`: sizes, rates, durations, and the token bucket that paces a connection.
-//! - `upstream.rs`: `upstream`, the stand-in upstream (source / sink / echo, or each
-//!   connection's first line chooses).
-//! - `chaos.rs`: `upstream --fault`: an upstream that resets, closes early, stalls, closes
-//!   slowly, refuses, blackholes or trickles.
+//! - `pattern.rs`, `units.rs`, `pacing.rs`: the verifiable byte stream; sizes, rates and
+//!   durations; the token bucket. All three live in the test kit (sluice-testkit), named here.
+//! - `upstream.rs`: `upstream`, the command line over the kit's stand-in upstreams (source /
+//!   sink / echo, or each connection's first line chooses) and its faults (`--fault`).
+//! - `chaos.rs`: the kit's faults (resets, early closes, stalls, slow closes, refusals,
+//!   blackholes, trickles), named here.
 //! - `clients.rs`: `clients`, N concurrent verifying clients.
-//! - `proxy_process.rs`: a proxy as a child process (spawn, ports, RSS, /metrics, SIGTERM).
+//! - `proxy_process.rs`: a proxy as a child process (the kit's `ChildProcess`: ready by
+//!   `NOTIFY_SOCKET`, RSS, /metrics, SIGTERM) and the sluice config the tool generates.
 //! - `kernel_memory.rs`: the kernel memory in a process's TCP sockets (`ss`'s skmem), for
 //!   `bench` and the scenarios' samples.
 //! - `baseline.rs`: `unbounded-relay`, the relay without backpressure sluice is compared with.
 //! - `bench/`: `bench`, sluice side by side with a direct connection, copy_bidirectional,
 //!   HAProxy and nginx.
-//! - `scenario.rs`: `scenario`, built-in workloads sampled every 100 ms into report.json.
-//! - `load.rs`: the `many-conns` and `soak` scenarios (RSS against the bound, RSS over time).
-//! - `budget.rs`: the `budget` scenario (slow readers sharing `buffer.total`: RSS against
-//!   it, used ≤ limit, a new client's latency and /metrics latency under it).
-//! - `balance.rs`: the `balance` scenario (one service, two fast servers and a slow one:
-//!   each server's share of new connections and the clients' completion times per policy).
-//! - `svg.rs`: report.svg, memory, queued bytes and kernel socket memory over time.
+//! - `proxy_sampler.rs`: a proxy sampled every 100 ms (RSS, /metrics, kernel socket memory).
+//! - `rig.rs`: the run rig demo and the scenarios share: upstream → proxy → sampler →
+//!   clients → progress → stop.
+//! - `scenario/`: `scenario`, built-in workloads sampled into report.json and report.svg
+//!   (steady workloads, soak, budget, balance; see its own layout).
+//! - `svg.rs`: hand-written SVG line charts for report.svg.
 //! - `demo.rs`: `demo`, the README's first command.
-//! - `progress.rs`: progress bars.
+//! - `progress.rs`: progress bars, and the watch over running clients (deadline, Ctrl-C).
 //! - `top.rs`: `top`, a running sluice's live connections from its `GET /connections`.
 
-mod balance;
 mod baseline;
 mod bench;
-mod budget;
 mod chaos;
 mod clients;
 mod demo;
 mod kernel_memory;
-mod load;
+mod pacing;
 mod pattern;
 mod progress;
 mod proxy_process;
-mod rate;
+mod proxy_sampler;
+mod rig;
 mod scenario;
 mod svg;
 mod top;
+mod units;
 mod upstream;
 
 use std::fmt;

@@ -93,7 +93,7 @@ impl ProxyConfig {
         } else {
             config::without_services()
         };
-        c.listen.max_connections = self.max_connections as usize;
+        c.listen.max_connections = Some(self.max_connections as usize);
         c.upstream.connect_timeout = Duration::from_secs(5);
         c.buffer.client_to_upstream = ByteSize::b(self.client_to_upstream);
         c.buffer.upstream_to_client = ByteSize::b(self.upstream_to_client);

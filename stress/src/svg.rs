@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::rate::format_bytes;
+use crate::units::format_bytes;
 
 const WIDTH: f64 = 960.0;
 const PANEL_HEIGHT: f64 = 250.0;
@@ -32,17 +32,51 @@ pub struct Panel {
     pub limit: Option<(f64, (String, String))>,
 }
 
+/// The dashed line of a panel's limit, in the chart and the legend.
+const LIMIT_STROKE: &str = r##"stroke="#2ca02c" stroke-width="1.5" stroke-dasharray="6 4""##;
+
 /// Renders the panels stacked, sharing the time axis range.
 pub fn render(title: &str, subtitle: &str, panels: &[Panel]) -> String {
     let height = TOP + panels.len() as f64 * (PANEL_HEIGHT + GAP);
-    let plot_w = WIDTH - LEFT - RIGHT;
     let t_max = panels
         .iter()
         .flat_map(|p| p.series.iter().flat_map(|s| s.points.iter().map(|p| p.0)))
         .fold(1.0f64, f64::max);
-    let (t_step, t_max) = nice_axis(t_max, 8);
+    let time = nice_axis(t_max, 8);
 
     let mut svg = String::new();
+    header(&mut svg, title, subtitle, height);
+    for (i, panel) in panels.iter().enumerate() {
+        let frame = Frame::new(i, panel, time);
+        frame.title(&mut svg, &panel.title);
+        frame.grid(&mut svg);
+        frame.time_ticks(&mut svg);
+        frame.axes(&mut svg);
+        let mut legend = Legend {
+            x: LEFT + frame.plot_w + 20.0,
+            y: frame.top + 10.0,
+        };
+        if let Some((limit, label)) = &panel.limit {
+            frame.limit(&mut svg, *limit);
+            legend.entry(&mut svg, LIMIT_STROKE, &label.0, &label.1);
+        }
+        for s in panel.series.iter().filter(|s| !s.points.is_empty()) {
+            frame.line(&mut svg, s);
+            let peak = s.points.iter().map(|p| p.1).fold(0.0, f64::max);
+            let stroke = format!(r#"stroke="{}" stroke-width="3""#, s.color);
+            let note = format!("peak {}", format_bytes(peak as u64));
+            legend.entry(&mut svg, &stroke, &s.label, &note);
+            if let Some(note) = &s.end_note {
+                frame.end_note(&mut svg, s, note);
+            }
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// The `<svg>` element, a white background, the title and the subtitle.
+fn header(svg: &mut String, title: &str, subtitle: &str, height: f64) {
     let _ = writeln!(
         svg,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="12">"#
@@ -58,10 +92,27 @@ pub fn render(title: &str, subtitle: &str, panels: &[Panel]) -> String {
         r##"<text x="{LEFT}" y="50" fill="#555">{}</text>"##,
         esc(subtitle)
     );
+}
 
-    for (i, panel) in panels.iter().enumerate() {
-        let top = TOP + i as f64 * (PANEL_HEIGHT + GAP) + 20.0;
-        let bottom = top + PANEL_HEIGHT;
+/// Where one panel's plot stands and how values map onto it.
+struct Frame {
+    top: f64,
+    bottom: f64,
+    plot_w: f64,
+    /// The time axis: tick step and maximum, seconds.
+    t_step: f64,
+    t_max: f64,
+    /// The byte axis: its unit, tick step and maximum in that unit.
+    unit: f64,
+    unit_name: &'static str,
+    y_step: f64,
+    y_max_units: f64,
+}
+
+impl Frame {
+    /// The `index`th panel's frame, its byte axis sized to `panel`'s values and limit.
+    fn new(index: usize, panel: &Panel, (t_step, t_max): (f64, f64)) -> Frame {
+        let top = TOP + index as f64 * (PANEL_HEIGHT + GAP) + 20.0;
         let y_data_max = panel
             .series
             .iter()
@@ -70,34 +121,60 @@ pub fn render(title: &str, subtitle: &str, panels: &[Panel]) -> String {
             .fold(1.0f64, f64::max);
         let (unit, unit_name) = byte_unit(y_data_max);
         let (y_step, y_max_units) = nice_axis(y_data_max / unit, 5);
-        let y_max = y_max_units * unit;
-        let x = |t: f64| LEFT + t / t_max * plot_w;
-        let y = |v: f64| bottom - v / y_max * PANEL_HEIGHT;
+        Frame {
+            top,
+            bottom: top + PANEL_HEIGHT,
+            plot_w: WIDTH - LEFT - RIGHT,
+            t_step,
+            t_max,
+            unit,
+            unit_name,
+            y_step,
+            y_max_units,
+        }
+    }
 
+    fn x(&self, t: f64) -> f64 {
+        LEFT + t / self.t_max * self.plot_w
+    }
+
+    fn y(&self, v: f64) -> f64 {
+        self.bottom - v / (self.y_max_units * self.unit) * PANEL_HEIGHT
+    }
+
+    fn title(&self, svg: &mut String, title: &str) {
         let _ = writeln!(
             svg,
             r#"<text x="{LEFT}" y="{}" font-size="14" font-weight="bold">{}</text>"#,
-            top - 8.0,
-            esc(&panel.title)
+            self.top - 8.0,
+            esc(title)
         );
-        // Grid and y ticks.
+    }
+
+    /// Horizontal grid lines with the byte axis's labels.
+    fn grid(&self, svg: &mut String) {
         let mut v = 0.0;
-        while v <= y_max_units + 1e-9 {
-            let py = y(v * unit);
+        while v <= self.y_max_units + 1e-9 {
+            let py = self.y(v * self.unit);
             let _ = writeln!(
                 svg,
-                r##"<line x1="{LEFT}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#e4e4e4"/><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#333">{} {unit_name}</text>"##,
-                LEFT + plot_w,
+                r##"<line x1="{LEFT}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#e4e4e4"/><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#333">{} {}</text>"##,
+                LEFT + self.plot_w,
                 LEFT - 8.0,
                 py + 4.0,
-                trim_float(v)
+                trim_float(v),
+                self.unit_name
             );
-            v += y_step;
+            v += self.y_step;
         }
-        // x ticks.
+    }
+
+    /// The time axis's ticks, labels and name.
+    fn time_ticks(&self, svg: &mut String) {
+        let bottom = self.bottom;
         let mut t = 0.0;
-        while t <= t_max + 1e-9 {
-            let px = x(t);
+        while t <= self.t_max + 1e-9 {
+            let px = self.x(t);
             let _ = writeln!(
                 svg,
                 r##"<line x1="{px:.1}" y1="{bottom}" x2="{px:.1}" y2="{:.1}" stroke="#333"/><text x="{px:.1}" y="{:.1}" text-anchor="middle" fill="#333">{}</text>"##,
@@ -105,96 +182,97 @@ pub fn render(title: &str, subtitle: &str, panels: &[Panel]) -> String {
                 bottom + 19.0,
                 trim_float(t)
             );
-            t += t_step;
+            t += self.t_step;
         }
         let _ = writeln!(
             svg,
             r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#333">time (s)</text>"##,
-            LEFT + plot_w / 2.0,
+            LEFT + self.plot_w / 2.0,
             bottom + 36.0
         );
-        // Axes.
+    }
+
+    fn axes(&self, svg: &mut String) {
+        let (top, bottom) = (self.top, self.bottom);
         let _ = writeln!(
             svg,
             r##"<line x1="{LEFT}" y1="{top}" x2="{LEFT}" y2="{bottom}" stroke="#333"/><line x1="{LEFT}" y1="{bottom}" x2="{:.1}" y2="{bottom}" stroke="#333"/>"##,
-            LEFT + plot_w
+            LEFT + self.plot_w
         );
-        let mut legend_y = top + 10.0;
-        let legend_x = LEFT + plot_w + 20.0;
-        if let Some((limit, label)) = &panel.limit {
-            let py = y(*limit);
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{LEFT}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#2ca02c" stroke-width="1.5" stroke-dasharray="6 4"/>"##,
-                LEFT + plot_w
-            );
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{legend_x}" y1="{legend_y}" x2="{:.1}" y2="{legend_y}" stroke="#2ca02c" stroke-width="1.5" stroke-dasharray="6 4"/><text x="{:.1}" y="{:.1}">{}</text><text x="{:.1}" y="{:.1}" fill="#555">{}</text>"##,
-                legend_x + 24.0,
-                legend_x + 30.0,
-                legend_y + 4.0,
-                esc(&label.0),
-                legend_x + 30.0,
-                legend_y + 19.0,
-                esc(&label.1)
-            );
-            legend_y += 40.0;
-        }
-        for s in &panel.series {
-            if s.points.is_empty() {
-                continue;
-            }
-            let mut path = String::new();
-            for (j, (t, v)) in s.points.iter().enumerate() {
-                let _ = write!(
-                    path,
-                    "{}{:.1},{:.1}",
-                    if j == 0 { "M" } else { " L" },
-                    x(*t),
-                    y(*v)
-                );
-            }
-            let _ = writeln!(
-                svg,
-                r#"<path d="{path}" fill="none" stroke="{}" stroke-width="2.2" stroke-linejoin="round"/>"#,
-                s.color
-            );
-            let peak = s.points.iter().map(|p| p.1).fold(0.0, f64::max);
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{legend_x}" y1="{legend_y}" x2="{:.1}" y2="{legend_y}" stroke="{}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{}</text><text x="{:.1}" y="{:.1}" fill="#555">peak {}</text>"##,
-                legend_x + 24.0,
-                s.color,
-                legend_x + 30.0,
-                legend_y + 4.0,
-                esc(&s.label),
-                legend_x + 30.0,
-                legend_y + 19.0,
-                format_bytes(peak as u64)
-            );
-            legend_y += 40.0;
-            if let (Some(note), Some((t, v))) = (&s.end_note, s.points.last()) {
-                let (px, py) = (x(*t), y(*v));
-                let _ = writeln!(
-                    svg,
-                    r#"<circle cx="{px:.1}" cy="{py:.1}" r="4" fill="{}"/><text x="{:.1}" y="{:.1}" text-anchor="{}" fill="{}">{}</text>"#,
-                    s.color,
-                    px + if px > LEFT + plot_w * 0.7 { -8.0 } else { 8.0 },
-                    (py + 16.0).min(bottom - 4.0),
-                    if px > LEFT + plot_w * 0.7 {
-                        "end"
-                    } else {
-                        "start"
-                    },
-                    s.color,
-                    esc(note)
-                );
-            }
-        }
     }
-    svg.push_str("</svg>\n");
-    svg
+
+    /// A dashed horizontal line at `limit`.
+    fn limit(&self, svg: &mut String, limit: f64) {
+        let py = self.y(limit);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{LEFT}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" {LIMIT_STROKE}/>"##,
+            LEFT + self.plot_w
+        );
+    }
+
+    /// A series' line through its points.
+    fn line(&self, svg: &mut String, s: &Series) {
+        let mut path = String::new();
+        for (j, (t, v)) in s.points.iter().enumerate() {
+            let _ = write!(
+                path,
+                "{}{:.1},{:.1}",
+                if j == 0 { "M" } else { " L" },
+                self.x(*t),
+                self.y(*v)
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r#"<path d="{path}" fill="none" stroke="{}" stroke-width="2.2" stroke-linejoin="round"/>"#,
+            s.color
+        );
+    }
+
+    /// A dot at a series' last point with `note` beside it, on the side with room.
+    fn end_note(&self, svg: &mut String, s: &Series, note: &str) {
+        let Some((t, v)) = s.points.last() else {
+            return;
+        };
+        let (px, py) = (self.x(*t), self.y(*v));
+        let near_right = px > LEFT + self.plot_w * 0.7;
+        let _ = writeln!(
+            svg,
+            r#"<circle cx="{px:.1}" cy="{py:.1}" r="4" fill="{}"/><text x="{:.1}" y="{:.1}" text-anchor="{}" fill="{}">{}</text>"#,
+            s.color,
+            px + if near_right { -8.0 } else { 8.0 },
+            (py + 16.0).min(self.bottom - 4.0),
+            if near_right { "end" } else { "start" },
+            s.color,
+            esc(note)
+        );
+    }
+}
+
+/// The legend right of a panel: where its next entry goes.
+struct Legend {
+    x: f64,
+    y: f64,
+}
+
+impl Legend {
+    /// A sample of the line (drawn with `stroke`), `label`, and a grey `note` under it.
+    fn entry(&mut self, svg: &mut String, stroke: &str, label: &str, note: &str) {
+        let (x, y) = (self.x, self.y);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{x}" y1="{y}" x2="{:.1}" y2="{y}" {stroke}/><text x="{:.1}" y="{:.1}">{}</text><text x="{:.1}" y="{:.1}" fill="#555">{}</text>"##,
+            x + 24.0,
+            x + 30.0,
+            y + 4.0,
+            esc(label),
+            x + 30.0,
+            y + 19.0,
+            esc(note)
+        );
+        self.y += 40.0;
+    }
 }
 
 /// A 1-2-5 step giving about `ticks` intervals, and the axis maximum (a multiple of the step).

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::proxy_process::http_get;
-use crate::rate::{format_bytes, parse_duration};
+use crate::units::{format_bytes, parse_duration};
 
 /// Rows shown when stdout is not a terminal and `--limit` is not given.
 const ROWS_WITHOUT_TERMINAL: usize = 20;

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::UsageError;
 use crate::chaos::{self, Chaos, ChaosStats, Fault};
-use crate::rate::{Rate, parse_rate, parse_size};
+use crate::units::{Rate, parse_rate, parse_size};
 pub use sluice_testkit::upstream::{
     LocalUpstream, UpstreamMode, UpstreamSpec, UpstreamStats, bind, is_peer_gone, serve, stats_line,
 };

@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::notify;
-use crate::pace::TokenBucket;
+use crate::pacing::TokenBucket;
 use crate::pattern::Pattern;
 use crate::units::{parse_duration, parse_size};
 use crate::upstream::{self, IO_CHUNK, UpstreamMode, UpstreamSpec, UpstreamStats};

@@ -83,14 +83,14 @@ impl Proxy {
         self.server.metrics().render()
     }
 
-    /// Serves the proxy's metrics endpoint (`/metrics`, `/connections`) on a free
-    /// loopback port until the proxy stops.
+    /// Serves the proxy's admin endpoint (`/metrics`, `/connections`, `/healthz`,
+    /// `/readyz`) on a free loopback port until the proxy stops.
     pub async fn serve_endpoint(&self) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(sluice::metrics::serve(
+        tokio::spawn(sluice::admin::serve(
             listener,
-            self.server.metrics(),
+            self.server.clone(),
             self.stop.clone(),
         ));
         addr

@@ -17,7 +17,7 @@
 //! - `upstream.rs`: stand-in upstreams (source, sink, echo, per-connection; a closure per
 //!   connection). `chaos.rs`: the faults (resets, early closes, stalls, refusals...).
 //! - `pattern.rs`: the verifiable byte stream. `units.rs`: sizes, rates and durations as
-//!   typed and printed. `pace.rs`: the token bucket that paces a connection.
+//!   typed and printed. `pacing.rs`: the token bucket that paces a connection.
 //! - `transfer.rs`: test data, hashes, chunked writes, slow reads. `addresses.rs`: loopback
 //!   addresses that refuse, blackhole, or stay reserved. `wait.rs`: `eventually`.
 
@@ -30,7 +30,7 @@ pub mod daemon;
 pub mod http;
 pub mod in_process;
 pub mod notify;
-pub mod pace;
+pub mod pacing;
 pub mod pattern;
 pub mod procfs;
 pub mod scrape;

@@ -1,8 +1,11 @@
-//! Sizes ("64KiB"), rates ("64KiB/s") and durations ("30s") as people type them on a
-//! command line, and sizes as people read them (`1.5 KiB`).
+//! Sizes ("64KiB"), rates ("64KiB/s") and durations ("30s"): parsed from the command line,
+//! printed for people.
 
 use std::fmt;
 use std::time::Duration;
+
+/// A kibibyte, for sizes written as multiples of it.
+pub const KIB: u64 = 1024;
 
 /// Parses a byte size: `4096`, `64KiB`, `1.5MiB`, `2GiB`, `8k` (pv style, 1024), `10MB` (1000).
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -82,6 +85,17 @@ pub fn format_bytes(n: u64) -> String {
         format!("{value:.0} {}", UNITS[unit])
     } else {
         format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A duration in seconds as µs, ms or s.
+pub fn format_secs(s: f64) -> String {
+    if s < 1e-3 {
+        format!("{:.0} µs", s * 1e6)
+    } else if s < 1.0 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::pace::TokenBucket;
+use crate::pacing::TokenBucket;
 use crate::pattern::{Pattern, Verifier};
 use crate::units::{Rate, format_bytes};
 

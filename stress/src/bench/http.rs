@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use tempfile::TempDir;
 
-use super::load::{HTTP_CONNS, Requests};
 use super::subjects;
+use super::traffic::{HTTP_CONNS, Requests};
 use super::upstreams::HTTP_BODY;
 use crate::proxy_process;
 

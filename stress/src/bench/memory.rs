@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow, ensure};
 
-use super::load;
 use super::subjects::{Profile, Running, Subject};
+use super::traffic;
 use super::upstreams::{Mode, Upstream};
 use crate::kernel_memory::{self, SocketMemory};
 
@@ -63,7 +63,7 @@ pub struct KernelFigure {
     pub peak: SocketMemory,
 }
 
-/// What a sampler saw: the highest RSS, KiB, and the fullest kernel reading.
+/// What a [`PeakSampler`] saw: the highest RSS, KiB, and the fullest kernel reading.
 struct Peaks {
     rss_kib: u64,
     kernel: Option<SocketMemory>,
@@ -71,13 +71,13 @@ struct Peaks {
 
 /// Samples a running subject's RSS (and, if asked, its sockets' kernel memory) on a plain
 /// thread, so a busy runtime cannot starve it, and keeps the highest values.
-struct Sampler {
+struct PeakSampler {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<Result<Peaks>>,
 }
 
-impl Sampler {
-    fn start(pids: Vec<u32>, read_kernel: bool) -> Sampler {
+impl PeakSampler {
+    fn start(pids: Vec<u32>, read_kernel: bool) -> PeakSampler {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
@@ -109,7 +109,7 @@ impl Sampler {
                 }
             })
         };
-        Sampler { stop, thread }
+        PeakSampler { stop, thread }
     }
 
     /// Take one last sample and return the peaks.
@@ -151,8 +151,8 @@ fn figure(conns: usize, start: u64, peaks: Peaks, bytes_read: Option<u64>) -> Me
 pub async fn idle(subject: &Subject, conns: usize, hold: Duration) -> Result<MemoryFigure> {
     let upstream = Upstream::start(Mode::Echo).await?;
     let (mut running, start) = fresh(subject, &upstream, Profile::Memory).await?;
-    let sampler = Sampler::start(running.pids(), false);
-    let streams = load::open_idle(running.addr, conns).await?;
+    let sampler = PeakSampler::start(running.pids(), false);
+    let streams = traffic::open_idle(running.addr, conns).await?;
     tokio::time::sleep(hold).await;
     let peaks = sampler.finish();
     drop(streams);
@@ -183,14 +183,14 @@ pub async fn slow_readers(
 ) -> Result<MemoryFigure> {
     let upstream = Upstream::start(Mode::Source).await?;
     let (mut running, start) = fresh(subject, &upstream, profile).await?;
-    let sampler = Sampler::start(running.pids(), read_kernel);
+    let sampler = PeakSampler::start(running.pids(), read_kernel);
     let SlowReaders {
         conns,
         rcvbuf,
         rate,
         duration,
     } = readers;
-    let report = load::slow_readers(running.addr, conns, rcvbuf, rate, duration).await;
+    let report = traffic::slow_readers(running.addr, conns, rcvbuf, rate, duration).await;
     let peaks = tokio::task::block_in_place(|| sampler.finish());
     let report = report?;
     drop(report.streams);

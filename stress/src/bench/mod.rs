@@ -4,9 +4,10 @@
 //! # Layout
 //! - `subjects.rs`: what is measured; generated configs, start-up on free loopback ports,
 //!   process-tree RSS, stopping.
-//! - `relay.rs`: the copy_bidirectional relay, served from a child process (hidden flag).
+//! - `copy_bidirectional.rs`: tokio's copy_bidirectional as a relay, served from a child
+//!   process (hidden flag); not the daemon's `relay.rs`.
 //! - `upstreams.rs`: in-process sink, echo and source upstreams.
-//! - `load.rs`: the traffic: streams, ping-pong, connection churn, HTTP requests (built-in
+//! - `traffic.rs`: the traffic: streams, ping-pong, connection churn, HTTP requests (built-in
 //!   client), idle conns, slow readers; each speed case reads the subject's CPU time.
 //! - `iperf.rs`: iperf3 through the proxy for the one-stream figure.
 //! - `http.rs`: wrk through the proxy to a real nginx for the request/response figure.
@@ -19,14 +20,14 @@
 //! subjects every round, so slow drift of a shared machine spreads over all of them; the
 //! figures quoted are medians of the rounds.
 
+mod copy_bidirectional;
 pub mod cpu;
 mod http;
 mod iperf;
-mod load;
 mod memory;
-mod relay;
 mod report;
 mod subjects;
+mod traffic;
 mod upstreams;
 
 use std::future::Future;
@@ -81,7 +82,7 @@ pub struct BenchArgs {
     pub serve_copy_bidirectional: Option<SocketAddr>,
 
     /// Internal: per-direction buffer of the copy_bidirectional relay, bytes.
-    #[arg(long, hide = true, default_value_t = relay::TOKIO_DEFAULT_BUFFER)]
+    #[arg(long, hide = true, default_value_t = copy_bidirectional::TOKIO_DEFAULT_BUFFER)]
     pub relay_buffer: usize,
 }
 
@@ -188,7 +189,7 @@ impl HttpCase {
                     "{version} (`wrk -t{} -c{} --latency`) against nginx (HTTP, worker_processes \
                      {}, keep-alive, access_log off) serving a 1 KiB file",
                     http::WRK_THREADS,
-                    load::HTTP_CONNS,
+                    traffic::HTTP_CONNS,
                     http::NGINX_WORKERS
                 ),
             ),
@@ -203,7 +204,7 @@ impl HttpCase {
 /// Run `sluice-stress bench` (or, with the hidden flag, the copy_bidirectional relay).
 pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(upstream) = args.serve_copy_bidirectional {
-        return relay::serve(upstream, args.relay_buffer);
+        return copy_bidirectional::serve(upstream, args.relay_buffer);
     }
     // A runtime of our own on a thread of our own: this works whether or not the caller's
     // main already runs inside a tokio runtime. Two workers, like every subject.
@@ -222,6 +223,55 @@ pub fn run(args: BenchArgs) -> Result<()> {
 async fn bench(args: BenchArgs) -> Result<()> {
     let machine = Machine::here();
     let plan = Plan::new(&args);
+    let (subjects, skipped) = discover(&args)?;
+    let iperf_server = match plan.iperf_seconds {
+        Some(_) => Some(iperf::Server::start()?),
+        None => None,
+    };
+    let (http_case, http_tool) = tokio::task::block_in_place(|| HttpCase::choose(&args));
+    let read_kernel = kernel_memory::ss_available()?;
+
+    let mut results: Vec<SubjectResult> = subjects
+        .iter()
+        .map(|s| SubjectResult {
+            id: s.kind.id(),
+            name: s.label(),
+            version: s.version.clone(),
+            config: s.config_note(),
+            ..SubjectResult::default()
+        })
+        .collect();
+    for (round, i) in rotation(plan.repeats, subjects.len()) {
+        let (subject, result) = (&subjects[i], &mut results[i]);
+        let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
+        let iperf = iperf_server.as_ref();
+        speed_round(subject, result, &plan, iperf, &http_case, &tag).await;
+    }
+    memory_rounds(&subjects, &mut results, &plan, read_kernel).await;
+    drop(iperf_server);
+    let http_seconds = match http_case {
+        HttpCase::Wrk(_) => f64::from(plan.http_seconds()),
+        HttpCase::Own => plan.http.as_secs_f64(),
+    };
+    tokio::task::block_in_place(|| drop(http_case));
+
+    let report = Report {
+        command: command_line(),
+        quick: args.quick,
+        machine: Machine {
+            load_after: report::load_average(),
+            ..machine
+        },
+        settings: settings(&args, &plan, http_tool, http_seconds, read_kernel),
+        subjects: results,
+        skipped,
+    };
+    publish(&report, args.json.as_deref())
+}
+
+/// The subjects to measure and those skipped (said on stderr), with a note when this is
+/// a debug build.
+fn discover(args: &BenchArgs) -> Result<(Vec<Subject>, Vec<subjects::Skipped>)> {
     let (subjects, skipped) = subjects::discover(args.sluice.as_deref(), &args.only)?;
     if subjects.is_empty() {
         bail!("no subject to measure");
@@ -238,10 +288,62 @@ async fn bench(args: BenchArgs) -> Result<()> {
     for s in &skipped {
         eprintln!("skipping {}: {}", s.id, s.reason);
     }
-    let iperf_server = match plan.iperf_seconds {
-        Some(_) => Some(iperf::Server::start()?),
-        None => None,
-    };
+    Ok((subjects, skipped))
+}
+
+/// Every round's subjects in turn, the first one moving on each round, so slow drift of a
+/// shared machine spreads over all of them: (round, subject index).
+fn rotation(repeats: usize, subjects: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..repeats).flat_map(move |round| (0..subjects).map(move |k| (round, (k + round) % subjects)))
+}
+
+/// Memory: a fresh process per measurement, the same rotation, medians again; every
+/// round of one test before the next. The last is what a slow reader costs the machine:
+/// the same readers, every subject as shipped, its RSS and the kernel memory in its
+/// sockets.
+async fn memory_rounds(
+    subjects: &[Subject],
+    results: &mut [SubjectResult],
+    plan: &Plan,
+    read_kernel: bool,
+) {
+    for test in [
+        MemoryTest::Idle,
+        MemoryTest::SlowReader,
+        MemoryTest::SlowReaderCost,
+    ] {
+        for (round, i) in rotation(plan.repeats, subjects.len()) {
+            let (subject, result) = (&subjects[i], &mut results[i]);
+            if !subject.kind.has_process() {
+                continue;
+            }
+            let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
+            let measured = test.measure(subject, plan, read_kernel).await;
+            record_memory(result, &tag, test, measured);
+        }
+    }
+    for result in results {
+        result.slow_reader_cost = report::median_run(&result.slow_reader_cost_runs);
+    }
+}
+
+/// This command line, as run.
+fn command_line() -> String {
+    std::env::args()
+        .enumerate()
+        .map(|(i, a)| if i == 0 { "sluice-stress".into() } else { a })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// How the run was set up, for the report.
+fn settings(
+    args: &BenchArgs,
+    plan: &Plan,
+    http_tool: String,
+    http_seconds: f64,
+    read_kernel: bool,
+) -> Settings {
     let throughput_1_tool = match (plan.iperf_seconds, iperf::version()) {
         (Some(secs), Some(version)) => {
             format!("{version} (`iperf3 -c -t {secs}`)")
@@ -250,127 +352,43 @@ async fn bench(args: BenchArgs) -> Result<()> {
         _ if args.no_iperf3 => "sluice-stress (--no-iperf3)".into(),
         _ => "sluice-stress (iperf3 is not installed)".into(),
     };
-
-    let (http_case, http_tool) = tokio::task::block_in_place(|| HttpCase::choose(&args));
-    let read_kernel = kernel_memory::ss_available()?;
-
-    let mut results: Vec<SubjectResult> = subjects
-        .iter()
-        .map(|s| SubjectResult {
-            id: s.kind.id(),
-            name: s.label(),
-            version: s.version.clone(),
-            config: s.config_note(),
-            ..SubjectResult::default()
-        })
-        .collect();
-
-    let n = subjects.len();
-    for round in 0..plan.repeats {
-        for k in 0..n {
-            let i = (k + round) % n;
-            let (subject, result) = (&subjects[i], &mut results[i]);
-            let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
-            speed_round(
-                subject,
-                result,
-                &plan,
-                iperf_server.as_ref(),
-                &http_case,
-                &tag,
-            )
-            .await;
-        }
-    }
-    // Memory: a fresh process per measurement, the same rotation, medians again; every
-    // round of one test before the next. The last is what a slow reader costs the
-    // machine: the same readers, every subject as shipped, its RSS and the kernel memory
-    // in its sockets.
-    for test in [
-        MemoryTest::Idle,
-        MemoryTest::SlowReader,
-        MemoryTest::SlowReaderCost,
-    ] {
-        for round in 0..plan.repeats {
-            for k in 0..n {
-                let i = (k + round) % n;
-                let (subject, result) = (&subjects[i], &mut results[i]);
-                if !subject.kind.has_process() {
-                    continue;
-                }
-                let tag = format!("[{}/{}] {}", round + 1, plan.repeats, subject.kind.id());
-                let readers = plan.slow_readers();
-                let measured = match test {
-                    MemoryTest::Idle => {
-                        memory::idle(subject, plan.idle_conns, plan.idle_hold).await
-                    }
-                    MemoryTest::SlowReader => {
-                        memory::slow_readers(subject, Profile::Memory, readers, read_kernel).await
-                    }
-                    MemoryTest::SlowReaderCost => {
-                        memory::slow_readers(subject, Profile::Shipped, readers, read_kernel).await
-                    }
-                };
-                record_memory(result, &tag, test, measured);
-            }
-        }
-    }
-    for result in &mut results {
-        result.slow_reader_cost = report::median_run(&result.slow_reader_cost_runs);
-    }
-    drop(iperf_server);
-    let http_seconds = match http_case {
-        HttpCase::Wrk(_) => f64::from(plan.http_seconds()),
-        HttpCase::Own => plan.http.as_secs_f64(),
+    let kernel_memory_tool = if read_kernel {
+        format!(
+            "`ss {}` ({}): skmem r + w of the sockets in the subject's /proc/PID/fd",
+            kernel_memory::SS_ARGS.join(" "),
+            kernel_memory::ss_version().unwrap_or_else(|| "ss".into())
+        )
+    } else {
+        "not measured: ss (iproute2) is not installed".into()
     };
-    tokio::task::block_in_place(|| drop(http_case));
+    Settings {
+        repeats: plan.repeats,
+        throughput_1_tool,
+        throughput_seconds: plan
+            .iperf_seconds
+            .map_or(plan.window.as_secs_f64(), f64::from),
+        latency_seconds: plan.latency.as_secs_f64(),
+        connect_seconds: plan.connect.as_secs_f64(),
+        connect_concurrency: traffic::CONNECT_CONCURRENCY,
+        http_tool,
+        http_seconds,
+        http_conns: traffic::HTTP_CONNS,
+        clock_ticks_per_sec: cpu::ticks_per_second(),
+        idle_conns: plan.idle_conns,
+        slow_readers: plan.slow_readers,
+        slow_reader_rate_bytes_per_sec: SLOW_RATE,
+        slow_reader_rcvbuf_bytes: SLOW_RCVBUF,
+        slow_reader_seconds: plan.slow_duration.as_secs_f64(),
+        memory_buffer_bytes: subjects::MEMORY_BUFFER,
+        kernel_memory_tool,
+    }
+}
 
-    let report = Report {
-        command: std::env::args()
-            .enumerate()
-            .map(|(i, a)| if i == 0 { "sluice-stress".into() } else { a })
-            .collect::<Vec<_>>()
-            .join(" "),
-        quick: args.quick,
-        machine: Machine {
-            load_after: report::load_average(),
-            ..machine
-        },
-        settings: Settings {
-            repeats: plan.repeats,
-            throughput_1_tool,
-            throughput_seconds: plan
-                .iperf_seconds
-                .map_or(plan.window.as_secs_f64(), f64::from),
-            latency_seconds: plan.latency.as_secs_f64(),
-            connect_seconds: plan.connect.as_secs_f64(),
-            connect_concurrency: load::CONNECT_CONCURRENCY,
-            http_tool,
-            http_seconds,
-            http_conns: load::HTTP_CONNS,
-            clock_ticks_per_sec: cpu::ticks_per_second(),
-            idle_conns: plan.idle_conns,
-            slow_readers: plan.slow_readers,
-            slow_reader_rate_bytes_per_sec: SLOW_RATE,
-            slow_reader_rcvbuf_bytes: SLOW_RCVBUF,
-            slow_reader_seconds: plan.slow_duration.as_secs_f64(),
-            memory_buffer_bytes: subjects::MEMORY_BUFFER,
-            kernel_memory_tool: if read_kernel {
-                format!(
-                    "`ss {}` ({}): skmem r + w of the sockets in the subject's /proc/PID/fd",
-                    kernel_memory::SS_ARGS.join(" "),
-                    kernel_memory::ss_version().unwrap_or_else(|| "ss".into())
-                )
-            } else {
-                "not measured: ss (iproute2) is not installed".into()
-            },
-        },
-        subjects: results,
-        skipped,
-    };
+/// Prints the table, writes the JSON when asked; fails when a measurement did.
+fn publish(report: &Report, json: Option<&std::path::Path>) -> Result<()> {
     print!("{}", report.markdown());
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = json {
+        let json = serde_json::to_string_pretty(report)?;
         std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
     let errors: usize = report.subjects.iter().map(|r| r.errors.len()).sum();
@@ -407,7 +425,8 @@ struct Stream {
 async fn own_streams(subject: &Subject, streams: usize, plan: &Plan) -> Result<Stream> {
     let sink = Upstream::start(Mode::Sink).await?;
     with_subject(subject, sink.addr, |target, meter| async move {
-        let s = load::throughput(target, &sink, streams, plan.warmup, plan.window, &meter).await?;
+        let s =
+            traffic::throughput(target, &sink, streams, plan.warmup, plan.window, &meter).await?;
         Ok(Stream {
             gbps: s.gbps,
             cpu_per_gb: cpu::cost(&meter, s.cpu_seconds, s.bytes as f64, 1e9),
@@ -428,7 +447,11 @@ async fn iperf_stream(subject: &Subject, server: &iperf::Server, secs: u32) -> R
     .await
 }
 
-async fn http_requests(subject: &Subject, case: &HttpCase, plan: &Plan) -> Result<load::Requests> {
+async fn http_requests(
+    subject: &Subject,
+    case: &HttpCase,
+    plan: &Plan,
+) -> Result<traffic::Requests> {
     match case {
         HttpCase::Wrk(nginx) => {
             let secs = plan.http_seconds();
@@ -437,7 +460,7 @@ async fn http_requests(subject: &Subject, case: &HttpCase, plan: &Plan) -> Resul
         HttpCase::Own => {
             let upstream = Upstream::start(Mode::Http).await?;
             with_subject(subject, upstream.addr, |target, _| {
-                load::http_requests(target, plan.http)
+                traffic::http_requests(target, plan.http)
             })
             .await
         }
@@ -471,6 +494,25 @@ enum MemoryTest {
 }
 
 impl MemoryTest {
+    /// Measures `subject` on a fresh process.
+    async fn measure(
+        self,
+        subject: &Subject,
+        plan: &Plan,
+        read_kernel: bool,
+    ) -> Result<MemoryFigure> {
+        let readers = plan.slow_readers();
+        match self {
+            MemoryTest::Idle => memory::idle(subject, plan.idle_conns, plan.idle_hold).await,
+            MemoryTest::SlowReader => {
+                memory::slow_readers(subject, Profile::Memory, readers, read_kernel).await
+            }
+            MemoryTest::SlowReaderCost => {
+                memory::slow_readers(subject, Profile::Shipped, readers, read_kernel).await
+            }
+        }
+    }
+
     /// What the figure is, in progress lines and failures.
     fn what(self) -> &'static str {
         match self {
@@ -564,6 +606,22 @@ async fn speed_round(
     http_case: &HttpCase,
     tag: &str,
 ) {
+    one_stream_round(subject, result, plan, iperf_server, tag).await;
+    let eight = own_streams(subject, 8, plan).await.map(|s| s.gbps);
+    record(result, tag, "8 streams Gbit/s", Slot::Throughput8, eight);
+    latency_round(subject, result, plan, tag).await;
+    http_round(subject, result, plan, http_case, tag).await;
+    churn_round(subject, result, plan, tag).await;
+}
+
+/// One stream's Gbit/s (iperf3 when there) and its CPU cost.
+async fn one_stream_round(
+    subject: &Subject,
+    result: &mut SubjectResult,
+    plan: &Plan,
+    iperf_server: Option<&iperf::Server>,
+    tag: &str,
+) {
     let one = match (iperf_server, plan.iperf_seconds) {
         (Some(server), Some(secs)) => iperf_stream(subject, server, secs).await,
         _ => own_streams(subject, 1, plan).await,
@@ -582,9 +640,10 @@ async fn speed_round(
         }
         Err(e) => failed(result, "1 stream Gbit/s", &e),
     }
-    let eight = own_streams(subject, 8, plan).await.map(|s| s.gbps);
-    record(result, tag, "8 streams Gbit/s", Slot::Throughput8, eight);
+}
 
+/// Ping-pong round-trip times over 1 and 64 connections, and the CPU cost of the latter.
+async fn latency_round(subject: &Subject, result: &mut SubjectResult, plan: &Plan, tag: &str) {
     for (conns, p50, p99) in [
         (1, Slot::Latency1P50, Slot::Latency1P99),
         (64, Slot::Latency64P50, Slot::Latency64P99),
@@ -592,7 +651,7 @@ async fn speed_round(
         let measured = async {
             let echo = Upstream::start(Mode::Echo).await?;
             with_subject(subject, echo.addr, |target, meter| async move {
-                let pings = load::latency(target, conns, plan.latency, &meter).await?;
+                let pings = traffic::latency(target, conns, plan.latency, &meter).await?;
                 let cost = cpu::cost(&meter, pings.cpu_seconds, pings.round_trips as f64, 1e5);
                 Ok((pings.samples, cost))
             })
@@ -613,7 +672,16 @@ async fn speed_round(
             Err(e) => failed(result, &what, &e),
         }
     }
+}
 
+/// HTTP keep-alive requests per second and their latency.
+async fn http_round(
+    subject: &Subject,
+    result: &mut SubjectResult,
+    plan: &Plan,
+    http_case: &HttpCase,
+    tag: &str,
+) {
     match http_requests(subject, http_case, plan).await {
         Ok(r) => {
             record(result, tag, "HTTP req/s", Slot::HttpRate, Ok(r.per_sec));
@@ -622,11 +690,14 @@ async fn speed_round(
         }
         Err(e) => failed(result, "HTTP req/s", &e),
     }
+}
 
+/// Connections per second, and the CPU cost of each.
+async fn churn_round(subject: &Subject, result: &mut SubjectResult, plan: &Plan, tag: &str) {
     let churn = async {
         let greeter = Upstream::start(Mode::Greet).await?;
         with_subject(subject, greeter.addr, |target, meter| async move {
-            let churn = load::connect_rate(target, plan.connect, &meter).await?;
+            let churn = traffic::connect_rate(target, plan.connect, &meter).await?;
             let cost = cpu::cost(&meter, churn.cpu_seconds, churn.conns as f64, 1e4);
             Ok((churn.per_sec, cost))
         })

@@ -229,9 +229,19 @@ fn whole(s: &Option<Series>) -> String {
 impl Report {
     /// The table and the notes that say how each column was measured.
     pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        self.machine_line(&mut out);
+        self.table(&mut out);
+        self.notes(&mut out);
+        self.runs_configs_and_errors(&mut out);
+        self.slow_reader_cost(&mut out);
+        out
+    }
+
+    /// The machine, its load, and how the figures were taken.
+    fn machine_line(&self, out: &mut String) {
         let m = &self.machine;
         let s = &self.settings;
-        let mut out = String::new();
         let _ = writeln!(
             out,
             "Machine: CPU {}, {} cores available; kernel Linux {}; {} GiB RAM; loopback; load \
@@ -253,6 +263,10 @@ impl Report {
                 ""
             },
         );
+    }
+
+    /// The speed and memory table, a row per subject.
+    fn table(&self, out: &mut String) {
         out.push_str(
             "| subject | 1 stream Gbit/s | CPU s/GB, 1 stream | 8 streams Gbit/s \
              | RTT p50 / p99 µs, 1 conn | RTT p50 / p99 µs, 64 conns \
@@ -280,6 +294,11 @@ impl Report {
                 kib(&r.slow_reader_kib_per_conn, has_process),
             );
         }
+    }
+
+    /// How each column was measured.
+    fn notes(&self, out: &mut String) {
+        let s = &self.settings;
         let _ = writeln!(
             out,
             "\n- 1 stream: {}, {} s, client → proxy → server. 8 streams: sluice-stress, 8 \
@@ -331,6 +350,11 @@ impl Report {
             s.slow_reader_rate_bytes_per_sec / 1024.0,
             s.slow_reader_seconds
         );
+    }
+
+    /// Every run of the 1-stream figure, each subject's config, the skipped and the errors.
+    fn runs_configs_and_errors(&self, out: &mut String) {
+        let s = &self.settings;
         if s.repeats > 1 {
             let runs: Vec<String> = self
                 .subjects
@@ -354,8 +378,6 @@ impl Report {
                 let _ = writeln!(out, "- Error, {}: {}", r.name, e);
             }
         }
-        self.slow_reader_cost(&mut out);
-        out
     }
 
     /// The second table: RSS and kernel memory per slow reader, every subject as shipped.

@@ -194,7 +194,7 @@ impl Subject {
 
     fn launch_copy_bidirectional(&self, upstream: SocketAddr, profile: Profile) -> Result<Running> {
         let buffer = match profile {
-            Profile::Defaults | Profile::Shipped => super::relay::TOKIO_DEFAULT_BUFFER,
+            Profile::Defaults | Profile::Shipped => super::copy_bidirectional::TOKIO_DEFAULT_BUFFER,
             Profile::Memory => MEMORY_BUFFER,
         };
         let mut command = Command::new(&self.exe);

@@ -27,24 +27,21 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::ValueEnum;
 use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::args::{Policy, ScenarioArgs, ScenarioName};
+use super::report::{Chart, Report, RunReport, Target, UpstreamSummary};
 use crate::UsageError;
-use crate::budget::{Target, secs};
 use crate::clients::{self, ClientMode, ClientSpec, ConnResult, LiveStats, Percentiles};
 use crate::pattern::word;
-use crate::proxy_process::{DIRECTIONS, Metrics, ProxyProcess, ServiceConfig};
-use crate::rate::{Rate, format_bytes};
-use crate::scenario::{
-    Report, RunReport, RunSummary, Sampler, ScenarioArgs, ScenarioName, UpstreamSummary, Workload,
-    write_report,
-};
+use crate::proxy_process::{DIRECTIONS, Metrics, ServiceConfig};
+use crate::proxy_sampler::KernelMemory;
+use crate::rig::{Proxy, Rig, STOP_GRACE, Workload, upstream_spec};
+use crate::units::{KIB, Rate, format_bytes, format_secs as secs};
 use crate::upstream::{LocalUpstream, UpstreamMode, UpstreamSpec};
 
-const KIB: u64 = 1024;
 /// The slow server's read rate, per connection.
 pub const SLOW_RATE: Rate = Rate(64 * KIB);
 /// SO_RCVBUF of every server and SO_SNDBUF of every client: small, so a slow server's
@@ -56,8 +53,6 @@ const SERVERS: [(&str, bool); 3] = [("fast-1", false), ("fast-2", false), ("slow
 const SERVICE: &str = "balance";
 /// How long a client may wait for its server's close before it counts as failed.
 const COMPLETION_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long sluice may take to exit after SIGTERM (its generated shutdown_grace is 2 s).
-const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Target 1: with least_queued the slow server's share may be at most this fraction of
 /// its round_robin share.
 const SHARE_FACTOR: f64 = 1.0 / 3.0;
@@ -70,29 +65,6 @@ const SLUICE_QUEUED: &str = "sluice_server_queued_bytes";
 /// How often the servers' live connections and sluice's gauges are read.
 const OBSERVE_EVERY: Duration = Duration::from_millis(250);
 
-/// A `balance` policy of a `[[service]]`, named as in the config file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Policy {
-    #[value(name = "round_robin")]
-    RoundRobin,
-    #[value(name = "least_connections")]
-    LeastConnections,
-    #[value(name = "least_queued")]
-    LeastQueued,
-}
-
-impl Policy {
-    /// The config file's value.
-    pub fn as_config(self) -> &'static str {
-        match self {
-            Policy::RoundRobin => "round_robin",
-            Policy::LeastConnections => "least_connections",
-            Policy::LeastQueued => "least_queued",
-        }
-    }
-}
-
 /// The fast servers (`upstream`; the slow one adds [`SLOW_RATE`]) and the clients, each
 /// uploading `upload` bytes at `rate` (or as fast as it can).
 pub fn workload(conns: usize, upload: u64, rate: Option<Rate>) -> Workload {
@@ -103,11 +75,8 @@ pub fn workload(conns: usize, upload: u64, rate: Option<Rate>) -> Workload {
             rate.map_or(String::new(), |r| format!(" at {r}")),
         ),
         upstream: UpstreamSpec {
-            mode: UpstreamMode::Sink,
-            rate: None,
-            bytes: None,
             rcvbuf: Some(SOCKET_BUFFER),
-            sndbuf: None,
+            ..upstream_spec(UpstreamMode::Sink)
         },
         clients: vec![
             ClientSpec {
@@ -276,19 +245,10 @@ pub async fn run(args: &ScenarioArgs) -> Result<()> {
         targets: targets(&balance_runs),
         runs: balance_runs,
     };
-    let report = Report {
-        scenario: ScenarioName::Balance,
-        description,
-        conns,
-        duration_secs: duration.as_secs_f64(),
-        runs,
-    };
-    // No chart: render_svg labels its runs sluice and the unbounded baseline, not policies.
+    let report = Report::new(ScenarioName::Balance, description, conns, duration, runs);
     let section = ("balance", serde_json::to_value(&balance)?);
-    let wrote = write_report(&args.out, &report, Some(section), None)?;
-    for r in &report.runs {
-        crate::scenario::print_run(r);
-    }
+    let wrote = report.write(&args.out, Some(section), Chart::Skip)?;
+    report.print_runs();
     balance.print();
     println!("wrote {wrote}");
     check(&balance.runs)
@@ -327,48 +287,26 @@ async fn run_policy(
     schedule: &[Duration],
 ) -> Result<(RunReport, PolicyRun)> {
     let servers = start_servers(wl)?;
-    let mut config = args.proxy_config(servers[0].addr);
+    let mut config = args.proxy_config();
     config.services = vec![ServiceConfig {
         name: SERVICE.to_string(),
         servers: servers.iter().map(|s| s.addr).collect(),
         balance: policy.as_config(),
     }];
     // Spawned from the main thread (see proxy_process).
-    let mut proxy = ProxyProcess::spawn_sluice(&config)?;
-    let sampler = Sampler::start_with(&proxy, false)?;
+    let mut rig = Rig::in_front_of(servers, Proxy::Sluice(config), KernelMemory::Skip)?;
     let label = policy.as_config();
-    let (results, peaks) = drive(&mut proxy, &wl.clients[0], schedule, &servers, label).await;
-    let metrics = proxy.scrape().ok();
-    let (samples, sample_errors) = sampler.finish();
-    let mut seen = Vec::with_capacity(servers.len());
-    for server in servers {
-        seen.push((server.addr, UpstreamSummary::of(&server.stats)));
-        server.stop().await;
-    }
-    let exit = proxy.stop(STOP_GRACE)?;
-    let summary = RunSummary::of(
-        &samples,
-        Some((config.client_to_upstream, config.upstream_to_client)),
-        results.len() as u64,
-        clients::summarize(&wl.clients, &results),
-        combined(seen.iter().map(|s| &s.1)),
-        exit.to_string(),
-        sample_errors,
-    );
-    let shares = server_shares(&seen, &peaks, metrics.as_ref());
-    let balance = policy_run(
-        policy,
-        shares,
-        &results,
-        &summary,
-        args.upload,
-        exit.success(),
-    );
-    let run = RunReport {
-        proxy: label.to_string(),
-        summary,
-        samples,
-    };
+    let (results, peaks) = drive(&mut rig, &wl.clients[0], schedule, label).await;
+    let stopped = rig.stop(STOP_GRACE).await?;
+    let seen: Vec<_> = (stopped.upstreams.iter())
+        .map(|(addr, stats)| (*addr, UpstreamSummary::of(stats)))
+        .collect();
+    let shares = server_shares(&seen, &peaks, stopped.metrics.as_ref());
+    let proxy_ok = stopped.exit.success();
+    let clients = clients::summarize(&wl.clients, &results);
+    let mut run = RunReport::of(stopped, results.len() as u64, clients);
+    run.proxy = label.to_string();
+    let balance = policy_run(policy, shares, &results, &run, args.upload, proxy_ok);
     Ok((run, balance))
 }
 
@@ -389,13 +327,12 @@ fn start_servers(wl: &Workload) -> Result<Vec<LocalUpstream>> {
 /// Starts each client at its arrival time and waits for all of them, with a progress
 /// line; returns their results in arrival order and each server's highs.
 async fn drive(
-    proxy: &mut ProxyProcess,
+    rig: &mut Rig,
     spec: &ClientSpec,
     schedule: &[Duration],
-    servers: &[LocalUpstream],
     label: &str,
 ) -> (Vec<ConnResult>, Vec<Peak>) {
-    let target = proxy.listen_addr();
+    let target = rig.proxy().listen_addr();
     let (stop, live) = (CancellationToken::new(), Arc::new(LiveStats::default()));
     let start = Instant::now();
     let tasks: Vec<_> = schedule
@@ -410,15 +347,16 @@ async fn drive(
         .collect();
     let last = schedule.last().copied().unwrap_or_default();
     let bar = crate::progress::bar(Some(last));
-    let mut peaks = vec![Peak::default(); servers.len()];
+    let mut peaks = vec![Peak::default(); rig.upstreams().len()];
     let mut tick = tokio::time::interval(OBSERVE_EVERY);
     while !tasks.iter().all(|t| t.is_finished()) {
         tick.tick().await;
-        if proxy.try_exited().is_some() {
+        if rig.proxy_mut().try_exited().is_some() {
             stop.cancel();
         }
         // A loopback scrape takes about a millisecond; this runtime has other threads.
-        let metrics = proxy.scrape().ok();
+        let metrics = rig.proxy().scrape().ok();
+        let servers = rig.upstreams();
         for (peak, server) in peaks.iter_mut().zip(servers) {
             peak.observe(server, metrics.as_ref());
         }
@@ -469,20 +407,6 @@ async fn upload(
     }
 }
 
-/// The three servers' counters as one upstream's, for the run's summary.
-fn combined<'a>(parts: impl Iterator<Item = &'a UpstreamSummary>) -> UpstreamSummary {
-    parts.fold(UpstreamSummary::default(), |mut all, s| {
-        all.accepted += s.accepted;
-        all.completed += s.completed;
-        all.bytes_in += s.bytes_in;
-        all.bytes_out += s.bytes_out;
-        all.bytes_verified += s.bytes_verified;
-        all.errors += s.errors;
-        all.error_samples.extend(s.error_samples.iter().cloned());
-        all
-    })
-}
-
 /// Each server's share, from what it saw, and sluice's own count where it has one.
 fn server_shares(
     seen: &[(std::net::SocketAddr, UpstreamSummary)],
@@ -523,10 +447,11 @@ fn policy_run(
     policy: Policy,
     servers: Vec<ServerShare>,
     results: &[ConnResult],
-    summary: &RunSummary,
+    run: &RunReport,
     upload: u64,
     proxy_ok: bool,
 ) -> PolicyRun {
+    let summary = &run.summary;
     let times = results
         .iter()
         .filter(|r| r.completed && r.error.is_none())

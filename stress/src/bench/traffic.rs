@@ -47,8 +47,8 @@ pub struct Streamed {
     pub cpu_seconds: f64,
 }
 
-/// Ping-pong figures.
-pub struct PingPong {
+/// Ping-pong figures: round-trip times and what they cost.
+pub struct RoundTrips {
     /// Round-trip times after each connection's warm-up, microseconds, sorted.
     pub samples: Vec<f64>,
     /// Every round trip completed, warm-up included (what the CPU time paid for).
@@ -123,7 +123,7 @@ pub async fn latency(
     conns: usize,
     duration: Duration,
     cpu: &CpuMeter,
-) -> Result<PingPong> {
+) -> Result<RoundTrips> {
     let mut streams = Vec::with_capacity(conns);
     for _ in 0..conns {
         streams.push(connect(target).await?);
@@ -163,7 +163,7 @@ pub async fn latency(
     let cpu_seconds = cpu.seconds() - cpu_before;
     ensure!(!all.is_empty(), "no round trip completed");
     all.sort_by(f64::total_cmp);
-    Ok(PingPong {
+    Ok(RoundTrips {
         samples: all,
         round_trips,
         cpu_seconds,
