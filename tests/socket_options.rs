@@ -52,16 +52,13 @@ async fn relayed(tweak: impl FnOnce(&mut Config)) -> (SluiceSockets, Proxy, TcpS
 /// The TCP socket of this process with these local and peer addresses, as a duplicate
 /// of its descriptor (so it stays open however the proxy's task goes on).
 fn find_socket(local: SocketAddr, peer: SocketAddr) -> Socket {
-    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
-        let Some(fd) = entry
-            .ok()
-            .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    let sockets = sluice_testkit::procfs::descriptors(std::process::id())
+        .into_iter()
+        .filter(|(_, target)| target.to_string_lossy().starts_with("socket:"));
+    for (fd, _) in sockets {
         // SAFETY: fcntl only duplicates the descriptor; a number that was closed since
         // the listing fails with EBADF, and one reused since is told apart by address.
-        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        let dup = unsafe { libc::fcntl(fd as i32, libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {
             continue;
         }

@@ -13,11 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Pipe descriptors this process has open, as the kernel sees them.
 fn pipe_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|target| target.to_string_lossy().starts_with("pipe:"))
-        .count()
+    sluice_testkit::procfs::open_of_kind(std::process::id(), "pipe:")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,13 +127,7 @@ pub fn sum_for(table: &[(u64, Skmem)], inodes: &HashSet<u64>) -> SocketMemory {
 pub fn socket_inodes(pids: &[u32]) -> HashSet<u64> {
     let mut inodes = HashSet::new();
     for pid in pids {
-        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(target) = std::fs::read_link(entry.path()) else {
-                continue;
-            };
+        for (_, target) in sluice_testkit::procfs::descriptors(*pid) {
             let inode = target
                 .to_str()
                 .and_then(|t| t.strip_prefix("socket:["))

@@ -46,9 +46,15 @@ pub fn descriptors(pid: u32) -> Vec<(u32, PathBuf)> {
 /// How many of process `pid`'s descriptors are sockets: a leaked connection is a leaked
 /// socket, while other descriptors come and go (sluice reads /proc itself).
 pub fn open_sockets(pid: u32) -> usize {
+    open_of_kind(pid, "socket:")
+}
+
+/// How many of process `pid`'s descriptors point to something whose name starts with
+/// `kind` (`socket:`, `pipe:`, a path).
+pub fn open_of_kind(pid: u32, kind: &str) -> usize {
     descriptors(pid)
         .iter()
-        .filter(|(_, target)| target.to_string_lossy().starts_with("socket:"))
+        .filter(|(_, target)| target.to_string_lossy().starts_with(kind))
         .count()
 }
 
