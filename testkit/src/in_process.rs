@@ -48,16 +48,6 @@ impl Proxy {
         Proxy::start_config(c).await
     }
 
-    /// Starts a proxy on a whole configuration file's text (metrics on a free port
-    /// unless it says otherwise).
-    pub async fn start_text(text: &str) -> Proxy {
-        let mut c = Config::parse(text, "test").expect("test config parses");
-        if !text.contains("[metrics]") {
-            c.metrics.address = crate::config::ANY_PORT.into();
-        }
-        Proxy::start_config(c).await
-    }
-
     /// Starts a proxy on `c`; `addr` is its first service's address.
     pub async fn start_config(c: Config) -> Proxy {
         c.validate("test", None).expect("test config is valid");
