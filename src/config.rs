@@ -272,10 +272,18 @@ pub struct Upstream {
 #[serde(deny_unknown_fields)]
 pub struct Buffer {
     /// Most bytes held for one connection on their way from the client to the upstream.
-    #[serde(default = "default_buffer", deserialize_with = "size")]
+    #[serde(
+        default = "default_buffer",
+        deserialize_with = "size",
+        serialize_with = "write_size"
+    )]
     pub client_to_upstream: ByteSize,
     /// Most bytes held for one connection on their way from the upstream to the client.
-    #[serde(default = "default_buffer", deserialize_with = "size")]
+    #[serde(
+        default = "default_buffer",
+        deserialize_with = "size",
+        serialize_with = "write_size"
+    )]
     pub upstream_to_client: ByteSize,
     /// A paused direction reads again once its queue has fallen to this fraction of the
     /// bound: the hysteresis keeps a slow reader from costing a wake-up per segment.
@@ -283,7 +291,7 @@ pub struct Buffer {
     pub resume_at: f64,
     /// Most buffer memory all connections together may hold (see `budget.rs`); 0 means
     /// no such limit, only the per-connection bounds.
-    #[serde(default, deserialize_with = "size")]
+    #[serde(default, deserialize_with = "size", serialize_with = "write_size")]
     pub total: ByteSize,
 }
 
@@ -314,22 +322,26 @@ pub enum RelayMode {
 #[serde(deny_unknown_fields)]
 pub struct SocketOptions {
     /// SO_RCVBUF on client sockets; 0 keeps the kernel's autotuning.
-    #[serde(default, deserialize_with = "size")]
+    #[serde(default, deserialize_with = "size", serialize_with = "write_size")]
     pub client_recv_buffer: ByteSize,
     /// SO_SNDBUF on client sockets; 0 keeps the kernel's autotuning.
-    #[serde(default, deserialize_with = "size")]
+    #[serde(default, deserialize_with = "size", serialize_with = "write_size")]
     pub client_send_buffer: ByteSize,
     /// SO_RCVBUF on upstream sockets; 0 keeps the kernel's autotuning.
-    #[serde(default, deserialize_with = "size")]
+    #[serde(default, deserialize_with = "size", serialize_with = "write_size")]
     pub upstream_recv_buffer: ByteSize,
     /// SO_SNDBUF on upstream sockets; 0 keeps the kernel's autotuning.
-    #[serde(default, deserialize_with = "size")]
+    #[serde(default, deserialize_with = "size", serialize_with = "write_size")]
     pub upstream_send_buffer: ByteSize,
     /// TCP_NOTSENT_LOWAT on both sockets: a socket takes more bytes from sluice only
     /// while fewer than this are waiting unsent in its kernel send queue, so that queue
     /// stays small even where autotuning grew the send buffer to megabytes. 0 leaves the
     /// system default (`net.ipv4.tcp_notsent_lowat`, unlimited unless changed).
-    #[serde(default = "default_notsent_lowat", deserialize_with = "size")]
+    #[serde(
+        default = "default_notsent_lowat",
+        deserialize_with = "size",
+        serialize_with = "write_size"
+    )]
     pub notsent_lowat: ByteSize,
     /// TCP_NODELAY on both sockets: a proxy should not add Nagle's delay to small writes.
     #[serde(default = "default_true")]
@@ -382,6 +394,20 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// A size written exactly, so that it reads back the same (`ByteSize`'s own form rounds
+/// 100000 bytes to "97.7 KiB"): "1MiB" or "64KiB" where it is a whole number of those,
+/// else a number of bytes. Used by `--check-config` and by service overlays, which write
+/// the top-level sections out and read them back.
+fn write_size<S: serde::Serializer>(size: &ByteSize, s: S) -> Result<S::Ok, S::Error> {
+    const KIB: u64 = 1024;
+    const MIB: u64 = 1024 * KIB;
+    match size.as_u64() {
+        n if n >= MIB && n % MIB == 0 => s.serialize_str(&format!("{}MiB", n / MIB)),
+        n if n >= KIB && n % KIB == 0 => s.serialize_str(&format!("{}KiB", n / KIB)),
+        n => s.serialize_u64(n),
+    }
 }
 
 /// A size as "64KiB", "1MiB", "65536" or 65536, with an error that says so.
@@ -1260,6 +1286,33 @@ idle = "5s"
         assert_eq!(b.health.cooldown, Duration::from_secs(30));
         assert_eq!(b.timeouts.idle, Duration::from_secs(5));
         assert!(b.accept_proxy);
+    }
+
+    /// A size that is no whole number of KiB keeps its exact value through an overlay
+    /// (which writes the top-level section out and reads it back) and through
+    /// `--check-config`'s output: `ByteSize`'s own form would round 100000 to "97.7 KiB".
+    #[test]
+    fn sizes_survive_overlays_and_the_effective_config_exactly() {
+        let text = "[buffer]\nclient_to_upstream = 100000\nupstream_to_client = \"96KiB\"\n[socket]\nclient_recv_buffer = \"3MiB\"\n[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:4001\"\nservers = [\"h:1\"]\n[service.buffer]\nresume_at = 0.25\n";
+        let c = Config::parse(text, "t.toml").unwrap();
+        c.validate("t.toml", Some(text)).unwrap();
+        let [a] = &c.services().unwrap()[..] else {
+            panic!("one service")
+        };
+        assert_eq!(a.buffer.client_to_upstream.as_u64(), 100_000);
+        assert_eq!(a.buffer.upstream_to_client.as_u64(), 96 * 1024);
+        assert_eq!(a.socket.client_recv_buffer.as_u64(), 3 << 20);
+        let effective = c.to_effective_toml().unwrap();
+        assert!(
+            effective.contains("client_to_upstream = 100000"),
+            "{effective}"
+        );
+        assert!(
+            effective.contains("upstream_to_client = \"96KiB\""),
+            "{effective}"
+        );
+        let again = Config::parse(&effective, "effective").unwrap();
+        assert_eq!(again.services().unwrap(), c.services().unwrap());
     }
 
     #[test]

@@ -14,9 +14,9 @@
 //! `X_SLUICE_ADMIN=address`. So a supervisor, or the test kit, learns that sluice is up and
 //! where, with `127.0.0.1:0` in the configuration, without reading its log.
 //!
-//! Without `NOTIFY_SOCKET` every call does nothing. A message that cannot be sent is
-//! logged once at `warn` and the rest are dropped: a supervisor that went away must not
-//! stop the proxy.
+//! Without `NOTIFY_SOCKET` every call does nothing. Sending never blocks; a message that
+//! cannot be sent is dropped (the first failure is logged at `warn`): a supervisor that
+//! went away or stopped reading must not stop the proxy.
 
 use std::io;
 use std::net::SocketAddr;
@@ -42,7 +42,11 @@ impl Notifier {
         let target = match std::env::var_os(NOTIFY_SOCKET) {
             Some(name) if !name.is_empty() => {
                 let addr = unix_address(&name.to_string_lossy())?;
-                Some((UnixDatagram::unbound()?, addr))
+                // Never blocks: a supervisor that stops reading costs messages, not the
+                // task that sends them.
+                let socket = UnixDatagram::unbound()?;
+                socket.set_nonblocking(true)?;
+                Some((socket, addr))
             }
             _ => None,
         };
@@ -97,7 +101,7 @@ impl Notifier {
         if let Err(e) = socket.send_to_addr(message.as_bytes(), addr)
             && !self.failed.swap(true, Ordering::Relaxed)
         {
-            tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET); not trying again");
+            tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET); further failures are not logged");
         }
     }
 }

@@ -210,22 +210,7 @@ fn descriptor_exhaustion_queues_clients_without_spinning() {
     // limit itself would fit quietly).
     let mut c = config(&up.to_string());
     c.listen.max_connections = Some(sluice::config::DEFAULT_MAX_CONNECTIONS);
-    let mut d = Daemon::start_with(&c, |cmd| {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: setrlimit is async-signal-safe and touches only the child.
-        unsafe {
-            cmd.pre_exec(|| {
-                let lim = libc::rlimit {
-                    rlim_cur: 64,
-                    rlim_max: 64,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    });
+    let mut d = Daemon::start_with(&c, |cmd| limit_descriptors(cmd, 64));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !d
         .log_lines()
@@ -288,5 +273,64 @@ fn descriptor_exhaustion_queues_clients_without_spinning() {
     assert_eq!(
         d.wait(Duration::from_secs(10)).and_then(|s| s.code()),
         Some(0)
+    );
+}
+
+/// The child's RLIMIT_NOFILE, soft and hard, set to `n` (raising the hard limit needs root,
+/// as CI has).
+fn limit_descriptors(cmd: &mut std::process::Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Quiet defaults: with a descriptor limit of 20,000 (room for about 9,990 connections),
+/// the shipped default `listen.max_connections` fits itself to the limit without a word,
+/// while the same 10,000 written in the file is warned about. Each daemon relays one
+/// connection first, so its accept loop has sized the limit (where the warning comes from).
+#[test]
+fn the_default_connection_limit_fits_the_descriptor_limit_quietly() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(echo_upstream());
+    let warned = |set: Option<usize>| {
+        let mut c = config(&up.to_string());
+        c.listen.max_connections = set;
+        let mut d = Daemon::start_with(&c, |cmd| limit_descriptors(cmd, 20_000));
+        let mut s = std::net::TcpStream::connect(d.addr).unwrap();
+        s.write_all(b"x").unwrap();
+        let mut echoed = [0u8; 1];
+        s.read_exact(&mut echoed).unwrap();
+        drop(s);
+        // Once it has exited, its whole log has been written; give the reader a moment.
+        d.signal(libc::SIGTERM);
+        d.wait(Duration::from_secs(10))
+            .expect("sluice exits on SIGTERM");
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let found = d
+                .log_lines()
+                .iter()
+                .any(|l| l.contains("too few file descriptors"));
+            if found || std::time::Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert!(!warned(None), "the default warned");
+    assert!(
+        warned(Some(sluice::config::DEFAULT_MAX_CONNECTIONS)),
+        "a value set in the file that the limit cannot cover was not warned about"
     );
 }

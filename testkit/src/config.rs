@@ -77,52 +77,9 @@ pub fn table<const N: usize>(pairs: [(&str, Value); N]) -> toml::Table {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
-/// `config` as the TOML file sluice reads. Sizes are written in bytes: `ByteSize` prints
-/// itself rounded (`97.7 KiB` for 100000), which would not read back the same.
+/// `config` as the TOML file sluice reads (sizes exactly, as `Config::to_toml` writes them).
 pub fn to_toml(config: &Config) -> String {
-    let mut file = toml::Table::try_from(config).expect("a Config is TOML");
-    let sizes = [
-        (
-            "buffer",
-            "client_to_upstream",
-            config.buffer.client_to_upstream,
-        ),
-        (
-            "buffer",
-            "upstream_to_client",
-            config.buffer.upstream_to_client,
-        ),
-        ("buffer", "total", config.buffer.total),
-        (
-            "socket",
-            "client_recv_buffer",
-            config.socket.client_recv_buffer,
-        ),
-        (
-            "socket",
-            "client_send_buffer",
-            config.socket.client_send_buffer,
-        ),
-        (
-            "socket",
-            "upstream_recv_buffer",
-            config.socket.upstream_recv_buffer,
-        ),
-        (
-            "socket",
-            "upstream_send_buffer",
-            config.socket.upstream_send_buffer,
-        ),
-        ("socket", "notsent_lowat", config.socket.notsent_lowat),
-    ];
-    for (section, key, size) in sizes {
-        let section = file
-            .get_mut(section)
-            .and_then(Value::as_table_mut)
-            .expect("every section is written");
-        section.insert(key.into(), Value::Integer(size.as_u64() as i64));
-    }
-    toml::to_string(&file).expect("a TOML table prints")
+    config.to_toml()
 }
 
 #[cfg(test)]
