@@ -403,22 +403,24 @@ fn dashboard_is_well_formed_and_names_only_exported_metrics() {
         unknown.is_empty(),
         "dashboard names metrics sluice does not export: {unknown:?}"
     );
+    use sluice::metrics::names;
+    let bucket = format!("{}_bucket", names::UPSTREAM_CONNECT_DURATION_SECONDS);
     for family in [
-        "sluice_queued_bytes",
-        "sluice_kernel_queued_bytes",
-        "sluice_budget_used_bytes",
-        "sluice_budget_limit_bytes",
-        "sluice_budget_waits_total",
-        "sluice_paused_connections",
-        "sluice_bytes_total",
-        "sluice_server_up",
-        "sluice_server_connections",
-        "sluice_server_queued_bytes",
-        "sluice_server_paused_connections",
-        "sluice_server_ejections_total",
-        "sluice_upstream_connect_errors_total",
-        "sluice_upstream_connect_duration_seconds_bucket",
-        "sluice_upstream_retries_total",
+        names::QUEUED_BYTES,
+        names::KERNEL_QUEUED_BYTES,
+        names::BUDGET_USED_BYTES,
+        names::BUDGET_LIMIT_BYTES,
+        names::BUDGET_WAITS_TOTAL,
+        names::PAUSED_CONNECTIONS,
+        names::BYTES_TOTAL,
+        names::SERVER_UP,
+        names::SERVER_CONNECTIONS,
+        names::SERVER_QUEUED_BYTES,
+        names::SERVER_PAUSED_CONNECTIONS,
+        names::SERVER_EJECTIONS_TOTAL,
+        names::UPSTREAM_CONNECT_ERRORS_TOTAL,
+        &bucket,
+        names::UPSTREAM_RETRIES_TOTAL,
     ] {
         assert!(used.contains(family), "dashboard does not show {family}");
     }

@@ -9,15 +9,17 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::kernel_memory::{self, SocketMemory};
+use sluice::metrics::names;
+
 use crate::proxy_process::{DIRECTIONS, Metrics, ProxyProcess, http_get, rss_of};
 
 /// How often the proxy is sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// sluice's gauge of the bytes in its sockets' kernel queues, by direction (newer daemons).
-pub const KERNEL_QUEUED: &str = "sluice_kernel_queued_bytes";
+pub const KERNEL_QUEUED: &str = names::KERNEL_QUEUED_BYTES;
 /// sluice's gauges of its buffer budget (`buffer.total`; newer daemons).
-pub const BUDGET_USED: &str = "sluice_budget_used_bytes";
-pub const BUDGET_LIMIT: &str = "sluice_budget_limit_bytes";
+pub const BUDGET_USED: &str = names::BUDGET_USED_BYTES;
+pub const BUDGET_LIMIT: &str = names::BUDGET_LIMIT_BYTES;
 
 /// Whether the samples include the kernel memory in the proxy's sockets (read with `ss`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,8 +233,8 @@ impl Probe {
         in_sockets: Option<SocketMemory>,
         scrape_secs: f64,
     ) -> Sample {
-        let rates = self.byte_rates(DIRECTIONS.map(|d| m.direction("sluice_bytes_total", d)));
-        let queued = |dir| m.direction("sluice_queued_bytes", dir) as u64;
+        let rates = self.byte_rates(DIRECTIONS.map(|d| m.direction(names::BYTES_TOTAL, d)));
+        let queued = |dir| m.direction(names::QUEUED_BYTES, dir) as u64;
         let gauge = |name, labels: &[(&str, &str)]| m.get(name, labels).map(|v| v as u64);
         let kernel_queued = |dir| gauge(KERNEL_QUEUED, &[("direction", dir)]);
         Sample {
@@ -240,10 +242,10 @@ impl Probe {
             rss_bytes: rss,
             queued_client_to_upstream: queued(DIRECTIONS[0]),
             queued_upstream_to_client: queued(DIRECTIONS[1]),
-            pauses_total: m.sum("sluice_pauses_total") as u64,
-            drains_total: m.sum("sluice_drains_total") as u64,
-            paused_connections: m.sum("sluice_paused_connections") as u64,
-            connections_active: m.sum("sluice_connections_active") as u64,
+            pauses_total: m.sum(names::PAUSES_TOTAL) as u64,
+            drains_total: m.sum(names::DRAINS_TOTAL) as u64,
+            paused_connections: m.sum(names::PAUSED_CONNECTIONS) as u64,
+            connections_active: m.sum(names::CONNECTIONS_ACTIVE) as u64,
             bytes_per_sec_client_to_upstream: rates[0],
             bytes_per_sec_upstream_to_client: rates[1],
             kernel_bytes: in_sockets.map(|k| k.bytes()),
